@@ -1,0 +1,29 @@
+# `make demo` and `make test` set themselves up: a .venv with torch (CPU build, pinned
+# first so nothing pulls the CUDA wheels) and cectl installed in editable mode.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cectl demo --out demo-out
+
+lint: $(STAMP)
+	$(BIN)/ruff check cectl tests bench
+
+test: lint
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/shard.py

@@ -1,0 +1,266 @@
+"""`cectl shard`: images to WebDataset tar shards plus a manifest, in parallel and resumable.
+
+The plan is fixed before any work starts: inputs are listed, split, shuffled with the
+seed and cut into chunks of `shard_size`; shard i of a split holds chunk i (minus skipped
+inputs). So every shard can be built independently, by any worker, in any order, and a
+re-run rebuilds exactly the shards that have no finished record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import random
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from cectl.errors import BadInput
+from cectl.images import Skip, prepare_sample
+from cectl.sources import Item, list_items
+from cectl.storage import LocalStore, Store, is_partial, open_store
+
+FORMAT = "cectl-shards/1"
+MANIFEST = "manifest.json"
+RECORDS = ".cectl-records"  # one JSON per finished shard: what a re-run may keep
+SPLITS = ("train", "val")
+
+
+@dataclass
+class ShardTask:
+    split: str
+    index: int
+    items: list[Item]
+    fingerprint: str  # of the recipe parameters and the exact inputs
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}/shard-{self.index:06d}.tar"
+
+
+def recipe_params(cfg: DictConfig) -> dict[str, Any]:
+    """The parameters that decide the bytes of the shards (workers do not)."""
+    keys = ("layout", "resize", "quality", "shard_size", "val_fraction", "min_size", "seed")
+    return {k: cfg[k] for k in keys}
+
+
+def plan(items: list[Item], params: dict[str, Any]) -> list[ShardTask]:
+    tasks = []
+    for split in SPLITS:
+        chosen = [item for item in items if item.split == split]
+        # Shuffle so that a shard mixes classes instead of holding one wnid folder.
+        random.Random(params["seed"]).shuffle(chosen)
+        for index, start in enumerate(range(0, len(chosen), params["shard_size"])):
+            chunk = chosen[start : start + params["shard_size"]]
+            blob = json.dumps([params, [asdict(item) for item in chunk]], sort_keys=True)
+            tasks.append(ShardTask(split, index, chunk, hashlib.sha256(blob.encode()).hexdigest()))
+    return tasks
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed metadata so that the same input gives byte-identical shards.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _read_input(src: Store, key: str) -> bytes:
+    try:
+        return src.read_bytes(key)
+    except FileNotFoundError:
+        if isinstance(src, LocalStore) and src.path(key).is_symlink():
+            raise Skip("broken-symlink") from None
+        raise Skip("unreadable", "vanished while sharding") from None
+    except OSError as e:
+        raise Skip("unreadable", e.strerror or str(e)) from None
+
+
+_progress_queue = None  # set in each worker process
+
+
+def _init_worker(queue) -> None:
+    global _progress_queue
+    _progress_queue = queue
+
+
+def write_shard(src_uri: str, dst_uri: str, task: ShardTask, params: dict[str, Any]) -> dict:
+    """Build one shard in a local temp file, then publish it atomically; returns its record."""
+    src, dst = open_store(src_uri), open_store(dst_uri)
+    skipped, samples = [], 0
+    with tempfile.NamedTemporaryFile(suffix=".tar") as tmp:
+        with tarfile.open(fileobj=tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for item in task.items:
+                try:
+                    data = _read_input(src, item.source)
+                    payload, ext, size = prepare_sample(
+                        data, params["resize"], params["quality"], params["min_size"])
+                except Skip as e:
+                    skipped.append({"path": item.source, "reason": e.reason, "detail": str(e)})
+                else:
+                    meta = {"source": item.source, **size, "label": item.label}
+                    _tar_add(tar, f"{item.key}.{ext}", payload)
+                    _tar_add(tar, f"{item.key}.json", json.dumps(meta, sort_keys=True).encode())
+                    samples += 1
+                if _progress_queue is not None:
+                    _progress_queue.put(1)
+        tmp.flush()
+        sha, size_bytes = hashlib.sha256(), 0
+        with open(tmp.name, "rb") as f:
+            while block := f.read(2**20):
+                sha.update(block)
+                size_bytes += len(block)
+        dst.put_file(tmp.name, task.name)
+    return {"name": task.name, "samples": samples, "bytes": size_bytes,
+            "sha256": sha.hexdigest(), "fingerprint": task.fingerprint, "skipped": skipped}
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} img/s", style="progress.data.speed")
+
+
+def make_progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    _RateColumn(), TimeRemainingColumn(), console=console)
+
+
+def _load_records(dst: Store, existing: set[str]) -> dict[str, dict]:
+    records = {}
+    for key in existing:
+        if key.startswith(f"{RECORDS}/") and key.endswith(".json"):
+            record = json.loads(dst.read_bytes(key))
+            if record.get("name") in existing:
+                records[record["name"]] = record
+    return records
+
+
+def _open_stores(src_uri: str, dst_uri: str) -> tuple[Store, Store]:
+    src, dst = open_store(src_uri), open_store(dst_uri)
+    if isinstance(src, LocalStore) and not src.root.is_dir():
+        raise BadInput(f"source folder {src.root} does not exist: give the folder "
+                       "that holds the images")
+    src.check()
+    dst.check(create=True)
+    return src, dst
+
+
+def build_manifest(source: str, layout: str, params: dict, tasks: list[ShardTask],
+                   records: dict[str, dict]) -> dict:
+    splits, skipped = {}, []
+    for split in SPLITS:
+        shards = [records[t.name] for t in tasks if t.split == split]
+        if not shards:
+            continue
+        splits[split] = {
+            "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in shards],
+            "samples": sum(r["samples"] for r in shards),
+            "bytes": sum(r["bytes"] for r in shards),
+        }
+        skipped += [s for r in shards for s in r["skipped"]]
+    skipped.sort(key=lambda s: s["path"])
+    return {
+        "format": FORMAT,
+        "source": source,
+        "layout": layout,
+        "recipe": params,
+        "splits": splits,
+        "totals": {
+            "samples": sum(s["samples"] for s in splits.values()),
+            "shards": sum(len(s["shards"]) for s in splits.values()),
+            "bytes": sum(s["bytes"] for s in splits.values()),
+        },
+        "skipped": dict(sorted(Counter(s["reason"] for s in skipped).items())),
+        "skipped_inputs": [{"path": s["path"], "reason": s["reason"]} for s in skipped],
+    }
+
+
+def run_shard(src_uri: str, dst_uri: str, cfg: DictConfig, console: Console) -> dict:
+    """Shard SRC into DST; returns the manifest plus this run's `stats`."""
+    start = time.perf_counter()
+    src, dst = _open_stores(src_uri, dst_uri)
+    with console.status(f"listing {src.uri}"):
+        layout, items = list_items(src.list(), cfg.layout, cfg.val_fraction, src.uri)
+    params = {**recipe_params(cfg), "layout": layout}
+    tasks = plan(items, params)
+    existing = set(dst.list())
+    records = _load_records(dst, existing)
+    todo = [t for t in tasks if records.get(t.name, {}).get("fingerprint") != t.fingerprint]
+    kept = len(tasks) - len(todo)
+    if kept:
+        console.print(f"resuming: {kept} of {len(tasks)} shards already finished")
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    todo_names = {t.name for t in todo}
+    done_images = sum(len(t.items) for t in tasks if t.name not in todo_names)
+    with make_progress(console) as progress, ProcessPoolExecutor(
+        max_workers=max(1, min(cfg.workers, len(todo))), mp_context=ctx,
+        initializer=_init_worker, initargs=(queue,),
+    ) as pool:
+        bar = progress.add_task("sharding", total=len(items), completed=done_images)
+        pending = {pool.submit(write_shard, src.uri, dst.uri, t, params): t for t in todo}
+        try:
+            while pending:
+                finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                while not queue.empty():
+                    progress.advance(bar, queue.get())
+                for future in finished:
+                    record = future.result()
+                    del pending[future]
+                    record_key = f"{RECORDS}/{record['name'].removesuffix('.tar')}.json"
+                    dst.write_bytes(record_key, json.dumps(record, sort_keys=True).encode())
+                    records[record["name"]] = record
+                    for s in record["skipped"]:
+                        console.print(f"[yellow]skipped[/] {s['path']}: {s['detail']}")
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        progress.update(bar, completed=len(items))
+
+    manifest = build_manifest(src.uri, layout, params, tasks, records)
+    dst.write_bytes(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
+    for key in existing:
+        if is_partial(key):
+            dst.delete(key)
+    elapsed = time.perf_counter() - start
+    processed = sum(len(t.items) for t in todo)
+    manifest["stats"] = {"seconds": elapsed, "processed": processed, "kept_shards": kept,
+                         "images_per_s": processed / elapsed if elapsed else 0.0}
+    return manifest
+
+
+def shard_names(manifest: dict) -> list[tuple[str, dict]]:
+    """(split, shard entry) for every shard of a manifest."""
+    return [(split, s) for split, info in manifest["splits"].items() for s in info["shards"]]
+
+
+def read_manifest(store: Store) -> dict:
+    if not store.exists(MANIFEST):
+        raise BadInput(f"{store.url(MANIFEST)} not found: run `cectl shard` into this "
+                       "location first")
+    try:
+        manifest = json.loads(store.read_bytes(MANIFEST))
+    except json.JSONDecodeError:
+        raise BadInput(f"{store.url(MANIFEST)} is not valid JSON") from None
+    if manifest.get("format") != FORMAT:
+        raise BadInput(f"{store.url(MANIFEST)} is not a cectl shard manifest")
+    return manifest
+

@@ -1,0 +1,377 @@
+"""One storage layer for local paths and `s3://bucket/prefix` URIs.
+
+Keys are '/'-separated paths below the store's root. Every write is atomic: a partial
+file or object is never visible under its final name (local files are renamed into
+place; S3 objects only appear once their single PUT or multipart upload completes).
+S3 settings come from the standard AWS chain (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+from urllib.parse import urlparse
+
+from cectl.errors import BadInput, Failure
+
+T = TypeVar("T")
+MULTIPART_THRESHOLD = 64 * 2**20
+PART_SIZE = 32 * 2**20
+THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
+                  "RequestLimitExceeded", "TooManyRequestsException", "InternalError"}
+
+
+def open_store(uri: str) -> Store:
+    """The store for a local path or an `s3://bucket/prefix` URI."""
+    if uri.startswith("s3://"):
+        return S3Store(uri)
+    if "://" in uri:
+        raise BadInput(f"unsupported storage URI {uri!r}: use a local path or s3://bucket/prefix")
+    return LocalStore(uri)
+
+
+class Store:
+    """Interface shared by the local and S3 stores."""
+
+    uri: str
+
+    def url(self, key: str) -> str:
+        return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
+
+    def child(self, key: str) -> Store:
+        return open_store(self.url(key))
+
+    def check(self, create: bool = False) -> None:
+        """Raise a clear CectlError when the store cannot be used."""
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def open(self, key: str) -> BinaryIO:
+        """A streaming, buffered reader."""
+        raise NotImplementedError
+
+    def read_bytes(self, key: str) -> bytes:
+        with self.open(key) as f:
+            return f.read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def put_file(self, local_path: str | Path, key: str) -> None:
+        """Copy a local file to `key` atomically (multipart on S3 for large files)."""
+        raise NotImplementedError
+
+    def get_file(self, key: str, local_path: str | Path) -> None:
+        """Copy `key` to a local file, atomically."""
+        local_path = Path(local_path)
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _partial_name(local_path)
+        try:
+            with self.open(key) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 4 * 2**20)
+            os.replace(tmp, local_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def list(self, prefix: str = "") -> list[str]:
+        """All keys below `prefix`, recursively, sorted."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def arrow_fs(self) -> tuple[object, str]:
+        """A pyarrow filesystem and the root path in it (for Ray Train's storage)."""
+        raise NotImplementedError
+
+
+def _partial_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def is_partial(key: str) -> bool:
+    """Whether a key is a leftover of an interrupted local write."""
+    name = key.rsplit("/", 1)[-1]
+    return name.startswith(".") and ".partial-" in name
+
+
+class LocalStore(Store):
+    def __init__(self, uri: str):
+        self.root = Path(os.path.abspath(os.path.expanduser(uri)))
+        self.uri = str(self.root)
+
+    def path(self, key: str) -> Path:
+        return self.root / key if key else self.root
+
+    def check(self, create: bool = False) -> None:
+        if create:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise BadInput(f"cannot create {self.root}: {e.strerror}") from None
+        elif not self.root.exists():
+            raise BadInput(f"{self.root} does not exist")
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def open(self, key: str) -> BinaryIO:
+        return open(self.path(key), "rb")
+
+    def _atomic(self, key: str, write: Callable[[Path], None]) -> None:
+        final = self.path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _partial_name(final)
+        try:
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._atomic(key, lambda tmp: tmp.write_bytes(data))
+
+    def put_file(self, local_path: str | Path, key: str) -> None:
+        self._atomic(key, lambda tmp: shutil.copyfile(local_path, tmp))
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.path(prefix)
+        if base.is_file():
+            return [prefix]
+        keys = []
+        for dirpath, _, filenames in os.walk(base):
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            keys += [name if rel == "." else f"{rel}/{name}" for name in filenames]
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+    def arrow_fs(self) -> tuple[object, str]:
+        import pyarrow.fs
+
+        return pyarrow.fs.LocalFileSystem(), str(self.root)
+
+
+def endpoint_url() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def _transient(e: Exception) -> bool:
+    from botocore.exceptions import (
+        ClientError,
+        HTTPClientError,
+        IncompleteReadError,
+        ResponseStreamingError,
+    )
+
+    if isinstance(e, ClientError):
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or e.response.get("Error", {}).get("Code") in THROTTLE_CODES
+    return isinstance(e, HTTPClientError | ResponseStreamingError | IncompleteReadError
+                      | ConnectionError | TimeoutError)
+
+
+_clients: dict[int, object] = {}
+
+
+class S3Store(Store):
+    def __init__(self, uri: str, attempts: int = 6):
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise BadInput(f"S3 URI {uri!r} has no bucket: use s3://bucket/prefix")
+        self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
+        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.attempts = attempts
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}".strip("/") if self.prefix else key
+
+    @property
+    def client(self):
+        # One client per process: boto3 clients are thread-safe but must not cross a fork.
+        pid = os.getpid()
+        if pid not in _clients:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(
+                retries={"mode": "standard", "total_max_attempts": 3},
+                connect_timeout=3,
+                read_timeout=30,
+                s3={"addressing_style": "path"} if endpoint_url() else {},
+            )
+            _clients[pid] = boto3.session.Session().client("s3", config=config)
+        return _clients[pid]
+
+    def _retry(self, fn: Callable[[], T], attempts: int | None = None) -> T:
+        attempts = attempts or self.attempts
+        for attempt in range(attempts):
+            try:
+                return fn()
+            except Exception as e:
+                if not _transient(e) or attempt == attempts - 1:
+                    raise self._explain(e) from None
+                time.sleep(min(0.25 * 2**attempt, 8.0) * random.uniform(0.5, 1.0))
+        raise AssertionError("unreachable")
+
+    def _explain(self, e: Exception) -> Exception:
+        """Turn a boto error into a one-sentence CectlError; leave others alone."""
+        from botocore.exceptions import ClientError, NoCredentialsError
+
+        where = endpoint_url() or "AWS S3"
+        if isinstance(e, NoCredentialsError):
+            return BadInput("no S3 credentials found: set AWS_ACCESS_KEY_ID and "
+                            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+        if isinstance(e, ClientError):
+            code = e.response.get("Error", {}).get("Code", "")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in ("NoSuchBucket",) or (status == 404 and code in ("404", "NotFound", "")):
+                return BadInput(f"bucket {self.bucket!r} does not exist at {where}: "
+                                "create it or fix the URI")
+            if code in ("NoSuchKey",):
+                return BadInput(f"an object is missing in s3://{self.bucket}/{self.prefix}")
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
+                        "InvalidToken", "ExpiredToken", "403", "Forbidden"):
+                return BadInput(f"access to s3://{self.bucket} denied ({code}): check "
+                                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the profile")
+            return Failure(f"S3 request to {where} failed: {code or status}")
+        if _transient(e):
+            return Failure(f"cannot reach S3 at {where} ({type(e).__name__}): check "
+                           "AWS_ENDPOINT_URL and the network")
+        return e
+
+    def check(self, create: bool = False) -> None:
+        self._retry(lambda: self.client.head_bucket(Bucket=self.bucket), attempts=3)
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        def head() -> bool:
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+                return True
+            except ClientError as e:
+                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                    return False
+                raise
+
+        return self._retry(head)
+
+    def open(self, key: str) -> BinaryIO:
+        return io.BufferedReader(_S3Reader(self, self._key(key)), buffer_size=2**20)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._retry(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key),
+                                                   Body=data))
+
+    def put_file(self, local_path: str | Path, key: str) -> None:
+        size = os.path.getsize(local_path)
+        if size < MULTIPART_THRESHOLD:
+            self.write_bytes(key, Path(local_path).read_bytes())
+            return
+        full = self._key(key)
+        upload_id = self._retry(lambda: self.client.create_multipart_upload(
+            Bucket=self.bucket, Key=full)["UploadId"])
+        try:
+            parts = []
+            with open(local_path, "rb") as f:
+                for number in range(1, -(-size // PART_SIZE) + 1):
+                    chunk = f.read(PART_SIZE)
+                    etag = self._retry(lambda n=number, c=chunk: self.client.upload_part(
+                        Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=n,
+                        Body=c)["ETag"])
+                    parts.append({"PartNumber": number, "ETag": etag})
+            self._retry(lambda: self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=full, UploadId=upload_id,
+                MultipartUpload={"Parts": parts}))
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=full,
+                                                   UploadId=upload_id)
+            except Exception:  # the upload stays invisible either way; best effort
+                pass
+            raise
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self._key(prefix)
+        root = f"{self.prefix}/" if self.prefix else ""
+
+        def pages() -> list[str]:
+            found = []
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                found += [obj["Key"][len(root):] for obj in page.get("Contents", [])]
+            return found
+
+        return sorted(self._retry(pages))
+
+    def delete(self, key: str) -> None:
+        self._retry(lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+
+    def arrow_fs(self) -> tuple[object, str]:
+        import pyarrow.fs
+
+        kwargs = {}
+        if endpoint := endpoint_url():
+            parsed = urlparse(endpoint)
+            kwargs = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        fs = pyarrow.fs.S3FileSystem(
+            region=region or "us-east-1",
+            retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=10),
+            **kwargs,
+        )
+        return fs, f"{self.bucket}/{self.prefix}".rstrip("/")
+
+
+class _S3Reader(io.RawIOBase):
+    """A GET body that reopens at its current offset when the connection drops."""
+
+    def __init__(self, store: S3Store, full_key: str):
+        self._store, self._key, self._pos, self._body = store, full_key, 0, None
+
+    def readable(self) -> bool:
+        return True
+
+    def _read(self, size: int) -> bytes:
+        from botocore.exceptions import ClientError
+
+        if self._body is None:
+            extra = {"Range": f"bytes={self._pos}-"} if self._pos else {}
+            try:
+                response = self._store.client.get_object(
+                    Bucket=self._store.bucket, Key=self._key, **extra)
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") == "InvalidRange":
+                    return b""  # the drop happened exactly at the end
+                raise
+            self._body = response["Body"]
+        try:
+            return self._body.read(size)
+        except Exception:
+            self._body = None
+            raise
+
+    def readinto(self, buffer) -> int:
+        data = self._store._retry(lambda: self._read(len(buffer)))
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if self._body is not None:
+            self._body.close()
+            self._body = None
+        super().close()
+

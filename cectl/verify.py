@@ -1,0 +1,84 @@
+"""`cectl verify`: re-read every shard of a manifest and check it against the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import IO
+
+from rich.console import Console
+
+from cectl.images import Skip, decode
+from cectl.shard import make_progress, read_manifest, shard_names
+from cectl.storage import Store, open_store
+
+IMAGE_EXTS = ("jpg", "png")
+
+
+class _HashingReader:
+    """Feeds tarfile while hashing and counting every byte that passes."""
+
+    def __init__(self, raw: IO[bytes]):
+        self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(2**20):
+            pass
+
+
+def check_shard(store: Store, entry: dict) -> list[str]:
+    """Problems found in one shard: missing, wrong hash or size, bad samples."""
+    if not store.exists(entry["name"]):
+        return ["missing"]
+    problems, samples = [], defaultdict(dict)
+    with store.open(entry["name"]) as raw:
+        reader = _HashingReader(raw)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    samples[key][ext] = tar.extractfile(member).read() if member.isfile() else b""
+        except tarfile.TarError as e:
+            problems.append(f"unreadable tar ({e})")
+        reader.drain()
+    if reader.sha.hexdigest() != entry["sha256"]:
+        problems.append("sha256 differs from the manifest")
+    if reader.size != entry["bytes"]:
+        problems.append(f"{reader.size} bytes, manifest says {entry['bytes']}")
+    if len(samples) != entry["samples"]:
+        problems.append(f"{len(samples)} samples, manifest says {entry['samples']}")
+    for key, files in samples.items():
+        images = [ext for ext in IMAGE_EXTS if ext in files]
+        if not images or "json" not in files:
+            problems.append(f"sample {key} lacks an image or its .json")
+            continue
+        try:
+            decode(files[images[0]])
+        except Skip as e:
+            problems.append(f"sample {key} does not decode ({e})")
+    return problems
+
+
+def run_verify(dst_uri: str, console: Console, threads: int = 4) -> dict[str, list[str]]:
+    """Check every shard; returns {shard name: problems} for the bad ones."""
+    store = open_store(dst_uri)
+    store.check()
+    manifest = read_manifest(store)
+    entries = [entry for _, entry in shard_names(manifest)]
+    bad = {}
+    with make_progress(console) as progress, ThreadPoolExecutor(threads) as pool:
+        bar = progress.add_task("verifying", total=manifest["totals"]["samples"])
+        for entry, problems in zip(entries, pool.map(lambda e: check_shard(store, e), entries),
+                                   strict=True):
+            progress.advance(bar, entry["samples"])
+            if problems:
+                bad[entry["name"]] = problems
+    return bad
