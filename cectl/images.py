@@ -110,7 +110,9 @@ def encode(img: Image.Image, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def prepare_sample(data: bytes, resize: int, quality: int, min_size: int) -> tuple[bytes, str, dict]:
+def prepare_sample(
+    data: bytes, resize: int, quality: int, min_size: int
+) -> tuple[bytes, str, dict]:
     """Source bytes to (payload, extension, {width, height}) for a shard, or raise Skip.
 
     `resize=0` keeps the bytes untouched when they already are an upright RGB JPEG or PNG.

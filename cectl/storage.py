@@ -8,6 +8,7 @@ S3 settings come from the standard AWS chain (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_I
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -174,12 +175,13 @@ def _transient(e: Exception) -> bool:
         IncompleteReadError,
         ResponseStreamingError,
     )
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     if isinstance(e, ClientError):
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return status >= 500 or e.response.get("Error", {}).get("Code") in THROTTLE_CODES
-    return isinstance(e, HTTPClientError | ResponseStreamingError | IncompleteReadError
-                      | ConnectionError | TimeoutError)
+    return isinstance(e, HTTPClientError | BotoConnectionError | ResponseStreamingError
+                      | IncompleteReadError | ConnectionError | TimeoutError)
 
 
 _clients: dict[int, object] = {}
@@ -296,11 +298,10 @@ class S3Store(Store):
                 Bucket=self.bucket, Key=full, UploadId=upload_id,
                 MultipartUpload={"Parts": parts}))
         except BaseException:
-            try:
+            # Best effort: an unfinished upload stays invisible either way.
+            with contextlib.suppress(Exception):
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=full,
                                                    UploadId=upload_id)
-            except Exception:  # the upload stays invisible either way; best effort
-                pass
             raise
 
     def list(self, prefix: str = "") -> list[str]:

@@ -1,0 +1,3 @@
+from cectl.cli import main
+
+main()

@@ -1,0 +1,97 @@
+"""Helpers for tests: the CLI in a subprocess, free ports, a flaky TCP proxy, odd images."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cectl(*args: str, env: dict | None = None, check: bool = False,
+          timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess, as a user would."""
+    result = subprocess.run([sys.executable, "-m", "cectl", *map(str, args)],
+                            capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "COLUMNS": "200", **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"cectl {' '.join(map(str, args))} failed:\n{result.stderr}")
+    return result
+
+
+class FlakyProxy:
+    """A TCP proxy to 127.0.0.1:`target` that can drop every connection for a while.
+
+    While dropping, new connections are reset at once and open ones are cut, as a
+    flaky network or a restarting load balancer would do.
+    """
+
+    def __init__(self, target: int):
+        self.target, self.port = target, free_port()
+        self.drop_until = 0.0
+        self.dropped = 0
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def drop_for(self, seconds: float) -> None:
+        self.drop_until = time.monotonic() + seconds
+        with self._lock:
+            for sock in list(self._open):
+                self._reset(sock)
+
+    def _reset(self, sock: socket.socket) -> None:
+        self.dropped += 1
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # shutdown wakes a pump blocked in recv(); close alone would wait for it.
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        self._open.discard(sock)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            if time.monotonic() < self.drop_until:
+                with self._lock:
+                    self._reset(client)
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            with self._lock:
+                self._open |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        with self._lock:
+            for sock in (src, dst):
+                if sock in self._open:
+                    self._open.discard(sock)
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._server.close()
