@@ -72,3 +72,14 @@ def test_s3_stream_resumes_when_the_connection_drops(s3_env, bucket, monkeypatch
 def test_unknown_scheme_is_bad_input():
     with pytest.raises(BadInput, match="unsupported storage URI"):
         open_store("gs://bucket/x")
+
+
+def test_arrow_filesystem_reads_what_the_store_wrote(store):
+    import pyarrow.fs
+
+    store.write_bytes("dir/file.txt", b"arrow sees this")
+    fs, root = store.arrow_fs()
+    with fs.open_input_stream(f"{root}/dir/file.txt") as f:
+        assert f.read() == b"arrow sees this"
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/dir"))
+    assert [info.base_name for info in infos] == ["file.txt"]
