@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -11,13 +13,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cectl.config import LAYOUTS, ShardConfig, load_config
+from cectl.config import LAYOUTS, JobConfig, ShardConfig, load_config, validate_job
 from cectl.errors import BadInput, CectlError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train Context Encoders at scale: shard, train, sweep, evaluate, inpaint.")
 out = Console()
 err = Console(stderr=True)
+DEFAULT_STORE = "cectl-store"
+StoreOption = Annotated[str, typer.Option("--store", help="runs live here (path or s3://)")]
 
 
 def _mb(n: int) -> str:
@@ -88,20 +92,168 @@ def verify(dst: Annotated[str, typer.Argument(help="shard location with a manife
     out.print(f"all shards in {dst} verified")
 
 
+def job_config(args: list[str], data: str | None, stored: str | None = None):
+    """The job config from a recipe (or a run's stored YAML) and KEY=VALUE arguments.
+
+    Returns (config, recipe name or None)."""
+    jobs = [a for a in args if "=" not in a]
+    if len(jobs) > 1 or (jobs and stored is not None):
+        raise BadInput(f"unexpected arguments {', '.join(jobs)}: give one JOB.yaml (none "
+                       "with --resume) and KEY=VALUE overrides")
+    job = jobs[0] if jobs else None
+    flags = {"data": {"uri": data}} if data else None
+    cfg = load_config(JobConfig, job, [a for a in args if "=" in a], flags, recipe_text=stored)
+    return validate_job(cfg), job
+
+
+@app.command(name="train")
+def train_command(
+    args: Annotated[list[str] | None, typer.Argument(help="[JOB.yaml] [KEY=VALUE ...]")] = None,
+    data: Annotated[str | None, typer.Option(help="shards: path or s3://bucket/prefix")] = None,
+    store: StoreOption = DEFAULT_STORE,
+    name: Annotated[str | None, typer.Option(help="run name (default: JOB-date-time)")] = None,
+    local: Annotated[bool, typer.Option("--local", help="train in this process (default)")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue run --name")] = False,
+) -> None:
+    """Train a context encoder in this process (one CPU or one GPU)."""
+    import torch
+
+    from cectl.checkpoint import Run
+    from cectl.storage import open_store
+    from cectl.train import Session, train
+
+    run_store = open_store(store)
+    run_store.check(create=True)
+    if resume:
+        if not name:
+            raise BadInput("--resume needs --name RUN (see `cectl runs`)")
+        run = Run(run_store, name)
+        if not run.store.exists("config.yaml"):
+            raise BadInput(f"no run {name!r} in {run_store.uri} to resume")
+        cfg, _ = job_config(args or [], data, stored=run.store.read_bytes("config.yaml").decode())
+    else:
+        cfg, job = job_config(args or [], data)
+        name = name or f"{Path(job).stem if job else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if Run(run_store, name).exists():
+            raise BadInput(f"run {name!r} already exists in {run_store.uri}: add --resume to "
+                           "continue it, or pick another --name")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    err.print(f"run {name}: {cfg.model.arch}, {cfg.mask.kind} masks, {cfg.loss.mode} loss, "
+              f"batch {cfg.data.batch_size}, {cfg.train.steps} steps on {device.type}")
+    summary = train(cfg, run_store.uri, name, Session(device=device, console=err), resume)
+    print_train_summary(summary)
+
+
+def print_train_summary(summary: dict) -> None:
+    metrics = "  ".join(f"{k} {v:.4g}" for k, v in summary["metrics"].items())
+    out.print(f"trained {summary['trained_steps']} steps (to step {summary['steps']}) in "
+              f"{summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s")
+    out.print(f"last metrics: {metrics}")
+    out.print(f"checkpoints: {summary['checkpoints']}")
+
+
+@app.command()
+def runs(store: StoreOption = DEFAULT_STORE) -> None:
+    """List the runs in a store: steps, last metrics, state."""
+    from cectl.checkpoint import Run, list_runs, read_state, step_dir
+    from cectl.storage import open_store
+
+    run_store = open_store(store)
+    run_store.check()
+    table = Table(title=f"runs in {run_store.uri}")
+    for column in ("run", "step", "of", "state", "loss_rec", "val_psnr_db"):
+        table.add_column(column)
+    for name in list_runs(run_store):
+        run = Run(run_store, name)
+        steps = run.steps()
+        if not steps:
+            table.add_row(name, "-", "-", "no checkpoint yet", "", "")
+            continue
+        state = read_state(run.store.child(step_dir(steps[-1])))
+        target = state["config"]["train"]["steps"]
+        metrics = state.get("metrics", {})
+        table.add_row(name, str(state["step"]), str(target),
+                      "finished" if state["step"] >= target else "stopped or running",
+                      f"{metrics.get('loss_rec', float('nan')):.4f}",
+                      f"{metrics.get('val_psnr_db', float('nan')):.2f}")
+    out.print(table)
+
+
+@app.command()
+def pull(
+    run: Annotated[str, typer.Argument(help="run name")],
+    store: StoreOption = DEFAULT_STORE,
+    dest: Annotated[Path, typer.Option(help="local folder")] = Path("checkpoints"),
+    checkpoint: Annotated[str, typer.Option(help="latest | best | STEP")] = "latest",
+) -> None:
+    """Copy a checkpoint from the store to a local folder."""
+    from cectl.checkpoint import Run
+    from cectl.storage import open_store
+
+    run_store = open_store(store)
+    run_store.check()
+    source = Run(run_store, run).checkpoint(checkpoint)
+    target = dest / run / source.uri.rstrip("/").rsplit("/", 1)[-1]
+    for key in source.list():
+        source.get_file(key, target / key)
+    out.print(f"{source.uri} -> {target}")
+
+
+@app.command(name="eval")
+def eval_command(
+    ckpt: Annotated[str, typer.Argument(help="checkpoint folder (path or s3://)")],
+    data: Annotated[str, typer.Option(help="shards: path or s3://bucket/prefix")],
+    split: Annotated[str, typer.Option(help="split to score")] = "val",
+    mask: Annotated[str | None, typer.Option(help="center | random-block | random-region "
+                                             "(default: the one trained with)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
+) -> None:
+    """Score a checkpoint on held-out images: L1 %, L2 %, PSNR dB on the hole."""
+    from cectl.checkpoint import load_generator
+    from cectl.data import load_eval_images
+    from cectl.evaluate import evaluate, score_table
+    from cectl.masks import KINDS
+
+    if mask is not None and mask not in KINDS:
+        raise BadInput(f"--mask {mask!r} is not one of {', '.join(KINDS)}")
+    generator, cfg, state = load_generator(ckpt)
+    with err.status(f"loading the {split} split of {data}"):
+        images, _ = load_eval_images(data, split, cfg.data.image_size)
+    with err.status(f"scoring {len(images)} images"):
+        result = evaluate(generator, cfg, images, mask or cfg.mask.kind)
+    result.update(checkpoint=ckpt, step=state["step"], split=split)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    out.print(score_table(result, f"{ckpt} (step {state['step']}) on {len(images)} {split} "
+                                  f"images, {result['mask']} mask"))
+
+
+@app.command(name="inpaint")
+def inpaint_command(
+    img: Annotated[Path, typer.Argument(help="image to fill")],
+    ckpt: Annotated[str, typer.Option(help="checkpoint folder (path or s3://)")],
+    mask: Annotated[str, typer.Option(help="center | random-block | random-region | "
+                                      "MASK.png (white = hole)")] = "center",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="output PNG")] = None,
+    seed: Annotated[int, typer.Option(help="seed for random masks")] = 0,
+) -> None:
+    """Fill a hole in an image of any size and mode."""
+    from cectl.inpaint import inpaint
+
+    if not img.is_file():
+        raise BadInput(f"{img} does not exist")
+    result = inpaint(img, ckpt, mask, output or img.with_name(f"{img.stem}-inpainted.png"), seed)
+    out.print(f"wrote {result['out']} ({result['hole_pixels']:,} hole pixels filled)")
+
+
 @app.command()
 def demo(out_dir: Annotated[Path, typer.Option("--out", help="output folder")] = Path("demo-out"),
          ) -> None:
-    """Generate sample facades and shard them to local disk."""
-    from cectl.demo import make_facades
-    from cectl.shard import run_shard
+    """The whole pipeline on generated facades: shard, train, evaluate, inpaint."""
+    from cectl.demo import run_demo
 
-    images = out_dir / "images"
-    with err.status("generating sample facades"):
-        make_facades(images, 200)
-    cfg = load_config(ShardConfig, flags={"shard_size": 50, "val_fraction": 0.1})
-    manifest = run_shard(str(images), str(out_dir / "shards"), cfg, err)
-    manifest["dst"] = str(out_dir / "shards")
-    print_shard_summary(manifest)
+    run_demo(out_dir, out, err)
 
 
 def main() -> None:

@@ -6,10 +6,13 @@ surroundings (window rhythm, wall colour, floor lines), like Paris StreetView in
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
+from rich.console import Console
 
 WALLS = [(214, 196, 160), (200, 190, 175), (186, 160, 130), (225, 215, 195), (170, 165, 160)]
 
@@ -36,8 +39,9 @@ def facade(rng: random.Random, size: int) -> Image.Image:
             draw.rectangle(box, fill=glass)
             draw.line([(x0 + win_w / 2, y0), (x0 + win_w / 2, y0 + win_h)], fill=frame, width=1)
             if shutters:
-                draw.rectangle([box[0] - win_w * 0.3, box[1], box[0] - 3, box[3]], fill=shutter)
-                draw.rectangle([box[2] + 3, box[1], box[2] + win_w * 0.3, box[3]], fill=shutter)
+                gap, leaf = win_w * 0.08, win_w * 0.35
+                draw.rectangle([box[0] - gap - leaf, box[1], box[0] - gap, box[3]], fill=shutter)
+                draw.rectangle([box[2] + gap, box[1], box[2] + gap + leaf, box[3]], fill=shutter)
     img = img.filter(ImageFilter.GaussianBlur(0.6))
     noise = Image.effect_noise((size, size), 8).convert("RGB")
     return Image.blend(img, noise, 0.06)
@@ -53,3 +57,72 @@ def make_facades(out_dir: Path, count: int, size: int = 192, seed: int = 0) -> l
         facade(rng, size).save(path)
         paths.append(path)
     return paths
+
+
+def plot_curve(points: list[tuple[int, float]], path: Path, title: str) -> None:
+    """A plain line chart as PNG (no plotting library needed)."""
+    width, height, pad = 640, 360, 40
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    steps, values = zip(*points, strict=True)
+    lo, hi = min(values), max(values)
+    span_x, span_y = max(steps) - min(steps) or 1, hi - lo or 1
+
+    def xy(step: int, value: float) -> tuple[float, float]:
+        return (pad + (step - min(steps)) / span_x * (width - 2 * pad),
+                height - pad - (value - lo) / span_y * (height - 2 * pad))
+
+    draw.rectangle([pad, pad, width - pad, height - pad], outline=(180, 180, 180))
+    draw.line([xy(s, v) for s, v in points], fill=(30, 90, 200), width=2)
+    draw.text((pad, 10), title, fill="black")
+    draw.text((pad, height - pad + 8), f"step {min(steps)}", fill="black")
+    draw.text((width - pad - 60, height - pad + 8), f"step {max(steps)}", fill="black")
+    draw.text((4, pad - 12), f"{hi:.4f}", fill="black")
+    draw.text((4, height - pad + 2), f"{lo:.4f}", fill="black")
+    img.save(path)
+
+
+def run_demo(out: Path, console: Console, err: Console) -> None:
+    """Generate facades, shard, train jobs/demo.yaml, evaluate, inpaint, print the PNGs."""
+    from cectl.checkpoint import Run, load_generator
+    from cectl.config import JobConfig, ShardConfig, load_config, validate_job
+    from cectl.data import load_eval_images
+    from cectl.evaluate import evaluate, score_table
+    from cectl.inpaint import inpaint
+    from cectl.shard import run_shard
+    from cectl.storage import open_store
+    from cectl.train import Session, train
+
+    images, shards, store = out / "images", out / "shards", out / "store"
+    with err.status("generating 800 sample facades"):
+        make_facades(images, 800, size=96)
+    run_shard(str(images), str(shards),
+              load_config(ShardConfig, flags={"shard_size": 100, "val_fraction": 0.1}), err)
+    held_out = out / "held-out.png"
+    facade(random.Random(10_000), 160).save(held_out)
+
+    shutil.rmtree(store / "runs" / "demo", ignore_errors=True)
+    cfg = validate_job(load_config(JobConfig, "demo", flags={"data": {"uri": str(shards)}}))
+    summary = train(cfg, str(store), "demo", Session(console=err))
+    run = Run(open_store(str(store)), "demo")
+    ckpt = run.checkpoint("latest")
+
+    generator, ckpt_cfg, _ = load_generator(ckpt)
+    val, _ = load_eval_images(str(shards), "val", ckpt_cfg.data.image_size)
+    scores = evaluate(generator, ckpt_cfg, val, ckpt_cfg.mask.kind)
+    console.print(score_table(scores, f"held-out facades ({scores['images']} images, "
+                                      "central hole)"))
+
+    inpainted = inpaint(held_out, ckpt.uri, "center", out / "inpainted.png")["out"]
+    lines = run.store.read_bytes("metrics.jsonl").decode().splitlines()
+    rows = [json.loads(line) for line in lines]
+    curve = out / "loss-curve.png"
+    plot_curve([(r["step"], r["loss_rec"]) for r in rows if "loss_rec" in r], curve,
+               "reconstruction loss (training)")
+    grid = sorted(run.store.list("samples/"))[-1]
+    console.print(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s "
+                  f"({summary['images_per_s']:.0f} images/s)")
+    console.print(f"sample grid (input | prediction | truth): {run.store.path(grid)}")
+    console.print(f"inpainted held-out image:  {inpainted} (input: {held_out})")
+    console.print(f"loss curve:                {curve}")
+    console.print(f"checkpoint:                {ckpt.uri}")

@@ -1,0 +1,209 @@
+"""The loader: a WebDataset pipeline over a shard manifest (local or S3), exactly resumable.
+
+Each training worker (rank) takes every `world`-th shard; its loader processes split those
+again, so no sample is read twice in a pass. Each loader process ("stream") reads its
+shards in an order shuffled per epoch, shuffles the samples inside each shard, and goes
+on forever. A stream's place is one integer, the number of samples it has consumed; from
+it, the epoch, the shard and the offset inside the shard follow from the manifest's
+sample counts. So resuming reads only the one shard it resumes in, skips nothing
+and repeats nothing. Random crops are seeded per sample from that same position.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from cectl.errors import BadInput
+from cectl.images import decode
+from cectl.masks import derive_seed
+from cectl.shard import read_manifest
+from cectl.storage import Store, open_store
+
+
+@dataclass
+class DataPosition:
+    """Where training is in the data: batches consumed and each stream's sample count."""
+
+    batches: int = 0
+    streams: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"batches": self.batches, "streams": list(self.streams)}
+
+
+def assign_shards(manifest: dict, split: str, rank: int, world: int, streams: int) -> list[list]:
+    """The shards of each stream of one rank: disjoint across ranks and streams."""
+    if split not in manifest["splits"]:
+        raise BadInput(f"the shards have no {split!r} split")
+    mine = manifest["splits"][split]["shards"][rank::world]
+    mine = [s for s in mine if s["samples"]]
+    if not mine:
+        raise BadInput(f"{len(manifest['splits'][split]['shards'])} {split} shards cannot feed "
+                       f"{world} workers: reshard with a smaller --shard-size")
+    n = max(1, min(streams, len(mine)))
+    return [mine[k::n] for k in range(n)]
+
+
+def read_samples(store: Store, name: str) -> list[dict]:
+    """All samples of one shard, raw bytes by extension."""
+    with store.open(name) as f:
+        files = ({**member, "__url__": name} for member in wds.tariterators.tar_file_iterator(f))
+        return list(wds.tariterators.group_by_keys(files))
+
+
+def stream_samples(store: Store, shards: list[dict], seed: int, tag: str,
+                   start: int) -> Iterator[tuple[int, dict]]:
+    """(position, sample) from `start` on, forever, epoch after epoch."""
+    epoch_len = sum(s["samples"] for s in shards)
+    position = start
+    while True:
+        epoch, offset = divmod(position, epoch_len)
+        order = list(shards)
+        random.Random(derive_seed(seed, tag, "epoch", epoch)).shuffle(order)
+        for shard in order:
+            if offset >= shard["samples"]:
+                offset -= shard["samples"]
+                continue
+            samples = read_samples(store, shard["name"])
+            if len(samples) != shard["samples"]:
+                raise BadInput(f"{shard['name']} holds {len(samples)} samples, the manifest "
+                               f"says {shard['samples']}: run `cectl verify`")
+            random.Random(derive_seed(seed, shard["name"], epoch)).shuffle(samples)
+            for sample in samples[offset:]:
+                yield position, sample
+                position += 1
+            offset = 0
+
+
+def sample_image(sample: dict, draft_to: int = 0) -> Image.Image:
+    data = sample.get("jpg") or sample.get("png")
+    if data is None:
+        raise BadInput(f"sample {sample.get('__key__')} has no .jpg or .png")
+    return decode(data, draft_to=draft_to).image
+
+
+def resize_shorter_to(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    if min(w, h) == size:
+        return img
+    scale = size / min(w, h)
+    return img.resize((max(size, round(w * scale)), max(size, round(h * scale))),
+                      Image.Resampling.BICUBIC)
+
+
+def train_crop(img: Image.Image, load_size: int, image_size: int, rng: random.Random) -> np.ndarray:
+    """loadSize then a random fineSize crop, as the reference code does."""
+    img = resize_shorter_to(img, max(load_size, image_size))
+    x = rng.randint(0, img.size[0] - image_size)
+    y = rng.randint(0, img.size[1] - image_size)
+    return np.asarray(img.crop((x, y, x + image_size, y + image_size)))
+
+
+def eval_crop(img: Image.Image, image_size: int) -> np.ndarray:
+    """The whole image, shorter side to fineSize, center crop: deterministic."""
+    img = resize_shorter_to(img, image_size)
+    x, y = (img.size[0] - image_size) // 2, (img.size[1] - image_size) // 2
+    return np.asarray(img.crop((x, y, x + image_size, y + image_size)))
+
+
+def to_batch(arrays: list[np.ndarray]) -> torch.Tensor:
+    """HWC uint8 arrays to one NCHW uint8 tensor (converted to float on the device)."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] to float [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+class TrainStreams(IterableDataset):
+    """Batches from one rank's streams; each loader process plays one stream."""
+
+    def __init__(self, data_uri: str, streams: list[list[dict]], position: DataPosition,
+                 seed: int, rank: int, batch_size: int, load_size: int, image_size: int):
+        super().__init__()
+        self.data_uri, self.streams, self.position = data_uri, streams, position
+        self.seed, self.rank, self.batch_size = seed, rank, batch_size
+        self.load_size, self.image_size = load_size, image_size
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        process = info.id if info else 0
+        # The loader hands out batches from its processes in turn; after `batches`
+        # batches, the next one must come from stream `batches % n`, so process 0
+        # plays that stream.
+        n = len(self.streams)
+        k = (process + self.position.batches) % n
+        store = open_store(self.data_uri)
+        tag = f"rank{self.rank}/stream{k}"
+        images = []
+        for position, sample in stream_samples(store, self.streams[k], self.seed, tag,
+                                               self.position.streams[k]):
+            rng = random.Random(derive_seed(self.seed, tag, "crop", position))
+            img = sample_image(sample, draft_to=self.load_size)
+            images.append(train_crop(img, self.load_size, self.image_size, rng))
+            if len(images) == self.batch_size:
+                yield {"image": to_batch(images), "stream": k, "position": position + 1}
+                images = []
+
+
+class TrainLoader:
+    """Iterates batches for one rank and keeps the data position up to date."""
+
+    def __init__(self, data_uri: str, manifest: dict, cfg, rank: int, world: int,
+                 position: DataPosition | None = None):
+        streams = assign_shards(manifest, "train", rank, world, max(1, cfg.data.workers))
+        self.position = position or DataPosition(0, [0] * len(streams))
+        if len(self.position.streams) != len(streams):
+            raise BadInput("the checkpoint's data position does not fit these shards and "
+                           "data.workers: resume with the same data and settings")
+        dataset = TrainStreams(data_uri, streams, self.position, cfg.train.seed, rank,
+                               cfg.data.batch_size, cfg.data.load_size, cfg.data.image_size)
+        processes = len(streams) if cfg.data.workers > 0 else 0
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=processes,
+                                 prefetch_factor=4 if processes else None,
+                                 persistent_workers=False)
+        self._iter = iter(self.loader)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        batch = next(self._iter)
+        self.position.batches += 1
+        self.position.streams[batch["stream"]] = batch["position"]
+        return batch["image"]
+
+
+def load_eval_images(data_uri: str, split: str, image_size: int,
+                     limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Every image of a split (or the first `limit`), center-cropped, in manifest order."""
+    store = open_store(data_uri)
+    manifest = read_manifest(store)
+    if split not in manifest["splits"]:
+        raise BadInput(f"{data_uri} has no {split!r} split (it has "
+                       f"{', '.join(manifest['splits'])})")
+    arrays, keys = [], []
+    for shard in manifest["splits"][split]["shards"]:
+        for sample in read_samples(store, shard["name"]):
+            arrays.append(eval_crop(sample_image(sample), image_size))
+            keys.append(sample["__key__"])
+            if limit and len(arrays) == limit:
+                return to_batch(arrays), keys
+    if not arrays:
+        raise BadInput(f"the {split!r} split of {data_uri} is empty")
+    return to_batch(arrays), keys
+
+
+def open_manifest(data_uri: str) -> dict:
+    store = open_store(data_uri)
+    store.check()
+    return read_manifest(store)
