@@ -43,11 +43,13 @@ def assign_shards(manifest: dict, split: str, rank: int, world: int, streams: in
     """The shards of each stream of one rank: disjoint across ranks and streams."""
     if split not in manifest["splits"]:
         raise BadInput(f"the shards have no {split!r} split")
-    mine = manifest["splits"][split]["shards"][rank::world]
-    mine = [s for s in mine if s["samples"]]
+    shards = [s for s in manifest["splits"][split]["shards"] if s["samples"]]
+    if not shards:
+        raise BadInput(f"the {split!r} split holds no samples (see `skipped` in manifest.json)")
+    mine = shards[rank::world]
     if not mine:
-        raise BadInput(f"{len(manifest['splits'][split]['shards'])} {split} shards cannot feed "
-                       f"{world} workers: reshard with a smaller --shard-size")
+        raise BadInput(f"{len(shards)} {split} shards cannot feed {world} workers: reshard "
+                       "with a smaller --shard-size")
     n = max(1, min(streams, len(mine)))
     return [mine[k::n] for k in range(n)]
 

@@ -9,6 +9,7 @@ with a weight that fades towards the context; every other pixel is left untouche
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,9 @@ def _read_image(path: Path) -> tuple[Image.Image, Image.Image]:
     except Skip as e:
         raise BadInput(f"{path} is not a readable image ({e.reason})") from None
     original = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
-    if original.mode not in KEEP_MODES:
-        original = decoded.image
+    if original.mode not in KEEP_MODES:  # P, CMYK, I;16...: keep alpha if it has one
+        has_alpha = "A" in original.getbands() or "transparency" in original.info
+        original = original.convert("RGBA") if has_alpha else decoded.image
     return original, decoded.image
 
 
@@ -80,14 +82,19 @@ def inpaint(image_path: Path, ckpt: str, mask: str, out_path: Path, seed: int = 
     filled = F.interpolate(completed, size=(height, width), mode="bicubic", align_corners=False)
     filled = filled[0].add(1).mul(127.5).clamp(0, 255).round().byte().permute(1, 2, 0).numpy()
 
-    # Blend weight: 1 in the hole, fading to 0 across the overlap band. Built at the
-    # network's resolution (cheap for any image size), then scaled up.
+    # Blend weight: 1 in the hole, fading to 0 across the band of `mask.overlap` network
+    # pixels around it. The fade is built at the network's resolution (cheap for any image
+    # size); where it may touch is bounded at full resolution by dilating the hole itself.
     alpha = small.float()
     for _ in range(cfg.mask.overlap):
         fade = F.max_pool2d(alpha, 3, stride=1, padding=1) - 1 / (cfg.mask.overlap + 1)
         alpha = torch.maximum(alpha, fade)
     alpha = F.interpolate(alpha, size=(height, width), mode="bilinear", align_corners=False)
-    alpha = torch.maximum(alpha[0, 0], hole.float()).numpy()[..., None]
+    band = math.ceil(cfg.mask.overlap * max(width, height) / size)
+    near = hole[None, None].float()
+    near = F.max_pool2d(near, (1, 2 * band + 1), stride=1, padding=(0, band))
+    near = F.max_pool2d(near, (2 * band + 1, 1), stride=1, padding=(band, 0))
+    alpha = (torch.maximum(alpha[0, 0], hole.float()) * near[0, 0]).numpy()[..., None]
     source = np.asarray(original.convert("RGB"), dtype=np.float32)
     blended = (alpha * filled + (1 - alpha) * source).round().astype(np.uint8)
     region = Image.fromarray((alpha[..., 0] > 0).astype(np.uint8) * 255, "L")

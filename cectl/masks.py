@@ -81,8 +81,9 @@ def draw_holes(kind: str, n: int, size: int, overlap: int, seed: int) -> torch.T
         smooth = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)
         area = 0.2 + 0.1 * torch.rand(n, generator=gen)
         flat = smooth.flatten(1)
-        threshold = torch.quantile(flat, 1 - area.unsqueeze(1), dim=1).diagonal()
-        holes = (flat > threshold.unsqueeze(1)).view(n, 1, size, size)
+        count = (area * size * size).long().clamp_min(1).unsqueeze(1)
+        threshold = flat.sort(dim=1, descending=True).values.gather(1, count - 1)
+        holes = (flat >= threshold).view(n, 1, size, size)
     else:
         raise ValueError(f"mask.kind must be one of {', '.join(KINDS)}, got {kind!r}")
     return holes

@@ -53,3 +53,31 @@ def paris() -> Path:
         pytest.skip(f"shared Paris StreetView images not found at {PARIS}")
     return PARIS
 
+
+
+@pytest.fixture(scope="session")
+def facade_shards(tmp_path_factory) -> str:
+    """Generated facade images, sharded to local disk with a val split (session-wide)."""
+    from rich.console import Console
+
+    from cectl.config import ShardConfig, load_config
+    from cectl.demo import make_facades
+    from cectl.shard import run_shard
+
+    root = tmp_path_factory.mktemp("facades")
+    make_facades(root / "images", 96, size=72)
+    cfg = load_config(ShardConfig, flags={"shard_size": 16, "val_fraction": 0.15, "workers": 2})
+    run_shard(str(root / "images"), str(root / "shards"), cfg, Console(quiet=True))
+    return str(root / "shards")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(facade_shards, tmp_path_factory) -> str:
+    """A few steps of a tiny joint-loss center model; the path of its checkpoint folder."""
+    from helpers import tiny_job
+
+    from cectl.train import train
+
+    store = tmp_path_factory.mktemp("store")
+    train(tiny_job(facade_shards, "train.steps=4"), str(store), "tiny")
+    return str(store / "runs" / "tiny" / "checkpoints" / "step-000004")

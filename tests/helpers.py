@@ -95,3 +95,16 @@ class FlakyProxy:
 
     def close(self) -> None:
         self._server.close()
+
+
+TINY = ["model.width=8", "model.bottleneck=32", "data.image_size=32", "data.load_size=40",
+        "data.batch_size=8", "data.workers=0", "mask.overlap=2", "train.log_every=1",
+        "train.eval_every=1000", "train.checkpoint_every=1000"]
+
+
+def tiny_job(data_uri: str, *overrides: str):
+    """A job config small enough to train in a second or two on a CPU."""
+    from cectl.config import JobConfig, load_config, validate_job
+
+    return validate_job(load_config(JobConfig, overrides=[*TINY, *overrides],
+                                    flags={"data": {"uri": data_uri}}))
