@@ -120,7 +120,7 @@ def train_command(
 
     from cectl.checkpoint import Run
     from cectl.storage import open_store
-    from cectl.train import Session, train
+    from cectl.train import Session, TrainProgress, train
 
     run_store = open_store(store)
     run_store.check(create=True)
@@ -140,7 +140,9 @@ def train_command(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     err.print(f"run {name}: {cfg.model.arch}, {cfg.mask.kind} masks, {cfg.loss.mode} loss, "
               f"batch {cfg.data.batch_size}, {cfg.train.steps} steps on {device.type}")
-    summary = train(cfg, run_store.uri, name, Session(device=device, console=err), resume)
+    with TrainProgress(err, cfg.train.steps) as progress:
+        summary = train(cfg, run_store.uri, name, Session(device=device, on_log=progress.update),
+                        resume)
     print_train_summary(summary)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,17 +25,6 @@ from cectl.images import decode
 from cectl.masks import derive_seed
 from cectl.shard import read_manifest
 from cectl.storage import Store, open_store
-
-
-@dataclass
-class DataPosition:
-    """Where training is in the data: batches consumed and each stream's sample count."""
-
-    batches: int = 0
-    streams: list[int] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {"batches": self.batches, "streams": list(self.streams)}
 
 
 def assign_shards(manifest: dict, split: str, rank: int, world: int, streams: int) -> list[list]:
@@ -129,10 +117,10 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 class TrainStreams(IterableDataset):
     """Batches from one rank's streams; each loader process plays one stream."""
 
-    def __init__(self, data_uri: str, streams: list[list[dict]], position: DataPosition,
+    def __init__(self, data_uri: str, streams: list[list[dict]], batches: int,
                  seed: int, rank: int, batch_size: int, load_size: int, image_size: int):
         super().__init__()
-        self.data_uri, self.streams, self.position = data_uri, streams, position
+        self.data_uri, self.streams, self.batches = data_uri, streams, batches
         self.seed, self.rank, self.batch_size = seed, rank, batch_size
         self.load_size, self.image_size = load_size, image_size
 
@@ -141,33 +129,30 @@ class TrainStreams(IterableDataset):
         process = info.id if info else 0
         # The loader hands out batches from its processes in turn; after `batches`
         # batches, the next one must come from stream `batches % n`, so process 0
-        # plays that stream.
+        # plays that stream. Stream k has given one batch in every n so far.
         n = len(self.streams)
-        k = (process + self.position.batches) % n
+        k = (process + self.batches) % n
+        start = self.batch_size * max(0, -(-(self.batches - k) // n))
         store = open_store(self.data_uri)
         tag = f"rank{self.rank}/stream{k}"
         images = []
-        for position, sample in stream_samples(store, self.streams[k], self.seed, tag,
-                                               self.position.streams[k]):
+        for position, sample in stream_samples(store, self.streams[k], self.seed, tag, start):
             rng = random.Random(derive_seed(self.seed, tag, "crop", position))
             img = sample_image(sample, draft_to=self.load_size)
             images.append(train_crop(img, self.load_size, self.image_size, rng))
             if len(images) == self.batch_size:
-                yield {"image": to_batch(images), "stream": k, "position": position + 1}
+                yield to_batch(images)
                 images = []
 
 
 class TrainLoader:
-    """Iterates batches for one rank and keeps the data position up to date."""
+    """Iterates batches for one rank, counting them: the count is the data position."""
 
     def __init__(self, data_uri: str, manifest: dict, cfg, rank: int, world: int,
-                 position: DataPosition | None = None):
+                 batches: int = 0):
         streams = assign_shards(manifest, "train", rank, world, max(1, cfg.data.workers))
-        self.position = position or DataPosition(0, [0] * len(streams))
-        if len(self.position.streams) != len(streams):
-            raise BadInput("the checkpoint's data position does not fit these shards and "
-                           "data.workers: resume with the same data and settings")
-        dataset = TrainStreams(data_uri, streams, self.position, cfg.train.seed, rank,
+        self.batches = batches
+        dataset = TrainStreams(data_uri, streams, batches, cfg.train.seed, rank,
                                cfg.data.batch_size, cfg.data.load_size, cfg.data.image_size)
         processes = len(streams) if cfg.data.workers > 0 else 0
         self.loader = DataLoader(dataset, batch_size=None, num_workers=processes,
@@ -180,9 +165,8 @@ class TrainLoader:
 
     def __next__(self) -> torch.Tensor:
         batch = next(self._iter)
-        self.position.batches += 1
-        self.position.streams[batch["stream"]] = batch["position"]
-        return batch["image"]
+        self.batches += 1
+        return batch
 
 
 def load_eval_images(data_uri: str, split: str, image_size: int,

@@ -91,7 +91,7 @@ def run_demo(out: Path, console: Console, err: Console) -> None:
     from cectl.inpaint import inpaint
     from cectl.shard import run_shard
     from cectl.storage import open_store
-    from cectl.train import Session, train
+    from cectl.train import Session, TrainProgress, train
 
     images, shards, store = out / "images", out / "shards", out / "store"
     with err.status("generating 800 sample facades"):
@@ -103,7 +103,8 @@ def run_demo(out: Path, console: Console, err: Console) -> None:
 
     shutil.rmtree(store / "runs" / "demo", ignore_errors=True)
     cfg = validate_job(load_config(JobConfig, "demo", flags={"data": {"uri": str(shards)}}))
-    summary = train(cfg, str(store), "demo", Session(console=err))
+    with TrainProgress(err, cfg.train.steps) as progress:
+        summary = train(cfg, str(store), "demo", Session(on_log=progress.update))
     run = Run(open_store(str(store)), "demo")
     ckpt = run.checkpoint("latest")
 

@@ -13,6 +13,7 @@ import io
 import json
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from torch import nn
 
 from cectl.checkpoint import Run, collect_tensors, load_checkpoint, restore_tensors, step_dir
 from cectl.config import to_yaml
-from cectl.data import DataPosition, TrainLoader, load_eval_images, open_manifest, to_float
+from cectl.data import TrainLoader, load_eval_images, open_manifest, to_float
 from cectl.errors import BadInput
 from cectl.evaluate import evaluate
 from cectl.losses import adversarial_loss, reconstruction_loss
@@ -39,14 +40,42 @@ SAMPLE_COLUMNS = 8
 
 @dataclass
 class Session:
-    """Where a training loop runs and whom it tells."""
+    """Where a training loop runs and whom it tells (rank 0 calls the hooks)."""
 
     rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     wrap: Callable[[nn.Module], nn.Module] = lambda module: module  # DDP in Ray workers
-    on_checkpoint: Callable[[dict, str | None], None] | None = None
-    console: Console | None = None  # progress display, where someone watches
+    on_log: Callable[[int, dict], None] | None = None  # (step, metrics), each log_every
+    on_checkpoint: Callable[[int, dict], None] | None = None  # every rank, after a save
+
+
+class TrainProgress:
+    """A live display of step, images/s, losses and ETA, fed with `update(step, metrics)`."""
+
+    def __init__(self, console: Console, total: int):
+        self.progress = Progress(
+            TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+            TextColumn("{task.fields[rate]} img/s  {task.fields[losses]}"),
+            TimeRemainingColumn(), console=console)
+        self.task = self.progress.add_task("train", total=total, rate="-", losses="")
+
+    def __enter__(self) -> TrainProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def update(self, step: int, metrics: dict) -> None:
+        if "resumed" in metrics:
+            self.progress.console.print(f"resuming from step {step}")
+        fields = {}
+        if "images_per_s" in metrics:
+            fields["rate"] = f"{metrics['images_per_s']:,.1f}"
+            fields["losses"] = "  ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()
+                                         if k.startswith("loss_"))
+        self.progress.update(self.task, completed=step, **fields)
 
 
 def autocast(precision: str, device: torch.device):
@@ -74,15 +103,21 @@ def train_step(generator: nn.Module, discriminator: nn.Module | None,
         fake = generator(fill_holes(images, holes))
     losses = {}
     if discriminator is not None:
-        with cast:
-            loss_d = (adversarial_loss(discriminator(target), True)
-                      + adversarial_loss(discriminator(fake.detach()), False))
+        # One backward per forward, real then fake: the gradients add up to those of
+        # their sum, and DDP (one reduction per forward) can wrap the discriminator.
         opt_d.zero_grad(set_to_none=True)
-        scaler.scale(loss_d).backward()
+        loss_d = 0.0
+        for batch, real in ((target, True), (fake.detach(), False)):
+            with cast:
+                loss = adversarial_loss(discriminator(batch), real)
+            scaler.scale(loss).backward()
+            loss_d += loss.item()
         scaler.step(opt_d)
-        with cast:
+        # The generator's adversarial term: the gradients it leaves in D are discarded,
+        # so DDP need not average them.
+        with getattr(discriminator, "no_sync", contextlib.nullcontext)(), cast:
             loss_adv = adversarial_loss(discriminator(fake), True)
-        losses.update(loss_d=loss_d.item(), loss_adv=loss_adv.item())
+        losses.update(loss_d=loss_d, loss_adv=loss_adv.item())
     loss_rec = reconstruction_loss(fake, target, weights)
     loss_g = loss_rec
     if discriminator is not None:
@@ -135,10 +170,11 @@ class _Validator:
 class _Logger:
     """metrics.jsonl on the store and TensorBoard events next to it (rank 0 only)."""
 
-    def __init__(self, run: Run, lines: list[str]):
+    def __init__(self, run: Run, lines: list[str],
+                 on_log: Callable[[int, dict], None] | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.run, self.lines = run, lines
+        self.run, self.lines, self.on_log = run, lines, on_log
         if isinstance(run.store, LocalStore):
             self.tb_dir = run.store.path("tensorboard")
         else:  # written locally, uploaded with each checkpoint
@@ -149,6 +185,8 @@ class _Logger:
         self.lines.append(json.dumps({"step": step, **metrics}))
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
+        if self.on_log:
+            self.on_log(step, metrics)
 
     def flush(self) -> None:
         self.run.store.write_bytes("metrics.jsonl", ("\n".join(self.lines) + "\n").encode())
@@ -162,12 +200,6 @@ class _Logger:
         self.writer.close()
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-                    TextColumn("{task.fields[rate]} img/s  {task.fields[losses]}"),
-                    TimeRemainingColumn(), console=console)
-
-
 def train(cfg: DictConfig, store_uri: str, run_name: str, session: Session | None = None,
           resume: bool = False) -> dict:
     """Train `run_name` in `store_uri` up to `cfg.train.steps`; returns a summary."""
@@ -176,8 +208,8 @@ def train(cfg: DictConfig, store_uri: str, run_name: str, session: Session | Non
     run = Run(open_store(store_uri), run_name)
     manifest = open_manifest(cfg.data.uri)
     if cfg.train.precision == "bf16" and device.type == "cpu" and not _cpu_has_bf16():
-        _say(session, "[yellow]warning:[/] this CPU has no native bf16: bf16 runs emulated "
-             "and far slower than fp32")
+        warnings.warn("this CPU has no native bf16: bf16 runs emulated, far slower than fp32",
+                      stacklevel=2)
 
     torch.manual_seed(cfg.train.seed)
     generator, discriminator = build_models(cfg)
@@ -188,7 +220,7 @@ def train(cfg: DictConfig, store_uri: str, run_name: str, session: Session | Non
     opt_d = (make_optimizer(discriminator, cfg.optim.lr_d, cfg.optim.beta1)
              if discriminator is not None else None)
 
-    start, position, rng_state, lines, best = 0, None, None, [], (None, float("inf"))
+    start, rng_state, lines, best = 0, None, [], (None, float("inf"))
     if resume:
         steps = run.steps()
         if not steps:
@@ -196,69 +228,61 @@ def train(cfg: DictConfig, store_uri: str, run_name: str, session: Session | Non
         tensors, state = load_checkpoint(run.store.child(step_dir(steps[-1])))
         restore_tensors(tensors, {"G": generator, "D": discriminator}, {"G": opt_g, "D": opt_d})
         start, rng_state = state["step"], tensors["rng.torch"]
-        position = DataPosition(**state["data_position"])
         best = (state.get("best_step"), state.get("best_val", float("inf")))
         if rank == 0 and run.store.exists("metrics.jsonl"):
             lines = [line for line in run.store.read_bytes("metrics.jsonl").decode().splitlines()
                      if line and json.loads(line)["step"] <= start]
-        _say(session, f"resuming {run_name} from step {start}")
     g_train, d_train = session.wrap(generator), (session.wrap(discriminator)
                                                  if discriminator is not None else None)
 
-    loader = TrainLoader(cfg.data.uri, manifest, cfg, rank, session.world, position)
+    # Every step consumes one batch on every rank, so the step is the data position.
+    loader = TrainLoader(cfg.data.uri, manifest, cfg, rank, session.world, batches=start)
     if rng_state is not None:  # after the loader, which draws its worker seeds from it
         torch.set_rng_state(rng_state)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     logger = validator = None
     if rank == 0:
         run.store.write_bytes("config.yaml", to_yaml(cfg).encode())
-        logger = _Logger(run, lines)
+        logger = _Logger(run, lines, session.on_log)
         validator = _Validator(cfg, manifest, device)
+        if resume:
+            logger.log(start, {"resumed": 1})
 
     batch = cfg.data.batch_size
-    progress = _progress(session.console) if session.console and rank == 0 else None
-    task = progress.add_task("train", total=cfg.train.steps, completed=start, rate="-",
-                             losses="") if progress else None
     t_start = t_window = time.perf_counter()
     window_steps, last = 0, {}
-    with progress or contextlib.nullcontext():
-        for step in range(start + 1, cfg.train.steps + 1):
-            images = to_float(next(loader).to(device, non_blocking=True))
-            holes = draw_holes(cfg.mask.kind, len(images), cfg.data.image_size,
-                               cfg.mask.overlap, derive_seed(cfg.train.seed, "mask", rank, step))
-            losses = train_step(g_train, d_train, opt_g, opt_d, images, holes.to(device), cfg,
-                                scaler)
-            window_steps += 1
-            final = step == cfg.train.steps
-            if step % cfg.train.log_every == 0 or final:
-                now = time.perf_counter()
-                rate = window_steps * batch * session.world / (now - t_window)
-                t_window, window_steps = now, 0
-                last = {**losses, "images_per_s": rate}
-                if logger:
-                    logger.log(step, last)
-                if progress:
-                    progress.update(task, completed=step, rate=f"{rate:,.1f}",
-                                    losses="  ".join(f"{k[5:]} {v:.4f}" for k, v in losses.items()))
-            if validator and (step % cfg.train.eval_every == 0 or final):
-                val, png = validator.run(generator)
-                run.store.write_bytes(f"samples/step-{step:06d}.png", png)
-                logger.log(step, val)
-                last.update(val)
-                if val["val_l2_pct"] < best[1]:
-                    best = (step, val["val_l2_pct"])
-            if step % cfg.train.checkpoint_every == 0 or final:
-                where = None
-                if rank == 0:
-                    state = {"step": step, "data_position": loader.position.to_dict(),
-                             "config": OmegaConf.to_container(cfg), "metrics": last,
-                             "best_step": best[0], "best_val": best[1]}
-                    tensors = collect_tensors({"G": generator, "D": discriminator},
-                                              {"G": opt_g, "D": opt_d})
-                    where = run.save(step, tensors, state)
-                    logger.flush()
-                if session.on_checkpoint:
-                    session.on_checkpoint({"step": step, **last}, where)
+    for step in range(start + 1, cfg.train.steps + 1):
+        images = to_float(next(loader).to(device, non_blocking=True))
+        holes = draw_holes(cfg.mask.kind, len(images), cfg.data.image_size,
+                           cfg.mask.overlap, derive_seed(cfg.train.seed, "mask", rank, step))
+        losses = train_step(g_train, d_train, opt_g, opt_d, images, holes.to(device), cfg, scaler)
+        window_steps += 1
+        final = step == cfg.train.steps
+        if step % cfg.train.log_every == 0 or final:
+            now = time.perf_counter()
+            rate = window_steps * batch * session.world / (now - t_window)
+            t_window, window_steps = now, 0
+            last = {**losses, "images_per_s": rate}
+            if logger:
+                logger.log(step, last)
+        if validator and (step % cfg.train.eval_every == 0 or final):
+            val, png = validator.run(generator)
+            run.store.write_bytes(f"samples/step-{step:06d}.png", png)
+            logger.log(step, val)
+            last.update(val)
+            if val["val_l2_pct"] < best[1]:
+                best = (step, val["val_l2_pct"])
+        if step % cfg.train.checkpoint_every == 0 or final:
+            if rank == 0:  # only rank 0 writes model files; its buffers are the checkpoint's
+                state = {"step": step, "data_position": {"batches": loader.batches},
+                         "config": OmegaConf.to_container(cfg), "metrics": last,
+                         "best_step": best[0], "best_val": best[1]}
+                tensors = collect_tensors({"G": generator, "D": discriminator},
+                                          {"G": opt_g, "D": opt_d})
+                run.save(step, tensors, state)
+                logger.flush()
+            if session.on_checkpoint:
+                session.on_checkpoint(step, last)
     if logger:
         logger.close()
     seconds = time.perf_counter() - t_start
@@ -268,11 +292,5 @@ def train(cfg: DictConfig, store_uri: str, run_name: str, session: Session | Non
             "metrics": last, "checkpoints": run.store.url("checkpoints")}
 
 
-def _say(session: Session, text: str) -> None:
-    if session.console and session.rank == 0:
-        session.console.print(text)
-
-
 def _cpu_has_bf16() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX", "AVX512_AMX")
-

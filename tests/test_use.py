@@ -27,7 +27,7 @@ def test_train_runs_pull_eval_through_the_cli(facade_shards, tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
     more = cectl("train", "train.steps=5", "--store", store, "--name", "cli", "--resume")
     assert more.returncode == 0, more.stderr
-    assert "resuming cli from step 3" in more.stderr and "trained 2 steps" in more.stdout
+    assert "resuming from step 3" in more.stderr and "trained 2 steps" in more.stdout
 
     listing = cectl("runs", "--store", store)
     assert "cli" in listing.stdout and "finished" in listing.stdout
