@@ -113,9 +113,14 @@ def train_command(
     store: StoreOption = DEFAULT_STORE,
     name: Annotated[str | None, typer.Option(help="run name (default: JOB-date-time)")] = None,
     local: Annotated[bool, typer.Option("--local", help="train in this process (default)")] = False,
+    nodes: Annotated[int | None, typer.Option(help="Ray Train DDP over N nodes")] = None,
+    gpus_per_node: Annotated[int, typer.Option(help="workers (GPUs) per node")] = 1,
+    cpu: Annotated[bool, typer.Option("--cpu", help="CPU workers with gloo")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster (default: RAY_ADDRESS, "
+                                                "else a local instance)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue run --name")] = False,
 ) -> None:
-    """Train a context encoder in this process (one CPU or one GPU)."""
+    """Train a context encoder: in this process (--local) or on Ray workers (--nodes N)."""
     import torch
 
     from cectl.checkpoint import Run
@@ -137,19 +142,35 @@ def train_command(
         if Run(run_store, name).exists():
             raise BadInput(f"run {name!r} already exists in {run_store.uri}: add --resume to "
                            "continue it, or pick another --name")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if local and nodes is not None:
+        raise BadInput("--local and --nodes exclude each other")
     err.print(f"run {name}: {cfg.model.arch}, {cfg.mask.kind} masks, {cfg.loss.mode} loss, "
-              f"batch {cfg.data.batch_size}, {cfg.train.steps} steps on {device.type}")
-    with TrainProgress(err, cfg.train.steps) as progress:
-        summary = train(cfg, run_store.uri, name, Session(device=device, on_log=progress.update),
-                        resume)
-    print_train_summary(summary)
+              f"batch {cfg.data.batch_size} per worker, {cfg.train.steps} steps")
+    start = time.perf_counter()
+    if nodes is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        with TrainProgress(err, cfg.train.steps) as progress:
+            summary = train(cfg, run_store.uri, name,
+                            Session(device=device, on_log=progress.update), resume)
+    else:
+        from cectl.distributed import train_on_ray
+
+        summary = train_on_ray(cfg, run_store.uri, name, nodes, gpus_per_node, cpu, address,
+                               resume, err)
+    print_train_summary(summary, time.perf_counter() - start)
 
 
-def print_train_summary(summary: dict) -> None:
+def print_train_summary(summary: dict, seconds: float) -> None:
     metrics = "  ".join(f"{k} {v:.4g}" for k, v in summary["metrics"].items())
-    out.print(f"trained {summary['trained_steps']} steps (to step {summary['steps']}) in "
-              f"{summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s")
+    if "workers" in summary:
+        sync = "identical" if summary["ranks_in_sync"] else "DIFFERENT"
+        out.print(f"run {summary['run']} reached step {summary['steps']} on "
+                  f"{summary['workers']} workers in {seconds:.1f} s "
+                  f"({summary['restarts']} restart(s) from a checkpoint); weights {sync} "
+                  "on every rank")
+    else:
+        out.print(f"trained {summary['trained_steps']} steps (to step {summary['steps']}) in "
+                  f"{seconds:.1f} s, {summary['images_per_s']:.1f} images/s")
     out.print(f"last metrics: {metrics}")
     out.print(f"checkpoints: {summary['checkpoints']}")
 
@@ -256,6 +277,49 @@ def demo(out_dir: Annotated[Path, typer.Option("--out", help="output folder")] =
     from cectl.demo import run_demo
 
     run_demo(out_dir, out, err)
+
+
+cluster_app = typer.Typer(help="Bring Ray clusters up and down, or start one locally.",
+                          no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("up")
+def cluster_up(config: Annotated[str, typer.Argument()] = "cluster/aws.yaml") -> None:
+    """Start (or update) a cluster: `ray up CONFIG`."""
+    from cectl.cluster import ray_cli
+
+    ray_cli("up", config, "--yes")
+
+
+@cluster_app.command("down")
+def cluster_down(config: Annotated[str, typer.Argument()] = "cluster/aws.yaml") -> None:
+    """Tear a cluster down: `ray down CONFIG`."""
+    from cectl.cluster import ray_cli
+
+    ray_cli("down", config, "--yes")
+
+
+@cluster_app.command("status")
+def cluster_status(config: Annotated[str | None, typer.Argument()] = None) -> None:
+    """Nodes and resources: of the launcher cluster CONFIG, else of RAY_ADDRESS."""
+    from cectl.cluster import ray_cli
+
+    if config:
+        ray_cli("exec", config, "ray status")
+    else:
+        ray_cli("status")
+
+
+@cluster_app.command("local")
+def cluster_local(
+    nodes: Annotated[int, typer.Option(help="raylets (nodes) to start")] = 2,
+    cpus: Annotated[int, typer.Option(help="CPUs each node offers")] = 2,
+) -> None:
+    """A multi-node Ray cluster on this machine, until Ctrl-C."""
+    from cectl.cluster import run_local_cluster
+
+    run_local_cluster(nodes, cpus, out, err)
 
 
 def main() -> None:

@@ -289,7 +289,8 @@ def train(cfg: DictConfig, store_uri: str, run_name: str, session: Session | Non
     done = cfg.train.steps - start
     return {"run": run_name, "steps": cfg.train.steps, "trained_steps": done,
             "seconds": seconds, "images_per_s": done * batch * session.world / max(seconds, 1e-9),
-            "metrics": last, "checkpoints": run.store.url("checkpoints")}
+            "metrics": last, "checkpoints": run.store.url("checkpoints"),
+            "models": (generator, discriminator)}
 
 
 def _cpu_has_bf16() -> bool:

@@ -1,0 +1,58 @@
+"""`cectl cluster`: thin wrappers over the Ray cluster launcher, and a local multi-node cluster."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from cectl.errors import BadInput, Failure
+
+
+def ray_cli(*args: str) -> None:
+    """Run the `ray` command of this environment; its output goes straight to the user."""
+    if len(args) > 1 and args[0] in ("up", "down", "exec") and not Path(args[1]).is_file():
+        raise BadInput(f"cluster config {args[1]} not found (see cluster/README.md)")
+    ray = Path(sys.executable).with_name("ray")
+    code = subprocess.call([str(ray), *args])
+    if code:
+        raise Failure(f"`ray {' '.join(args)}` failed with exit code {code}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_local_cluster(nodes: int, cpus: int, out: Console, err: Console) -> None:
+    """Start a head and nodes-1 worker raylets here, print the address, wait for Ctrl-C."""
+    from cectl.distributed import use_loopback
+
+    use_loopback()
+    from ray.cluster_utils import Cluster
+
+    if nodes < 1 or cpus < 1:
+        raise BadInput("--nodes and --cpus must be at least 1")
+    with err.status(f"starting a local Ray cluster of {nodes} nodes"):
+        node = {"num_cpus": cpus, "node_ip_address": "127.0.0.1"}
+        cluster = Cluster(initialize_head=True, head_node_args=node)
+        for _ in range(nodes - 1):
+            cluster.add_node(**node)
+        cluster.wait_for_nodes()
+    signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: the raylets are shut down
+    try:
+        out.print(f"RAY_ADDRESS={cluster.address}", highlight=False)
+        err.print(f"{nodes} nodes x {cpus} CPUs up. In another shell:\n"
+                  f"  cectl train jobs/demo.yaml --data SHARDS --nodes {nodes} --cpu "
+                  f"--address {cluster.address}\nCtrl-C stops the cluster.")
+        sys.stdout.flush()
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.shutdown()
+        err.print("local cluster stopped")

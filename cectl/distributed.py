@@ -1,0 +1,182 @@
+"""`cectl train --nodes N`: the same training loop on Ray Train workers, DDP across nodes.
+
+Ray Train (V2) starts N x G workers, one GPU each (or CPU workers with gloo for `--cpu`),
+spread over the nodes. Each worker runs `cectl.train.train` with its rank: it reads its
+own shards, wraps both networks in DDP, and only rank 0 writes model files. When a
+worker dies, Ray restarts the worker group (FailureConfig) and the loop resumes from the
+latest checkpoint in the store, data position included. BatchNorm: each worker
+normalises with its own batch's statistics (64 images are plenty; SyncBatchNorm would
+add two all-reduces per layer); DDP broadcasts rank 0's running statistics before every
+forward, and rank 0's are the ones a checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+from urllib.parse import urlparse
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from cectl.checkpoint import Run, read_state
+from cectl.errors import BadInput, Failure
+from cectl.storage import open_store
+from cectl.train import Session, TrainProgress, train
+
+AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+            "AWS_PROFILE")
+MAX_FAILURES = 3
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SYNC_CHECK = "ddp-check.json"  # per-rank parameter digests at the end of a run
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address` (default: RAY_ADDRESS, else a new local instance)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    parsed = urlparse(address if address and "://" in address else f"tcp://{address}")
+    on_this_machine = address in (None, "local") or parsed.hostname in LOOPBACK
+    if on_this_machine:
+        use_loopback()
+    import ray
+
+    if address and address not in ("auto", "local"):
+        try:
+            with socket.create_connection((parsed.hostname, parsed.port or 6379), timeout=5):
+                pass
+        except (OSError, ValueError):
+            raise BadInput(f"cannot reach a Ray cluster at {address}: check --address "
+                           "(host:port of the head node) and that the cluster is up") from None
+    # Workers get the driver's S3 settings; on a cloud cluster, instance roles do instead.
+    env = {key: os.environ[key] for key in AWS_VARS if key in os.environ}
+    # Worker logs stay in Ray's log folder: the driver shows progress from the queue, and
+    # a failure surfaces as TrainingFailedError.
+    ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING",
+             log_to_driver=False, _node_ip_address="127.0.0.1" if on_this_machine else None)
+
+
+def use_loopback() -> None:
+    """Keep a Ray instance that lives on this machine on 127.0.0.1.
+
+    Otherwise Ray picks the address of the outward interface and talks to itself through
+    it. Ray reads this when first imported, so call it before `import ray`.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def check_resources(workers: int, nodes: int, cpu: bool) -> None:
+    """Fail with a clear sentence, not a hang, when the cluster cannot fit the job."""
+    import ray
+
+    kind = "CPU" if cpu else "GPU"
+    have = int(ray.cluster_resources().get(kind, 0))
+    if have < workers:
+        hint = " (add --cpu for CPU workers)" if not cpu and have == 0 else ""
+        raise BadInput(f"{workers} {kind} workers asked for ({nodes} node(s) x "
+                       f"{workers // nodes}), but the cluster has {have} {kind}s{hint}")
+
+
+def _worker(config: dict) -> None:
+    """One Ray Train worker: the training loop with this worker's rank."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed
+
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    cfg = OmegaConf.create(config["cfg"])
+    queue = config["progress"]
+
+    def on_log(step: int, metrics: dict) -> None:
+        queue.put_nowait((step, metrics))
+
+    def on_checkpoint(step: int, metrics: dict) -> None:
+        ray.train.report({"step": step, **metrics})
+
+    session = Session(
+        rank=rank, world=context.get_world_size(), device=ray.train.torch.get_device(),
+        wrap=lambda module: ray.train.torch.prepare_model(module, move_to_device=False),
+        on_log=on_log if rank == 0 else None, on_checkpoint=on_checkpoint)
+    # A restarted worker group finds the checkpoints of the attempt before it.
+    run = Run(open_store(config["store"]), config["name"])
+    generator, discriminator = train(cfg, config["store"], config["name"], session,
+                                     resume=config["resume"] or bool(run.steps()))["models"]
+    # DDP keeps replicas identical; check it, so the summary can say so.
+    digest = hashlib.sha256()
+    for module in (generator, discriminator):
+        for param in (module.parameters() if module is not None else []):
+            digest.update(param.detach().cpu().numpy().tobytes())
+    digests = [None] * session.world
+    torch.distributed.all_gather_object(digests, digest.hexdigest())
+    if rank == 0:
+        run.store.write_bytes(SYNC_CHECK, json.dumps({"parameter_sha256": digests}).encode())
+
+
+def train_on_ray(cfg: DictConfig, store_uri: str, name: str, nodes: int, gpus_per_node: int,
+                 cpu: bool, address: str | None, resume: bool, console: Console) -> dict:
+    """Run the job on N x G Ray Train workers; returns a summary for the driver."""
+    if nodes < 1 or gpus_per_node < 1:
+        raise BadInput("--nodes and --gpus-per-node must be at least 1")
+    workers = nodes * gpus_per_node
+    connect(address)  # first: it decides how Ray is imported
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    try:
+        check_resources(workers, nodes, cpu)
+        fs, root = open_store(store_uri).arrow_fs()
+        progress_queue = Queue()
+        console.print(f"{workers} {'CPU' if cpu else 'GPU'} workers on {nodes} node(s), "
+                      f"effective batch {workers} x {cfg.data.batch_size} = "
+                      f"{workers * cfg.data.batch_size}")
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={"cfg": OmegaConf.to_container(cfg), "store": store_uri,
+                               "name": name, "resume": resume, "progress": progress_queue},
+            torch_config=TorchConfig(backend="gloo" if cpu else "nccl"),
+            scaling_config=ScalingConfig(
+                num_workers=workers, use_gpu=not cpu,
+                resources_per_worker={"CPU": 1} if cpu else {"GPU": 1},
+                placement_strategy="SPREAD" if nodes > 1 else "PACK"),
+            run_config=RunConfig(name=name, storage_path=f"{root}/ray", storage_filesystem=fs,
+                                 failure_config=FailureConfig(max_failures=MAX_FAILURES)),
+        )
+        done = threading.Event()
+        with TrainProgress(console, cfg.train.steps) as progress:
+
+            def pump() -> None:
+                while not done.is_set():
+                    try:
+                        progress.update(*progress_queue.get(timeout=0.5))
+                    except Empty:
+                        continue
+
+            thread = threading.Thread(target=pump, daemon=True)
+            thread.start()
+            try:
+                trainer.fit()
+            except ray.train.TrainingFailedError as e:
+                raise Failure(f"training failed after {MAX_FAILURES} restarts: "
+                              f"{str(e).strip().splitlines()[-1]}") from None
+            finally:
+                done.set()
+                thread.join()
+        run = Run(open_store(store_uri), name)
+        state = read_state(run.checkpoint("latest"))
+        digests = json.loads(run.store.read_bytes(SYNC_CHECK))["parameter_sha256"]
+        return {"run": name, "steps": state["step"], "workers": workers,
+                "metrics": state["metrics"], "checkpoints": run.store.url("checkpoints"),
+                "restarts": _restarts(run), "ranks_in_sync": len(set(digests)) == 1}
+    finally:
+        ray.shutdown()
+
+
+def _restarts(run: Run) -> int:
+    lines = run.store.read_bytes("metrics.jsonl").decode().splitlines()
+    return sum('"resumed"' in line for line in lines)

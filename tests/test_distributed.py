@@ -1,0 +1,113 @@
+"""`cectl train --nodes N` on a real local multi-node Ray cluster (CPU workers, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import boto3
+import pytest
+from helpers import TINY, cectl
+
+RAY_ARGS = ["--nodes", "2", "--cpu"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """`cectl cluster local --nodes 2`: two raylets on this machine; yields the address."""
+    proc = subprocess.Popen([sys.executable, "-m", "cectl", "cluster", "local", "--nodes", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("RAY_ADDRESS="):
+        proc.kill()
+        pytest.fail(f"cectl cluster local printed {line!r}")
+    yield line.strip().split("=", 1)[1]
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def test_ddp_on_two_nodes_checkpoints_to_s3_with_identical_weights(cluster, facade_shards,
+                                                                    s3_env, bucket):
+    store = f"s3://{bucket}/store"
+    result = cectl("train", *TINY, "train.steps=8", "train.checkpoint_every=4",
+                   "--data", facade_shards, "--store", store, "--name", "ddp", *RAY_ARGS,
+                   "--address", cluster, timeout=400)
+    assert result.returncode == 0, result.stderr
+    assert "effective batch 2 x 8 = 16" in result.stderr
+    assert "reached step 8 on 2 workers" in result.stdout
+    assert "weights identical on every rank" in result.stdout
+    s3 = boto3.client("s3", endpoint_url=s3_env)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="store/runs/ddp/")
+            ["Contents"]}
+    for step in ("000004", "000008"):
+        assert f"store/runs/ddp/checkpoints/step-{step}/model.safetensors" in keys
+        assert f"store/runs/ddp/checkpoints/step-{step}/state.json" in keys
+    check = json.loads(s3.get_object(Bucket=bucket, Key="store/runs/ddp/ddp-check.json")
+                       ["Body"].read())
+    assert len(check["parameter_sha256"]) == 2 and len(set(check["parameter_sha256"])) == 1
+    # Ray Train's own run state went through the pyarrow filesystem to the same bucket.
+    assert any(k.startswith("store/ray/") for k in
+               (o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="store/ray/")
+                .get("Contents", [])))
+
+
+def train_workers() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True)
+    return [int(pid) for pid in out.stdout.split()]
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(cluster, facade_shards, tmp_path):
+    store = tmp_path / "store"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "cectl", "train", *TINY, "train.steps=300",
+         "train.checkpoint_every=20", "--data", facade_shards, "--store", str(store),
+         "--name", "ft", *RAY_ARGS, "--address", cluster],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "COLUMNS": "200"})
+    marker = store / "runs/ft/checkpoints/step-000040/state.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    assert marker.exists(), "the run never reached step 40"
+    victims = train_workers()
+    assert victims, "no Ray Train worker process found"
+    os.kill(victims[-1], signal.SIGKILL)
+    out, err = job.communicate(timeout=400)
+    assert job.returncode == 0, err
+    assert "reached step 300 on 2 workers" in out
+    assert "weights identical on every rank" in out
+    text = (store / "runs/ft/metrics.jsonl").read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    resumed = [m["step"] for m in lines if "resumed" in m]
+    assert resumed and resumed[0] >= 40  # from a checkpoint, not from scratch
+    steps = [m["step"] for m in lines if "loss_rec" in m]
+    assert steps[-1] == 300 and steps == sorted(steps)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--nodes", "0", "--cpu"], "at least 1"),
+     (["--nodes", "1", "--gpus-per-node", "2"], "the cluster has 0 GPUs"),
+     (["--nodes", "4", "--gpus-per-node", "4", "--cpu"], "16 CPU workers")],
+)
+def test_impossible_requests_exit_2_quickly(args, message, cluster, facade_shards, tmp_path):
+    start = time.monotonic()
+    result = cectl("train", *TINY, "--data", facade_shards, "--store", tmp_path, *args,
+                   "--address", cluster, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert time.monotonic() - start < 60
+
+
+def test_unreachable_address_exits_2(facade_shards, tmp_path):
+    from helpers import free_port
+
+    result = cectl("train", *TINY, "--data", facade_shards, "--store", tmp_path, *RAY_ARGS,
+                   "--address", f"127.0.0.1:{free_port()}", timeout=60)
+    assert result.returncode == 2
+    assert "cannot reach a Ray cluster" in result.stderr
+
