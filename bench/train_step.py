@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from rich.console import Console
@@ -119,9 +120,32 @@ def contenders(cfg) -> list[Contender]:
             Contender("cectl bf16 autocast", bf16, copy.deepcopy(g), copy.deepcopy(d), False)]
 
 
+_PARIS_128: list[torch.Tensor] = []
+
+
+def paris_images() -> torch.Tensor:
+    """The shared Paris images at 160 px (random 128 crops are drawn from them)."""
+    if not _PARIS_128:
+        from PIL import Image
+
+        from cectl.data import to_batch
+
+        arrays = [np.asarray(Image.open(p).convert("RGB").resize((160, 160), Image.BICUBIC))
+                  for p in sorted(PARIS.glob("*.png"))]
+        _PARIS_128.append(to_float(to_batch(arrays)))
+    return _PARIS_128[0]
+
+
 def batch(step: int, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step `step`'s images (random crops of the Paris images, or noise without them)."""
     gen = torch.Generator().manual_seed(step)
-    images = torch.rand(BATCH, 3, 128, 128, generator=gen) * 2 - 1
+    if PARIS.is_dir():
+        pool = paris_images()
+        pick = torch.randint(0, len(pool), (BATCH,), generator=gen)
+        x, y = (int(v) for v in torch.randint(0, 33, (2,), generator=gen))
+        images = pool[pick, :, y : y + 128, x : x + 128]
+    else:
+        images = torch.rand(BATCH, 3, 128, 128, generator=gen) * 2 - 1
     holes = draw_holes(cfg.mask.kind, BATCH, 128, cfg.mask.overlap, derive_seed(0, step))
     return images, holes
 
@@ -186,7 +210,7 @@ def loss_curves(cfg, steps: int) -> dict[str, list[float]]:
     """Rec loss per step for baseline and cectl fp32 from the same weights and batches."""
     curves = {}
     for c in contenders(cfg)[:2]:
-        curves[c.name] = [c.step(*batch(i, cfg)) for i in range(steps)]
+        curves[c.name] = [c.step(*batch(i + 1000, cfg)) for i in range(steps)]
     return curves
 
 

@@ -176,6 +176,25 @@ def print_train_summary(summary: dict, seconds: float) -> None:
 
 
 @app.command()
+def sweep(
+    args: Annotated[list[str] | None, typer.Argument(help="[SWEEP.yaml] [KEY=VALUE ...]; "
+                                                     "KEY=uniform(a, b) adds a dimension")] = None,
+    samples: Annotated[int | None, typer.Option(help="number of trials")] = None,
+    data: Annotated[str | None, typer.Option(help="shards: path or s3://bucket/prefix")] = None,
+    store: StoreOption = DEFAULT_STORE,
+    cpu: Annotated[bool, typer.Option("--cpu", help="trials on CPUs")] = False,
+    name: Annotated[str | None, typer.Option(help="sweep name (default: recipe name)")] = None,
+) -> None:
+    """Search job settings with Ray Tune (ASHA); writes the best trial's job config."""
+    from cectl.sweep import run_sweep, split_arguments, trials_table
+
+    recipe = split_arguments(args or [])[0]
+    result = run_sweep(recipe, args or [], data, store, samples, cpu, name, err)
+    out.print(trials_table(result))
+    out.print(f"best config: {result['best']}  (cectl train {result['best']} --local)")
+
+
+@app.command()
 def runs(store: StoreOption = DEFAULT_STORE) -> None:
     """List the runs in a store: steps, last metrics, state."""
     from cectl.checkpoint import Run, list_runs, read_state, step_dir

@@ -94,6 +94,18 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+@dataclass
+class SweepConfig:
+    job: str = "inpaint-center"  # the job recipe each trial starts from
+    metric: str = "val_l2_pct"  # validation reconstruction error, lower is better
+    mode: str = "min"
+    samples: int = 16
+    grace_steps: int = 1000  # ASHA: no trial is stopped before this step
+    reduction_factor: int = 3
+    # KEY: uniform(a, b) | loguniform(a, b) | randint(a, b) | choice(a, b, ...)
+    space: dict[str, str] = field(default_factory=dict)
+
+
 def find_recipe(name: str, folder: str) -> Path:
     """A recipe path as given, or a bare name looked up in the repository's `folder/`."""
     for candidate in (Path(name), REPO_ROOT / folder / name, REPO_ROOT / folder / f"{name}.yaml"):

@@ -1,0 +1,163 @@
+"""`cectl sweep`: Ray Tune over job settings, each trial one run of the training loop.
+
+Trials are single-worker training runs (1 GPU, or 1 CPU with --cpu) of `cectl.train`,
+reporting validation metrics at every evaluation; ASHA stops the ones that lag. The
+sweep's state lives in STORE/sweeps/NAME and each trial's run in STORE/runs/NAME-TRIAL,
+so the same command after Ctrl-C or a killed driver resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from cectl.checkpoint import Run
+from cectl.config import JobConfig, SweepConfig, load_config, to_yaml, validate_job
+from cectl.distributed import check_resources, connect
+from cectl.errors import BadInput, Failure
+from cectl.storage import open_store
+from cectl.train import Session, train
+
+DISTRIBUTION = re.compile(r"^\s*(uniform|loguniform|randint|choice)\((.*)\)\s*$")
+
+
+def parse_space(space: dict[str, str]) -> dict:
+    """'uniform(1, 30)' and friends to Tune search-space objects."""
+    from ray import tune
+
+    parsed = {}
+    for key, text in space.items():
+        match = DISTRIBUTION.match(str(text))
+        if not match:
+            raise BadInput(f"search space {key}: {text!r} is not uniform(a, b), "
+                           "loguniform(a, b), randint(a, b) or choice(a, b, ...)")
+        kind, args = match.group(1), [OmegaConf.create(f"v: {a.strip()}").v
+                                      for a in match.group(2).split(",")]
+        parsed[key] = tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
+    return parsed
+
+
+def split_arguments(args: list[str]) -> tuple[str | None, list[str], list[str], dict[str, str]]:
+    """(sweep recipe, sweep overrides such as samples=8, job overrides such as
+    train.steps=500, search dimensions such as optim.beta1=uniform(0.3, 0.9))."""
+    recipes = [a for a in args if "=" not in a]
+    if len(recipes) > 1:
+        raise BadInput(f"one sweep recipe at most, got {', '.join(recipes)}")
+    sweep_keys = set(SweepConfig.__dataclass_fields__)
+    own, fixed, searched = [], [], {}
+    for item in (a for a in args if "=" in a):
+        key, value = item.split("=", 1)
+        if key in sweep_keys:
+            own.append(item)
+        elif DISTRIBUTION.match(value):
+            searched[key] = value
+        else:
+            fixed.append(item)
+    return (recipes[0] if recipes else None), own, fixed, searched
+
+
+def trial_config(base: dict, params: dict) -> DictConfig:
+    cfg = OmegaConf.merge(OmegaConf.create(base),
+                          OmegaConf.from_dotlist([f"{k}={v}" for k, v in params.items()]))
+    if "loss.lambda_adv" in params and "loss.lambda_rec" not in params:
+        cfg.loss.lambda_rec = 1.0 - cfg.loss.lambda_adv
+    return validate_job(cfg)
+
+
+def _trial(params: dict, base: dict, store: str, sweep: str) -> None:
+    """One trial: the training loop, reporting validation metrics to Tune."""
+    import torch
+    from ray import tune
+
+    name = f"{sweep}-{tune.get_context().get_trial_id()}"
+
+    def on_log(step: int, metrics: dict) -> None:
+        if any(k.startswith("val_") for k in metrics):
+            tune.report({"step": step, **metrics})
+
+    run = Run(open_store(store), name)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train(trial_config(base, params), store, name, Session(device=device, on_log=on_log),
+          resume=bool(run.steps()))
+
+
+def run_sweep(recipe: str | None, args: list[str], data: str | None, store_uri: str,
+              samples: int | None, cpu: bool, name: str | None, console: Console) -> dict:
+    """Run (or resume) a sweep; returns the sorted trials and the best config's path."""
+    _, own, fixed, searched = split_arguments(args)
+    sweep = load_config(SweepConfig, recipe, own, {"samples": samples})
+    name = name or (Path(recipe).stem if recipe else "sweep")
+    base_cfg = load_config(JobConfig, sweep.job, fixed,
+                           {"data": {"uri": data}} if data else None)
+    validate_job(base_cfg)
+    base = OmegaConf.to_container(base_cfg)
+    space = parse_space({**sweep.space, **searched})
+    if not space:
+        raise BadInput("nothing to search: give a space in the sweep recipe or KEY=dist(...)")
+
+    store = open_store(store_uri)
+    store.check(create=True)
+    connect(None)
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    try:
+        check_resources(1, 1, cpu)
+        fs, root = store.arrow_fs()
+        path = f"{root}/sweeps/{name}"
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, base=base, store=store.uri, sweep=name),
+            {"cpu": 1} if cpu else {"cpu": 1, "gpu": 1})
+        if tune.Tuner.can_restore(path, storage_filesystem=fs):
+            console.print(f"resuming sweep {name} from {store.url(f'sweeps/{name}')}")
+            tuner = tune.Tuner.restore(path, trainable, resume_errored=True,
+                                       storage_filesystem=fs)
+        else:
+            scheduler = ASHAScheduler(time_attr="step", max_t=base_cfg.train.steps,
+                                      grace_period=min(sweep.grace_steps, base_cfg.train.steps),
+                                      reduction_factor=sweep.reduction_factor)
+            tuner = tune.Tuner(
+                trainable, param_space=space,
+                tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode,
+                                            scheduler=scheduler, num_samples=sweep.samples),
+                run_config=tune.RunConfig(name=name, storage_path=f"{root}/sweeps",
+                                          storage_filesystem=fs, verbose=0))
+        with console.status(f"sweep {name}: {sweep.samples} trials over "
+                            f"{', '.join(space)}"):
+            grid = tuner.fit()
+        trials = []
+        for result in grid:
+            metrics = result.metrics or {}
+            trials.append({"trial": metrics.get("trial_id", "?"),
+                           "params": {k: result.config[k] for k in space},
+                           "step": metrics.get("step"), "metric": metrics.get(sweep.metric),
+                           "error": result.error is not None})
+        finished = [t for t in trials if t["metric"] is not None]
+        if not finished:
+            raise Failure(f"no trial of sweep {name} reported {sweep.metric}: see the Ray logs")
+        finished.sort(key=lambda t: t["metric"], reverse=sweep.mode == "max")
+        best_cfg = trial_config(base, finished[0]["params"])
+        best_path = Path(f"{name}-best.yaml")
+        best_path.write_text(to_yaml(best_cfg))
+        store.write_bytes(f"sweeps/{name}-best.yaml", to_yaml(best_cfg).encode())
+        rest = [t for t in trials if t["metric"] is None]
+        return {"name": name, "metric": sweep.metric, "trials": finished + rest,
+                "space": list(space), "best": str(best_path)}
+    finally:
+        ray.shutdown()
+
+
+def trials_table(result: dict) -> Table:
+    table = Table(title=f"sweep {result['name']}: trials by {result['metric']}")
+    for column in ("trial", *result["space"], "step", result["metric"]):
+        table.add_column(column)
+    for t in result["trials"]:
+        metric = "error" if t["error"] else ("-" if t["metric"] is None else f"{t['metric']:.4f}")
+        table.add_row(t["trial"], *(f"{v:.4g}" for v in t["params"].values()),
+                      str(t["step"] or "-"), metric)
+    return table

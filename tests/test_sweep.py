@@ -1,0 +1,72 @@
+"""`cectl sweep`: Ray Tune trials through the same training loop, resumable."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+from helpers import TINY, cectl
+
+TRIAL_ROW = re.compile(r"^│ \w+_\d{5} ")
+SWEEP = """\
+job: demo
+metric: val_l2_pct
+mode: min
+samples: 4
+grace_steps: 2
+reduction_factor: 2
+space:
+  optim.lr_ratio: uniform(1, 30)
+  loss.lambda_adv: loguniform(1e-4, 1e-1)
+"""
+
+
+def sweep_args(tmp_path, facade_shards) -> list[str]:
+    (tmp_path / "tiny-sweep.yaml").write_text(SWEEP)
+    return ["sweep", tmp_path / "tiny-sweep.yaml", *TINY, "train.steps=6", "train.eval_every=2",
+            "--data", facade_shards, "--store", tmp_path / "store", "--cpu"]
+
+
+def test_a_sweep_of_four_trials_writes_a_best_config_that_trains(tmp_path, facade_shards,
+                                                                 monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cectl(*sweep_args(tmp_path, facade_shards), timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "trials by val_l2_pct" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if TRIAL_ROW.match(line)]
+    assert len(rows) == 4
+    best = tmp_path / "tiny-sweep-best.yaml"
+    cfg = yaml.safe_load(best.read_text())
+    assert cfg["loss"]["lambda_rec"] == 1 - cfg["loss"]["lambda_adv"]
+    assert 1 <= cfg["optim"]["lr_ratio"] <= 30 and cfg["data"]["uri"] == facade_shards
+    trained = cectl("train", best, "--local", "--store", tmp_path / "store", "--name", "best")
+    assert trained.returncode == 0, trained.stderr
+    assert "trained 6 steps" in trained.stdout
+
+
+def test_an_interrupted_sweep_resumes_with_the_same_command(tmp_path, facade_shards,
+                                                            monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [str(a) for a in sweep_args(tmp_path, facade_shards)]
+    first = subprocess.Popen([sys.executable, "-m", "cectl", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    runs = tmp_path / "store" / "runs"
+    deadline = time.monotonic() + 300
+    while (time.monotonic() < deadline and first.poll() is None
+           and not list(runs.glob("*/config.yaml"))):
+        time.sleep(0.1)
+    assert first.poll() is None, "the sweep ended before it could be interrupted"
+    first.send_signal(signal.SIGINT)  # Ctrl-C, once the first trial is training
+    first.communicate(timeout=120)
+    assert not (tmp_path / "tiny-sweep-best.yaml").exists()
+
+    again = cectl(*args, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "resuming sweep tiny-sweep" in again.stderr
+    rows = [line for line in again.stdout.splitlines() if TRIAL_ROW.match(line)]
+    assert len(rows) == 4
+    assert (tmp_path / "tiny-sweep-best.yaml").exists()
