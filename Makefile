@@ -27,3 +27,5 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/shard.py
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/distributed.py
