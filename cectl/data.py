@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cectl.errors import BadInput
-from cectl.images import decode
+from cectl.images import decode, resize_shorter
 from cectl.masks import derive_seed
 from cectl.shard import read_manifest
 from cectl.storage import Store, open_store
@@ -80,18 +80,9 @@ def sample_image(sample: dict, draft_to: int = 0) -> Image.Image:
     return decode(data, draft_to=draft_to).image
 
 
-def resize_shorter_to(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    if min(w, h) == size:
-        return img
-    scale = size / min(w, h)
-    return img.resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                      Image.Resampling.BICUBIC)
-
-
 def train_crop(img: Image.Image, load_size: int, image_size: int, rng: random.Random) -> np.ndarray:
     """loadSize then a random fineSize crop, as the reference code does."""
-    img = resize_shorter_to(img, max(load_size, image_size))
+    img = resize_shorter(img, max(load_size, image_size), upscale=True)
     x = rng.randint(0, img.size[0] - image_size)
     y = rng.randint(0, img.size[1] - image_size)
     return np.asarray(img.crop((x, y, x + image_size, y + image_size)))
@@ -99,7 +90,7 @@ def train_crop(img: Image.Image, load_size: int, image_size: int, rng: random.Ra
 
 def eval_crop(img: Image.Image, image_size: int) -> np.ndarray:
     """The whole image, shorter side to fineSize, center crop: deterministic."""
-    img = resize_shorter_to(img, image_size)
+    img = resize_shorter(img, image_size, upscale=True)
     x, y = (img.size[0] - image_size) // 2, (img.size[1] - image_size) // 2
     return np.asarray(img.crop((x, y, x + image_size, y + image_size)))
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from rich.table import Table
 from torch import nn
 
+from cectl.data import to_float
 from cectl.masks import check_window, derive_seed, draw_holes, fill_holes, output_window
 from cectl.model import complete
 
@@ -39,8 +40,6 @@ def summarize(per_image: dict[str, list[torch.Tensor]]) -> dict[str, float]:
 def evaluate(generator: nn.Module, cfg: DictConfig, images: torch.Tensor, mask_kind: str,
              batch_size: int = 32, device: torch.device | None = None) -> dict:
     """Metrics of the model and of the mean fill over uint8 NCHW `images`."""
-    from cectl.data import to_float
-
     device = device or torch.device("cpu")
     size = cfg.data.image_size
     window = output_window(size, cfg.mask.kind)

@@ -91,10 +91,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_shorter(img: Image.Image, size: int) -> Image.Image:
-    """Scale so the shorter side is `size`, only ever down: upscaling adds bytes, not detail."""
+def resize_shorter(img: Image.Image, size: int, upscale: bool = False) -> Image.Image:
+    """Scale so the shorter side is `size`; small images stay as they are unless `upscale`
+    (shards never upscale: it adds bytes, not detail; the loader does when it must)."""
     width, height = img.size
-    if min(width, height) <= size:
+    if min(width, height) == size or (min(width, height) < size and not upscale):
         return img
     scale = size / min(width, height)
     new = (max(size, round(width * scale)), max(size, round(height * scale)))
