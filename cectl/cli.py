@@ -186,10 +186,9 @@ def sweep(
     name: Annotated[str | None, typer.Option(help="sweep name (default: recipe name)")] = None,
 ) -> None:
     """Search job settings with Ray Tune (ASHA); writes the best trial's job config."""
-    from cectl.sweep import run_sweep, split_arguments, trials_table
+    from cectl.sweep import run_sweep, trials_table
 
-    recipe = split_arguments(args or [])[0]
-    result = run_sweep(recipe, args or [], data, store, samples, cpu, name, err)
+    result = run_sweep(args or [], data, store, samples, cpu, name, err)
     out.print(trials_table(result))
     out.print(f"best config: {result['best']}  (cectl train {result['best']} --local)")
 
@@ -251,24 +250,18 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
 ) -> None:
     """Score a checkpoint on held-out images: L1 %, L2 %, PSNR dB on the hole."""
-    from cectl.checkpoint import load_generator
-    from cectl.data import load_eval_images
-    from cectl.evaluate import evaluate, score_table
+    from cectl.evaluate import evaluate_checkpoint, score_table
     from cectl.masks import KINDS
 
     if mask is not None and mask not in KINDS:
         raise BadInput(f"--mask {mask!r} is not one of {', '.join(KINDS)}")
-    generator, cfg, state = load_generator(ckpt)
-    with err.status(f"loading the {split} split of {data}"):
-        images, _ = load_eval_images(data, split, cfg.data.image_size)
-    with err.status(f"scoring {len(images)} images"):
-        result = evaluate(generator, cfg, images, mask or cfg.mask.kind)
-    result.update(checkpoint=ckpt, step=state["step"], split=split)
+    with err.status(f"scoring the {split} split of {data}"):
+        result = evaluate_checkpoint(ckpt, data, split, mask)
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    out.print(score_table(result, f"{ckpt} (step {state['step']}) on {len(images)} {split} "
-                                  f"images, {result['mask']} mask"))
+    out.print(score_table(result, f"{ckpt} (step {result['step']}) on {result['images']} "
+                                  f"{split} images, {result['mask']} mask"))
 
 
 @app.command(name="inpaint")

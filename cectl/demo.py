@@ -84,10 +84,9 @@ def plot_curve(points: list[tuple[int, float]], path: Path, title: str) -> None:
 
 def run_demo(out: Path, console: Console, err: Console) -> None:
     """Generate facades, shard, train jobs/demo.yaml, evaluate, inpaint, print the PNGs."""
-    from cectl.checkpoint import Run, load_generator
+    from cectl.checkpoint import Run
     from cectl.config import JobConfig, ShardConfig, load_config, validate_job
-    from cectl.data import load_eval_images
-    from cectl.evaluate import evaluate, score_table
+    from cectl.evaluate import evaluate_checkpoint, score_table
     from cectl.inpaint import inpaint
     from cectl.shard import run_shard
     from cectl.storage import open_store
@@ -108,9 +107,7 @@ def run_demo(out: Path, console: Console, err: Console) -> None:
     run = Run(open_store(str(store)), "demo")
     ckpt = run.checkpoint("latest")
 
-    generator, ckpt_cfg, _ = load_generator(ckpt)
-    val, _ = load_eval_images(str(shards), "val", ckpt_cfg.data.image_size)
-    scores = evaluate(generator, ckpt_cfg, val, ckpt_cfg.mask.kind)
+    scores = evaluate_checkpoint(ckpt.uri, str(shards))
     console.print(score_table(scores, f"held-out facades ({scores['images']} images, "
                                       "central hole)"))
 

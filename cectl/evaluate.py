@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from rich.table import Table
 from torch import nn
 
-from cectl.data import to_float
+from cectl.data import load_eval_images, to_float
 from cectl.masks import check_window, derive_seed, draw_holes, fill_holes, output_window
 from cectl.model import complete
 
@@ -56,6 +56,17 @@ def evaluate(generator: nn.Module, cfg: DictConfig, images: torch.Tensor, mask_k
                 per_image[name][key].append(value.cpu())
     return {"images": len(images), "mask": mask_kind,
             **{name: summarize(values) for name, values in per_image.items()}}
+
+
+def evaluate_checkpoint(ckpt: str, data_uri: str, split: str = "val",
+                        mask: str | None = None) -> dict:
+    """Load a checkpoint and score it on a split (mask: the one it trained with by default)."""
+    from cectl.checkpoint import load_generator
+
+    generator, cfg, state = load_generator(ckpt)
+    images, _ = load_eval_images(data_uri, split, cfg.data.image_size)
+    result = evaluate(generator, cfg, images, mask or cfg.mask.kind)
+    return {**result, "checkpoint": ckpt, "step": state["step"], "split": split}
 
 
 def score_table(result: dict, title: str) -> Table:

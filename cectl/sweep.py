@@ -85,10 +85,10 @@ def _trial(params: dict, base: dict, store: str, sweep: str) -> None:
           resume=bool(run.steps()))
 
 
-def run_sweep(recipe: str | None, args: list[str], data: str | None, store_uri: str,
-              samples: int | None, cpu: bool, name: str | None, console: Console) -> dict:
+def run_sweep(args: list[str], data: str | None, store_uri: str, samples: int | None,
+              cpu: bool, name: str | None, console: Console) -> dict:
     """Run (or resume) a sweep; returns the sorted trials and the best config's path."""
-    _, own, fixed, searched = split_arguments(args)
+    recipe, own, fixed, searched = split_arguments(args)
     sweep = load_config(SweepConfig, recipe, own, {"samples": samples})
     name = name or (Path(recipe).stem if recipe else "sweep")
     base_cfg = load_config(JobConfig, sweep.job, fixed,

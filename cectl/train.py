@@ -25,10 +25,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from cectl.checkpoint import Run, collect_tensors, load_checkpoint, restore_tensors, step_dir
+from cectl.checkpoint import Run, collect_tensors, load_checkpoint, restore_tensors
 from cectl.config import to_yaml
 from cectl.data import TrainLoader, load_eval_images, open_manifest, to_float
-from cectl.errors import BadInput
 from cectl.evaluate import evaluate
 from cectl.losses import adversarial_loss, reconstruction_loss
 from cectl.masks import derive_seed, draw_holes, fill_holes, loss_weights, output_window
@@ -222,10 +221,7 @@ def train(cfg: DictConfig, store_uri: str, run_name: str, session: Session | Non
 
     start, rng_state, lines, best = 0, None, [], (None, float("inf"))
     if resume:
-        steps = run.steps()
-        if not steps:
-            raise BadInput(f"run {run_name!r} has no checkpoint to resume from in {run.store.uri}")
-        tensors, state = load_checkpoint(run.store.child(step_dir(steps[-1])))
+        tensors, state = load_checkpoint(run.checkpoint("latest"))
         restore_tensors(tensors, {"G": generator, "D": discriminator}, {"G": opt_g, "D": opt_d})
         start, rng_state = state["step"], tensors["rng.torch"]
         best = (state.get("best_step"), state.get("best_val", float("inf")))
