@@ -2,7 +2,8 @@
 
 STORE/runs/RUN/config.yaml, metrics.jsonl, samples/step-NNNNNN.png and
 checkpoints/step-NNNNNN/{model.safetensors,state.json}. Tensors (both networks, both
-optimizers, the RNG) go in safetensors; everything else in JSON. state.json is written
+optimizers keyed by parameter name, the RNG) go in safetensors; everything else (step,
+the loader's data position, config, metrics, best step) in JSON. state.json is written
 last, so a checkpoint without it is incomplete and ignored. Nothing is ever unpickled.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -17,12 +19,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from cectl.config import JobConfig
 from cectl.errors import BadInput
 from cectl.storage import Store, open_store
 
-FORMAT = "cectl-checkpoint/1"
+FORMAT = "cectl-checkpoint/2"
+FORMATS = ("cectl-checkpoint/1", FORMAT)  # /1 keyed optimizer states by parameter index
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 STEP_DIR = re.compile(r"checkpoints/step-(\d+)/state\.json$")
 KEEP_LAST = 3  # older checkpoints are deleted, except the best one
 
@@ -31,19 +40,23 @@ def step_dir(step: int) -> str:
     return f"checkpoints/step-{step:06d}"
 
 
-def collect_tensors(modules: dict[str, nn.Module | None],
-                    optimizers: dict[str, torch.optim.Optimizer | None]) -> dict[str, torch.Tensor]:
-    """Flat name -> tensor for networks, optimizer states and the torch RNG."""
+Modules = dict[str, nn.Module | None]
+Optimizers = dict[str, torch.optim.Optimizer | None]
+
+
+def collect_tensors(modules: Modules, optimizers: Optimizers) -> dict[str, torch.Tensor]:
+    """Flat name -> tensor for networks, optimizer states (by parameter name) and the RNG."""
     tensors = {}
     for name, module in modules.items():
-        if module is not None:
-            for key, value in module.state_dict().items():
-                tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
-    for name, opt in optimizers.items():
-        if opt is not None:
-            for index, state in opt.state_dict()["state"].items():
-                for key, value in state.items():
-                    tensors[f"optim.{name}.{index}.{key}"] = torch.as_tensor(value).cpu().clone()
+        if module is None:
+            continue
+        for key, value in module.state_dict().items():
+            tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
+        if optimizers.get(name) is not None:
+            state = get_optimizer_state_dict(module, optimizers[name], options=FLAT)
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):  # param_groups come from the config
+                    tensors[f"optim.{name}.{key}"] = value.detach().cpu().clone()
     tensors["rng.torch"] = torch.get_rng_state()
     return tensors
 
@@ -63,24 +76,84 @@ def load_generator(uri: str | Store) -> tuple[nn.Module, DictConfig, dict]:
     return generator.eval(), cfg, state
 
 
-def restore_tensors(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module | None],
-                    optimizers: dict[str, torch.optim.Optimizer | None]) -> None:
+def restore_tensors(tensors: dict[str, torch.Tensor], modules: Modules,
+                    optimizers: Optimizers) -> None:
     """Load networks and optimizer states; the RNG is the caller's to restore, when due."""
     for name, module in modules.items():
-        if module is not None:
-            prefix = f"{name}."
-            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
-                                    if k.startswith(prefix)})
-    for name, opt in optimizers.items():
-        if opt is None:
+        if module is None:
             continue
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        prefix = f"optim.{name}."
-        for key, value in tensors.items():
-            if key.startswith(prefix):
-                index, field = key[len(prefix):].split(".", 1)
-                state.setdefault(int(index), {})[field] = value
-        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+        prefix = f"{name}."
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                if k.startswith(prefix)})
+        if optimizers.get(name) is not None:
+            opt = optimizers[name]
+            # The current flat state supplies the param_groups (hyperparameters come from
+            # the config); the checkpoint supplies every tensor.
+            state = get_optimizer_state_dict(module, opt, options=FLAT)
+            prefix = f"optim.{name}."
+            state.update({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            set_optimizer_state_dict(module, opt, state, options=FLAT)
+
+
+def upgrade_v1(tensors: dict[str, torch.Tensor], modules: Modules) -> dict[str, torch.Tensor]:
+    """Rename a /1 checkpoint's `optim.NAME.INDEX.FIELD` keys to parameter names."""
+    names = {name: [fqn for fqn, _ in module.named_parameters()]
+             for name, module in modules.items() if module is not None}
+    upgraded = {}
+    for key, value in tensors.items():
+        parts = key.split(".", 3)
+        if parts[0] == "optim" and parts[1] in names and parts[2].isdigit():
+            key = f"optim.{parts[1]}.state.{names[parts[1]][int(parts[2])]}.{parts[3]}"
+        upgraded[key] = value
+    return upgraded
+
+
+class DataPosition(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Checkpointer:
+    """Everything a checkpoint holds: when it is saved, how it is restored, the best step.
+
+    Rank 0 writes (DDP keeps the replicas identical); every rank restores.
+    """
+
+    def __init__(self, run: Run, cfg: DictConfig, modules: Modules, optimizers: Optimizers,
+                 loader: DataPosition, rank: int = 0, world: int = 1):
+        self.run, self.cfg, self.rank, self.world = run, cfg, rank, world
+        self.modules, self.optimizers, self.loader = modules, optimizers, loader
+        self.every, self.final = cfg.train.checkpoint_every, cfg.train.steps
+        self.best_step: int | None = None
+        self.best_val = float("inf")
+
+    def should_save(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.final
+
+    def track(self, step: int, val_l2_pct: float) -> None:
+        """Remember the step with the lowest validation error (`best`, never pruned)."""
+        if val_l2_pct < self.best_val:
+            self.best_step, self.best_val = step, val_l2_pct
+
+    def save(self, step: int, metrics: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        state = {"step": step, "world": self.world, "data_position": self.loader.state_dict(),
+                 "config": OmegaConf.to_container(self.cfg), "metrics": metrics,
+                 "best_step": self.best_step, "best_val": self.best_val}
+        self.run.save(step, collect_tensors(self.modules, self.optimizers), state)
+
+    def restore(self) -> int:
+        """Load the latest checkpoint into networks, optimizers, loader and RNG; its step."""
+        tensors, state = load_checkpoint(self.run.checkpoint("latest"))
+        if state["format"] == FORMATS[0]:
+            tensors = upgrade_v1(tensors, self.modules)
+        restore_tensors(tensors, self.modules, self.optimizers)
+        self.loader.load_state_dict(state["data_position"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.best_step, self.best_val = state.get("best_step"), state.get("best_val", self.best_val)
+        return state["step"]
 
 
 class Run:
@@ -111,6 +184,17 @@ class Run:
                 for key in self.store.list(f"{step_dir(step)}/"):
                     self.store.delete(key)
 
+    def summary(self) -> dict:
+        """The run at its latest checkpoint: step reached, workers, resumes, last metrics."""
+        state = read_state(self.checkpoint("latest"))
+        lines = (self.store.read_bytes("metrics.jsonl").decode().splitlines()
+                 if self.store.exists("metrics.jsonl") else [])
+        return {"run": self.name, "step": state["step"],
+                "target_steps": state["config"]["train"]["steps"],
+                "workers": state.get("world", 1),
+                "resumes": sum('"resumed"' in line for line in lines),
+                "metrics": state.get("metrics", {}), "checkpoints": self.store.url("checkpoints")}
+
     def checkpoint(self, which: str = "latest") -> Store:
         """The store of a checkpoint: latest, best or a step number."""
         steps = self.steps()
@@ -136,8 +220,9 @@ def read_state(ckpt: Store) -> dict:
         raise BadInput(f"{ckpt.uri} is not a checkpoint: state.json is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadInput(f"{ckpt.url('state.json')} is corrupt") from None
-    if state.get("format") != FORMAT:
-        raise BadInput(f"{ckpt.uri} is not a cectl checkpoint")
+    if state.get("format") not in FORMATS:
+        raise BadInput(f"{ckpt.uri} is not a checkpoint this cectl reads (format "
+                       f"{state.get('format')!r}; it reads {', '.join(FORMATS)})")
     return state
 
 

@@ -119,6 +119,7 @@ def train_command(
     address: Annotated[str | None, typer.Option(help="Ray cluster (default: RAY_ADDRESS, "
                                                 "else a local instance)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue run --name")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Train a context encoder: in this process (--local) or on Ray workers (--nodes N)."""
     import torch
@@ -150,27 +151,26 @@ def train_command(
     if nodes is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with TrainProgress(err, cfg.train.steps) as progress:
-            summary = train(cfg, run_store.uri, name,
-                            Session(device=device, on_log=progress.update), resume)
+            summary = train(cfg, run_store, name, Session(device=device, on_log=progress.update),
+                            resume)
     else:
         from cectl.distributed import train_on_ray
 
-        summary = train_on_ray(cfg, run_store.uri, name, nodes, gpus_per_node, cpu, address,
+        summary = train_on_ray(cfg, run_store, name, nodes, gpus_per_node, cpu, address,
                                resume, err)
-    print_train_summary(summary, time.perf_counter() - start)
-
-
-def print_train_summary(summary: dict, seconds: float) -> None:
-    metrics = "  ".join(f"{k} {v:.4g}" for k, v in summary["metrics"].items())
-    if "workers" in summary:
-        sync = "identical" if summary["ranks_in_sync"] else "DIFFERENT"
-        out.print(f"run {summary['run']} reached step {summary['steps']} on "
-                  f"{summary['workers']} workers in {seconds:.1f} s "
-                  f"({summary['restarts']} restart(s) from a checkpoint); weights {sync} "
-                  "on every rank")
+    summary["seconds"] = time.perf_counter() - start
+    if as_json:
+        print(json.dumps(summary, indent=2))
     else:
-        out.print(f"trained {summary['trained_steps']} steps (to step {summary['steps']}) in "
-                  f"{seconds:.1f} s, {summary['images_per_s']:.1f} images/s")
+        print_train_summary(summary)
+
+
+def print_train_summary(summary: dict) -> None:
+    metrics = "  ".join(f"{k} {v:.4g}" for k, v in summary["metrics"].items())
+    workers = summary["workers"]
+    out.print(f"run {summary['run']} reached step {summary['step']} on {workers} "
+              f"worker{'s' if workers > 1 else ''} in {summary['seconds']:.1f} s "
+              f"({summary['resumes']} resume(s) from a checkpoint)")
     out.print(f"last metrics: {metrics}")
     out.print(f"checkpoints: {summary['checkpoints']}")
 
@@ -184,37 +184,49 @@ def sweep(
     store: StoreOption = DEFAULT_STORE,
     cpu: Annotated[bool, typer.Option("--cpu", help="trials on CPUs")] = False,
     name: Annotated[str | None, typer.Option(help="sweep name (default: recipe name)")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="also write the best job config here")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
 ) -> None:
-    """Search job settings with Ray Tune (ASHA); writes the best trial's job config."""
+    """Search job settings with Ray Tune (ASHA); stores the best trial's job config."""
     from cectl.sweep import run_sweep, trials_table
 
-    result = run_sweep(args or [], data, store, samples, cpu, name, err)
+    result = run_sweep(args or [], data, store, samples, cpu, name, output, err)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
     out.print(trials_table(result))
     out.print(f"best config: {result['best']}  (cectl train {result['best']} --local)")
 
 
 @app.command()
-def runs(store: StoreOption = DEFAULT_STORE) -> None:
+def runs(store: StoreOption = DEFAULT_STORE,
+         as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
+         ) -> None:
     """List the runs in a store: steps, last metrics, state."""
-    from cectl.checkpoint import Run, list_runs, read_state, step_dir
+    from cectl.checkpoint import Run, list_runs
     from cectl.storage import open_store
 
     run_store = open_store(store)
     run_store.check()
+    summaries = []
+    for name in list_runs(run_store):
+        run = Run(run_store, name)
+        summaries.append(run.summary() if run.steps() else {"run": name, "step": None})
+    if as_json:
+        print(json.dumps(summaries, indent=2))
+        return
     table = Table(title=f"runs in {run_store.uri}")
     for column in ("run", "step", "of", "state", "loss_rec", "val_psnr_db"):
         table.add_column(column)
-    for name in list_runs(run_store):
-        run = Run(run_store, name)
-        steps = run.steps()
-        if not steps:
-            table.add_row(name, "-", "-", "no checkpoint yet", "", "")
+    for summary in summaries:
+        if summary["step"] is None:
+            table.add_row(summary["run"], "-", "-", "no checkpoint yet", "", "")
             continue
-        state = read_state(run.store.child(step_dir(steps[-1])))
-        target = state["config"]["train"]["steps"]
-        metrics = state.get("metrics", {})
-        table.add_row(name, str(state["step"]), str(target),
-                      "finished" if state["step"] >= target else "stopped or running",
+        metrics = summary["metrics"]
+        table.add_row(summary["run"], str(summary["step"]), str(summary["target_steps"]),
+                      "finished" if summary["step"] >= summary["target_steps"]
+                      else "stopped or running",
                       f"{metrics.get('loss_rec', float('nan')):.4f}",
                       f"{metrics.get('val_psnr_db', float('nan')):.2f}")
     out.print(table)
@@ -252,11 +264,12 @@ def eval_command(
     """Score a checkpoint on held-out images: L1 %, L2 %, PSNR dB on the hole."""
     from cectl.evaluate import evaluate_checkpoint, score_table
     from cectl.masks import KINDS
+    from cectl.storage import open_store
 
     if mask is not None and mask not in KINDS:
         raise BadInput(f"--mask {mask!r} is not one of {', '.join(KINDS)}")
     with err.status(f"scoring the {split} split of {data}"):
-        result = evaluate_checkpoint(ckpt, data, split, mask)
+        result = evaluate_checkpoint(open_store(ckpt), data, split, mask)
     if as_json:
         print(json.dumps(result, indent=2))
         return

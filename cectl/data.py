@@ -105,6 +105,17 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
+def stream_start(batches: int, process: int, streams: int) -> tuple[int, int]:
+    """(stream, batches it has given) for a loader process after `batches` batches.
+
+    The loader hands out batches from its processes in turn, so the next one must come
+    from stream `batches % streams`: process 0 plays that stream, process 1 the next.
+    Stream k has given one batch in every `streams` so far.
+    """
+    k = (process + batches) % streams
+    return k, max(0, -(-(batches - k) // streams))
+
+
 class TrainStreams(IterableDataset):
     """Batches from one rank's streams; each loader process plays one stream."""
 
@@ -117,13 +128,8 @@ class TrainStreams(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        process = info.id if info else 0
-        # The loader hands out batches from its processes in turn; after `batches`
-        # batches, the next one must come from stream `batches % n`, so process 0
-        # plays that stream. Stream k has given one batch in every n so far.
-        n = len(self.streams)
-        k = (process + self.batches) % n
-        start = self.batch_size * max(0, -(-(self.batches - k) // n))
+        k, done = stream_start(self.batches, info.id if info else 0, len(self.streams))
+        start = self.batch_size * done
         store = open_store(self.data_uri)
         tag = f"rank{self.rank}/stream{k}"
         images = []
@@ -137,24 +143,39 @@ class TrainStreams(IterableDataset):
 
 
 class TrainLoader:
-    """Iterates batches for one rank, counting them: the count is the data position."""
+    """Batches for one rank. Its state, the number of batches handed out, is the data
+    position a checkpoint saves and restores."""
 
-    def __init__(self, data_uri: str, manifest: dict, cfg, rank: int, world: int,
-                 batches: int = 0):
-        streams = assign_shards(manifest, "train", rank, world, max(1, cfg.data.workers))
-        self.batches = batches
-        dataset = TrainStreams(data_uri, streams, batches, cfg.train.seed, rank,
-                               cfg.data.batch_size, cfg.data.load_size, cfg.data.image_size)
-        processes = len(streams) if cfg.data.workers > 0 else 0
-        self.loader = DataLoader(dataset, batch_size=None, num_workers=processes,
-                                 prefetch_factor=4 if processes else None,
-                                 persistent_workers=False)
-        self._iter = iter(self.loader)
+    def __init__(self, data_uri: str, manifest: dict, cfg, rank: int, world: int):
+        self.data_uri, self.cfg, self.rank = data_uri, cfg, rank
+        self.streams = assign_shards(manifest, "train", rank, world, max(1, cfg.data.workers))
+        self.batches = 0
+        self._iter: Iterator[torch.Tensor] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batches, self._iter = int(state["batches"]), None
+
+    def _start(self) -> Iterator[torch.Tensor]:
+        cfg = self.cfg
+        dataset = TrainStreams(self.data_uri, self.streams, self.batches, cfg.train.seed,
+                               self.rank, cfg.data.batch_size, cfg.data.load_size,
+                               cfg.data.image_size)
+        processes = len(self.streams) if cfg.data.workers > 0 else 0
+        # Its own generator: every random draw of the pipeline is seeded from the data
+        # position, and the global RNG (dropout, a checkpoint's RNG state) stays untouched.
+        return iter(DataLoader(dataset, batch_size=None, num_workers=processes,
+                               prefetch_factor=4 if processes else None,
+                               generator=torch.Generator().manual_seed(cfg.train.seed)))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self
 
     def __next__(self) -> torch.Tensor:
+        if self._iter is None:
+            self._iter = self._start()
         batch = next(self._iter)
         self.batches += 1
         return batch

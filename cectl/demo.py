@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
@@ -102,12 +103,15 @@ def run_demo(out: Path, console: Console, err: Console) -> None:
 
     shutil.rmtree(store / "runs" / "demo", ignore_errors=True)
     cfg = validate_job(load_config(JobConfig, "demo", flags={"data": {"uri": str(shards)}}))
+    run_store = open_store(str(store))
+    started = time.perf_counter()
     with TrainProgress(err, cfg.train.steps) as progress:
-        summary = train(cfg, str(store), "demo", Session(on_log=progress.update))
-    run = Run(open_store(str(store)), "demo")
+        summary = train(cfg, run_store, "demo", Session(on_log=progress.update))
+    seconds = time.perf_counter() - started
+    run = Run(run_store, "demo")
     ckpt = run.checkpoint("latest")
 
-    scores = evaluate_checkpoint(ckpt.uri, str(shards))
+    scores = evaluate_checkpoint(ckpt, str(shards))
     console.print(score_table(scores, f"held-out facades ({scores['images']} images, "
                                       "central hole)"))
 
@@ -118,9 +122,10 @@ def run_demo(out: Path, console: Console, err: Console) -> None:
     plot_curve([(r["step"], r["loss_rec"]) for r in rows if "loss_rec" in r], curve,
                "reconstruction loss (training)")
     grid = sorted(run.store.list("samples/"))[-1]
-    console.print(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s "
-                  f"({summary['images_per_s']:.0f} images/s)")
-    console.print(f"sample grid (input | prediction | truth): {run.store.path(grid)}")
+    images_per_s = summary["step"] * cfg.data.batch_size / seconds
+    console.print(f"trained {summary['step']} steps in {seconds:.0f} s "
+                  f"({images_per_s:.0f} images/s)")
+    console.print(f"sample grid (input | prediction | truth): {run.store.local_path(grid)}")
     console.print(f"inpainted held-out image:  {inpainted} (input: {held_out})")
     console.print(f"loss curve:                {curve}")
     console.print(f"checkpoint:                {ckpt.uri}")

@@ -12,8 +12,6 @@ forward, and rank 0's are the ones a checkpoint holds.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import socket
 import threading
@@ -22,9 +20,9 @@ from urllib.parse import urlparse
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from cectl.checkpoint import Run, read_state
+from cectl.checkpoint import Run
 from cectl.errors import BadInput, Failure
-from cectl.storage import open_store
+from cectl.storage import Store, open_store
 from cectl.train import Session, TrainProgress, train
 
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
@@ -32,7 +30,6 @@ AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
             "AWS_PROFILE")
 MAX_FAILURES = 3
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-SYNC_CHECK = "ddp-check.json"  # per-rank parameter digests at the end of a run
 
 
 def connect(address: str | None) -> None:
@@ -84,7 +81,6 @@ def _worker(config: dict) -> None:
     """One Ray Train worker: the training loop with this worker's rank."""
     import ray.train
     import ray.train.torch
-    import torch.distributed
 
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -102,23 +98,14 @@ def _worker(config: dict) -> None:
         wrap=lambda module: ray.train.torch.prepare_model(module, move_to_device=False),
         on_log=on_log if rank == 0 else None, on_checkpoint=on_checkpoint)
     # A restarted worker group finds the checkpoints of the attempt before it.
-    run = Run(open_store(config["store"]), config["name"])
-    generator, discriminator = train(cfg, config["store"], config["name"], session,
-                                     resume=config["resume"] or bool(run.steps()))["models"]
-    # DDP keeps replicas identical; check it, so the summary can say so.
-    digest = hashlib.sha256()
-    for module in (generator, discriminator):
-        for param in (module.parameters() if module is not None else []):
-            digest.update(param.detach().cpu().numpy().tobytes())
-    digests = [None] * session.world
-    torch.distributed.all_gather_object(digests, digest.hexdigest())
-    if rank == 0:
-        run.store.write_bytes(SYNC_CHECK, json.dumps({"parameter_sha256": digests}).encode())
+    store = open_store(config["store"])
+    resume = config["resume"] or bool(Run(store, config["name"]).steps())
+    train(cfg, store, config["name"], session, resume=resume)
 
 
-def train_on_ray(cfg: DictConfig, store_uri: str, name: str, nodes: int, gpus_per_node: int,
+def train_on_ray(cfg: DictConfig, store: Store, name: str, nodes: int, gpus_per_node: int,
                  cpu: bool, address: str | None, resume: bool, console: Console) -> dict:
-    """Run the job on N x G Ray Train workers; returns a summary for the driver."""
+    """Run the job on N x G Ray Train workers; returns the run's summary."""
     if nodes < 1 or gpus_per_node < 1:
         raise BadInput("--nodes and --gpus-per-node must be at least 1")
     workers = nodes * gpus_per_node
@@ -130,14 +117,14 @@ def train_on_ray(cfg: DictConfig, store_uri: str, name: str, nodes: int, gpus_pe
 
     try:
         check_resources(workers, nodes, cpu)
-        fs, root = open_store(store_uri).arrow_fs()
+        fs, root = store.arrow_fs()
         progress_queue = Queue()
         console.print(f"{workers} {'CPU' if cpu else 'GPU'} workers on {nodes} node(s), "
                       f"effective batch {workers} x {cfg.data.batch_size} = "
                       f"{workers * cfg.data.batch_size}")
         trainer = TorchTrainer(
             _worker,
-            train_loop_config={"cfg": OmegaConf.to_container(cfg), "store": store_uri,
+            train_loop_config={"cfg": OmegaConf.to_container(cfg), "store": store.uri,
                                "name": name, "resume": resume, "progress": progress_queue},
             torch_config=TorchConfig(backend="gloo" if cpu else "nccl"),
             scaling_config=ScalingConfig(
@@ -167,16 +154,6 @@ def train_on_ray(cfg: DictConfig, store_uri: str, name: str, nodes: int, gpus_pe
             finally:
                 done.set()
                 thread.join()
-        run = Run(open_store(store_uri), name)
-        state = read_state(run.checkpoint("latest"))
-        digests = json.loads(run.store.read_bytes(SYNC_CHECK))["parameter_sha256"]
-        return {"run": name, "steps": state["step"], "workers": workers,
-                "metrics": state["metrics"], "checkpoints": run.store.url("checkpoints"),
-                "restarts": _restarts(run), "ranks_in_sync": len(set(digests)) == 1}
+        return Run(store, name).summary()
     finally:
         ray.shutdown()
-
-
-def _restarts(run: Run) -> int:
-    lines = run.store.read_bytes("metrics.jsonl").decode().splitlines()
-    return sum('"resumed"' in line for line in lines)

@@ -16,6 +16,7 @@ from torch import nn
 from cectl.data import load_eval_images, to_float
 from cectl.masks import check_window, derive_seed, draw_holes, fill_holes, output_window
 from cectl.model import complete
+from cectl.storage import Store
 
 EVAL_SEED = 1234  # random masks in evaluation are the same for every checkpoint
 
@@ -58,7 +59,7 @@ def evaluate(generator: nn.Module, cfg: DictConfig, images: torch.Tensor, mask_k
             **{name: summarize(values) for name, values in per_image.items()}}
 
 
-def evaluate_checkpoint(ckpt: str, data_uri: str, split: str = "val",
+def evaluate_checkpoint(ckpt: Store, data_uri: str, split: str = "val",
                         mask: str | None = None) -> dict:
     """Load a checkpoint and score it on a split (mask: the one it trained with by default)."""
     from cectl.checkpoint import load_generator
@@ -66,7 +67,7 @@ def evaluate_checkpoint(ckpt: str, data_uri: str, split: str = "val",
     generator, cfg, state = load_generator(ckpt)
     images, _ = load_eval_images(data_uri, split, cfg.data.image_size)
     result = evaluate(generator, cfg, images, mask or cfg.mask.kind)
-    return {**result, "checkpoint": ckpt, "step": state["step"], "split": split}
+    return {**result, "checkpoint": ckpt.uri, "step": state["step"], "split": split}
 
 
 def score_table(result: dict, title: str) -> Table:

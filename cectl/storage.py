@@ -93,6 +93,10 @@ class Store:
         """A pyarrow filesystem and the root path in it (for Ray Train's storage)."""
         raise NotImplementedError
 
+    def local_path(self, key: str) -> Path | None:
+        """The file behind `key` when the store is on this machine's disk, else None."""
+        return None
+
 
 def _partial_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -108,6 +112,9 @@ class LocalStore(Store):
     def __init__(self, uri: str):
         self.root = Path(os.path.abspath(os.path.expanduser(uri)))
         self.uri = str(self.root)
+
+    def local_path(self, key: str) -> Path:
+        return self.path(key)
 
     def path(self, key: str) -> Path:
         return self.root / key if key else self.root

@@ -79,15 +79,18 @@ def _trial(params: dict, base: dict, store: str, sweep: str) -> None:
         if any(k.startswith("val_") for k in metrics):
             tune.report({"step": step, **metrics})
 
-    run = Run(open_store(store), name)
+    run_store = open_store(store)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train(trial_config(base, params), store, name, Session(device=device, on_log=on_log),
-          resume=bool(run.steps()))
+    train(trial_config(base, params), run_store, name, Session(device=device, on_log=on_log),
+          resume=bool(Run(run_store, name).steps()))
 
 
 def run_sweep(args: list[str], data: str | None, store_uri: str, samples: int | None,
-              cpu: bool, name: str | None, console: Console) -> dict:
-    """Run (or resume) a sweep; returns the sorted trials and the best config's path."""
+              cpu: bool, name: str | None, output: Path | None, console: Console) -> dict:
+    """Run (or resume) a sweep; returns the sorted trials and where the best config went.
+
+    The best trial's job config goes to STORE/sweeps/NAME-best.yaml and, if asked, to
+    `output` too."""
     recipe, own, fixed, searched = split_arguments(args)
     sweep = load_config(SweepConfig, recipe, own, {"samples": samples})
     name = name or (Path(recipe).stem if recipe else "sweep")
@@ -142,12 +145,13 @@ def run_sweep(args: list[str], data: str | None, store_uri: str, samples: int | 
             raise Failure(f"no trial of sweep {name} reported {sweep.metric}: see the Ray logs")
         finished.sort(key=lambda t: t["metric"], reverse=sweep.mode == "max")
         best_cfg = trial_config(base, finished[0]["params"])
-        best_path = Path(f"{name}-best.yaml")
-        best_path.write_text(to_yaml(best_cfg))
         store.write_bytes(f"sweeps/{name}-best.yaml", to_yaml(best_cfg).encode())
+        if output is not None:
+            output.write_text(to_yaml(best_cfg))
         rest = [t for t in trials if t["metric"] is None]
         return {"name": name, "metric": sweep.metric, "trials": finished + rest,
-                "space": list(space), "best": str(best_path)}
+                "space": list(space),
+                "best": str(output) if output else store.url(f"sweeps/{name}-best.yaml")}
     finally:
         ray.shutdown()
 

@@ -1,9 +1,11 @@
 """The training loop: one function for `cectl train --local` and for every Ray worker.
 
-Per step: draw this step's masks, update the discriminator on real and fake windows,
-then the generator on lambda_rec * reconstruction + lambda_adv * adversarial (or the
-reconstruction alone for `loss.mode=rec`). Rank 0 logs, draws sample grids, evaluates
-and writes checkpoints; `--resume` continues exactly where the last checkpoint stopped.
+`train()` is the spine: build the networks and optimizers, the loader, the checkpointer
+(which restores all of them on `--resume`), the logger and the validator, then step. Per
+step: draw this step's masks, update the discriminator on real and fake windows, then the
+generator on lambda_rec * reconstruction + lambda_adv * adversarial (or the
+reconstruction alone for `loss.mode=rec`). Each component says when it acts
+(`should_log`, `should_validate`, `should_save`); rank 0 does the writing.
 """
 
 from __future__ import annotations
@@ -19,20 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from cectl.checkpoint import Run, collect_tensors, load_checkpoint, restore_tensors
+from cectl.checkpoint import Checkpointer, Run
 from cectl.config import to_yaml
 from cectl.data import TrainLoader, load_eval_images, open_manifest, to_float
 from cectl.evaluate import evaluate
 from cectl.losses import adversarial_loss, reconstruction_loss
 from cectl.masks import derive_seed, draw_holes, fill_holes, loss_weights, output_window
 from cectl.model import build_models, complete
-from cectl.storage import LocalStore, open_store
+from cectl.storage import Store
 
 SAMPLE_COLUMNS = 8
 
@@ -92,8 +94,8 @@ def make_optimizer(module: nn.Module, lr: float, beta1: float) -> torch.optim.Ad
 def train_step(generator: nn.Module, discriminator: nn.Module | None,
                opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None,
                images: torch.Tensor, holes: torch.Tensor, cfg: DictConfig,
-               scaler: torch.amp.GradScaler) -> dict[str, float]:
-    """One update of D (real, then fake) and then of G; returns the losses."""
+               scaler: torch.amp.GradScaler) -> dict[str, torch.Tensor]:
+    """One update of D (real, then fake) and then of G; returns the losses, on the device."""
     window = output_window(cfg.data.image_size, cfg.mask.kind)
     target = window.crop(images)
     weights = window.crop(loss_weights(holes, cfg.mask.overlap, cfg.mask.overlap_weight))
@@ -105,18 +107,18 @@ def train_step(generator: nn.Module, discriminator: nn.Module | None,
         # One backward per forward, real then fake: the gradients add up to those of
         # their sum, and DDP (one reduction per forward) can wrap the discriminator.
         opt_d.zero_grad(set_to_none=True)
-        loss_d = 0.0
+        loss_d = []
         for batch, real in ((target, True), (fake.detach(), False)):
             with cast:
                 loss = adversarial_loss(discriminator(batch), real)
             scaler.scale(loss).backward()
-            loss_d += loss.item()
+            loss_d.append(loss.detach())
         scaler.step(opt_d)
         # The generator's adversarial term: the gradients it leaves in D are discarded,
         # so DDP need not average them.
         with getattr(discriminator, "no_sync", contextlib.nullcontext)(), cast:
             loss_adv = adversarial_loss(discriminator(fake), True)
-        losses.update(loss_d=loss_d, loss_adv=loss_adv.item())
+        losses.update(loss_d=loss_d[0] + loss_d[1], loss_adv=loss_adv.detach())
     loss_rec = reconstruction_loss(fake, target, weights)
     loss_g = loss_rec
     if discriminator is not None:
@@ -125,7 +127,7 @@ def train_step(generator: nn.Module, discriminator: nn.Module | None,
     scaler.scale(loss_g).backward()
     scaler.step(opt_g)
     scaler.update()
-    losses["loss_rec"] = loss_rec.item()
+    losses["loss_rec"] = loss_rec.detach()
     return losses
 
 
@@ -138,49 +140,85 @@ def sample_grid(inputs: torch.Tensor, completed: torch.Tensor, truth: torch.Tens
     return buf.getvalue()
 
 
-class _Validator:
-    """A fixed held-out batch: sample grids and the val metrics used for `best`."""
+class Validator:
+    """A fixed held-out batch: sample grids and the val metrics that pick `best` (rank 0)."""
 
-    def __init__(self, cfg: DictConfig, manifest: dict, device: torch.device):
-        split = "val" if "val" in manifest["splits"] else "train"
-        self.cfg, self.device = cfg, device
-        self.images, _ = load_eval_images(cfg.data.uri, split, cfg.data.image_size,
-                                          limit=min(64, max(SAMPLE_COLUMNS, cfg.data.batch_size)))
+    def __init__(self, cfg: DictConfig, manifest: dict, session: Session, run: Run):
+        self.cfg, self.device, self.run = cfg, session.device, run
+        self.active = session.rank == 0
+        self.every, self.final = cfg.train.eval_every, cfg.train.steps
+        if self.active:
+            split = "val" if "val" in manifest["splits"] else "train"
+            self.images, _ = load_eval_images(cfg.data.uri, split, cfg.data.image_size,
+                                              limit=min(64, max(SAMPLE_COLUMNS,
+                                                                cfg.data.batch_size)))
+
+    def should_validate(self, step: int) -> bool:
+        return self.active and (step % self.every == 0 or step == self.final)
 
     @torch.no_grad()
-    def run(self, generator: nn.Module) -> tuple[dict[str, float], bytes]:
+    def run_at(self, step: int, generator: nn.Module) -> dict[str, float]:
+        """Score the held-out batch and store a sample grid; the `val_*` metrics."""
+        cfg = self.cfg
         generator.eval()
         try:
-            result = evaluate(generator, self.cfg, self.images, self.cfg.mask.kind,
-                              device=self.device)
+            result = evaluate(generator, cfg, self.images, cfg.mask.kind, device=self.device)
             truth = to_float(self.images[:SAMPLE_COLUMNS].to(self.device))
-            holes = draw_holes(self.cfg.mask.kind, len(truth), self.cfg.data.image_size,
-                               self.cfg.mask.overlap, derive_seed(self.cfg.train.seed, "grid"))
+            holes = draw_holes(cfg.mask.kind, len(truth), cfg.data.image_size,
+                               cfg.mask.overlap, derive_seed(cfg.train.seed, "grid"))
             holes = holes.to(self.device)
-            window = output_window(self.cfg.data.image_size, self.cfg.mask.kind)
+            window = output_window(cfg.data.image_size, cfg.mask.kind)
             _, completed = complete(generator, truth, holes, window.offset)
             png = sample_grid(fill_holes(truth, holes), completed, truth)
         finally:
             generator.train()
-        metrics = {f"val_{k}": v for k, v in result["model"].items()}
-        return metrics, png
+        self.run.store.write_bytes(f"samples/step-{step:06d}.png", png)
+        return {f"val_{k}": v for k, v in result["model"].items()}
 
 
-class _Logger:
-    """metrics.jsonl on the store and TensorBoard events next to it (rank 0 only)."""
+class MetricsLogger:
+    """metrics.jsonl with TensorBoard events next to it, and the on_log hook (rank 0).
 
-    def __init__(self, run: Run, lines: list[str],
-                 on_log: Callable[[int, dict], None] | None = None):
+    Losses stay on the device between logs: reading them is a host sync, so it happens
+    only at a log step.
+    """
+
+    def __init__(self, run: Run, cfg: DictConfig, session: Session, start: int):
+        self.run, self.on_log = run, session.on_log
+        self.active = session.rank == 0
+        self.every, self.final = cfg.train.log_every, cfg.train.steps
+        self.images_per_step = cfg.data.batch_size * session.world
+        self.window = (start, time.perf_counter())
+        self.lines: list[str] = []
+        if not self.active:
+            return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.run, self.lines, self.on_log = run, lines, on_log
-        if isinstance(run.store, LocalStore):
-            self.tb_dir = run.store.path("tensorboard")
-        else:  # written locally, uploaded with each checkpoint
-            self.tb_dir = Path(tempfile.mkdtemp(prefix="cectl-tb-"))
+        if start and run.store.exists("metrics.jsonl"):  # drop what came after the checkpoint
+            self.lines = [line for line in run.store.read_bytes("metrics.jsonl").decode()
+                          .splitlines() if line and json.loads(line)["step"] <= start]
+        # TensorBoard writes to a folder: the store's own on disk, else a local one
+        # uploaded with each checkpoint.
+        self.tb_local = run.store.local_path("tensorboard")
+        self.tb_dir = self.tb_local or Path(tempfile.mkdtemp(prefix="cectl-tb-"))
         self.writer = SummaryWriter(str(self.tb_dir))
 
+    def should_log(self, step: int) -> bool:
+        return self.active and (step % self.every == 0 or step == self.final)
+
+    def log_losses(self, step: int, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Log this step's losses and the images/s since the last log; returns them."""
+        last_step, last_time = self.window
+        now = time.perf_counter()
+        self.window = (step, now)
+        metrics = {k: float(v) for k, v in losses.items()}
+        metrics["images_per_s"] = (step - last_step) * self.images_per_step / (now - last_time)
+        self.log(step, metrics)
+        return metrics
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.active:
+            return
         self.lines.append(json.dumps({"step": step, **metrics}))
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
@@ -188,23 +226,26 @@ class _Logger:
             self.on_log(step, metrics)
 
     def flush(self) -> None:
+        if not self.active:
+            return
         self.run.store.write_bytes("metrics.jsonl", ("\n".join(self.lines) + "\n").encode())
         self.writer.flush()
-        if not isinstance(self.run.store, LocalStore):
+        if self.tb_local is None:
             for path in self.tb_dir.iterdir():
                 self.run.store.put_file(path, f"tensorboard/{path.name}")
 
     def close(self) -> None:
         self.flush()
-        self.writer.close()
+        if self.active:
+            self.writer.close()
 
 
-def train(cfg: DictConfig, store_uri: str, run_name: str, session: Session | None = None,
-          resume: bool = False) -> dict:
-    """Train `run_name` in `store_uri` up to `cfg.train.steps`; returns a summary."""
+def train(cfg: DictConfig, store: Store, run_name: str, session: Session | None = None,
+          resume: bool = False) -> dict | None:
+    """Train `run_name` in `store` up to `cfg.train.steps`; rank 0 returns the run's summary."""
     session = session or Session()
     device, rank = session.device, session.rank
-    run = Run(open_store(store_uri), run_name)
+    run = Run(store, run_name)
     manifest = open_manifest(cfg.data.uri)
     if cfg.train.precision == "bf16" and device.type == "cpu" and not _cpu_has_bf16():
         warnings.warn("this CPU has no native bf16: bf16 runs emulated, far slower than fp32",
@@ -218,75 +259,41 @@ def train(cfg: DictConfig, store_uri: str, run_name: str, session: Session | Non
     opt_g = make_optimizer(generator, cfg.optim.lr_d * cfg.optim.lr_ratio, cfg.optim.beta1)
     opt_d = (make_optimizer(discriminator, cfg.optim.lr_d, cfg.optim.beta1)
              if discriminator is not None else None)
-
-    start, rng_state, lines, best = 0, None, [], (None, float("inf"))
-    if resume:
-        tensors, state = load_checkpoint(run.checkpoint("latest"))
-        restore_tensors(tensors, {"G": generator, "D": discriminator}, {"G": opt_g, "D": opt_d})
-        start, rng_state = state["step"], tensors["rng.torch"]
-        best = (state.get("best_step"), state.get("best_val", float("inf")))
-        if rank == 0 and run.store.exists("metrics.jsonl"):
-            lines = [line for line in run.store.read_bytes("metrics.jsonl").decode().splitlines()
-                     if line and json.loads(line)["step"] <= start]
-    g_train, d_train = session.wrap(generator), (session.wrap(discriminator)
-                                                 if discriminator is not None else None)
-
-    # Every step consumes one batch on every rank, so the step is the data position.
-    loader = TrainLoader(cfg.data.uri, manifest, cfg, rank, session.world, batches=start)
-    if rng_state is not None:  # after the loader, which draws its worker seeds from it
-        torch.set_rng_state(rng_state)
+    loader = TrainLoader(cfg.data.uri, manifest, cfg, rank, session.world)
+    checkpointer = Checkpointer(run, cfg, {"G": generator, "D": discriminator},
+                                {"G": opt_g, "D": opt_d}, loader, rank, session.world)
+    start = checkpointer.restore() if resume else 0
+    g_train = session.wrap(generator)
+    d_train = session.wrap(discriminator) if discriminator is not None else None
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    logger = validator = None
+
     if rank == 0:
         run.store.write_bytes("config.yaml", to_yaml(cfg).encode())
-        logger = _Logger(run, lines, session.on_log)
-        validator = _Validator(cfg, manifest, device)
-        if resume:
-            logger.log(start, {"resumed": 1})
+    logger = MetricsLogger(run, cfg, session, start)
+    validator = Validator(cfg, manifest, session, run)
+    if resume:
+        logger.log(start, {"resumed": 1})
 
-    batch = cfg.data.batch_size
-    t_start = t_window = time.perf_counter()
-    window_steps, last = 0, {}
+    metrics: dict[str, float] = {}
     for step in range(start + 1, cfg.train.steps + 1):
         images = to_float(next(loader).to(device, non_blocking=True))
         holes = draw_holes(cfg.mask.kind, len(images), cfg.data.image_size,
                            cfg.mask.overlap, derive_seed(cfg.train.seed, "mask", rank, step))
         losses = train_step(g_train, d_train, opt_g, opt_d, images, holes.to(device), cfg, scaler)
-        window_steps += 1
-        final = step == cfg.train.steps
-        if step % cfg.train.log_every == 0 or final:
-            now = time.perf_counter()
-            rate = window_steps * batch * session.world / (now - t_window)
-            t_window, window_steps = now, 0
-            last = {**losses, "images_per_s": rate}
-            if logger:
-                logger.log(step, last)
-        if validator and (step % cfg.train.eval_every == 0 or final):
-            val, png = validator.run(generator)
-            run.store.write_bytes(f"samples/step-{step:06d}.png", png)
+        if logger.should_log(step):
+            metrics = logger.log_losses(step, losses)
+        if validator.should_validate(step):
+            val = validator.run_at(step, generator)
             logger.log(step, val)
-            last.update(val)
-            if val["val_l2_pct"] < best[1]:
-                best = (step, val["val_l2_pct"])
-        if step % cfg.train.checkpoint_every == 0 or final:
-            if rank == 0:  # only rank 0 writes model files; its buffers are the checkpoint's
-                state = {"step": step, "data_position": {"batches": loader.batches},
-                         "config": OmegaConf.to_container(cfg), "metrics": last,
-                         "best_step": best[0], "best_val": best[1]}
-                tensors = collect_tensors({"G": generator, "D": discriminator},
-                                          {"G": opt_g, "D": opt_d})
-                run.save(step, tensors, state)
-                logger.flush()
+            metrics.update(val)
+            checkpointer.track(step, val["val_l2_pct"])
+        if checkpointer.should_save(step):
+            checkpointer.save(step, metrics)
+            logger.flush()
             if session.on_checkpoint:
-                session.on_checkpoint(step, last)
-    if logger:
-        logger.close()
-    seconds = time.perf_counter() - t_start
-    done = cfg.train.steps - start
-    return {"run": run_name, "steps": cfg.train.steps, "trained_steps": done,
-            "seconds": seconds, "images_per_s": done * batch * session.world / max(seconds, 1e-9),
-            "metrics": last, "checkpoints": run.store.url("checkpoints"),
-            "models": (generator, discriminator)}
+                session.on_checkpoint(step, metrics)
+    logger.close()
+    return run.summary() if rank == 0 else None
 
 
 def _cpu_has_bf16() -> bool:

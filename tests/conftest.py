@@ -76,8 +76,9 @@ def tiny_checkpoint(facade_shards, tmp_path_factory) -> str:
     """A few steps of a tiny joint-loss center model; the path of its checkpoint folder."""
     from helpers import tiny_job
 
+    from cectl.storage import open_store
     from cectl.train import train
 
     store = tmp_path_factory.mktemp("store")
-    train(tiny_job(facade_shards, "train.steps=4"), str(store), "tiny")
+    train(tiny_job(facade_shards, "train.steps=4"), open_store(str(store)), "tiny")
     return str(store / "runs" / "tiny" / "checkpoints" / "step-000004")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import json
 import signal
 import subprocess
 import sys
@@ -11,7 +11,6 @@ import time
 import yaml
 from helpers import TINY, cectl
 
-TRIAL_ROW = re.compile(r"^│ \w+_\d{5} ")
 SWEEP = """\
 job: demo
 metric: val_l2_pct
@@ -31,21 +30,24 @@ def sweep_args(tmp_path, facade_shards) -> list[str]:
             "--data", facade_shards, "--store", tmp_path / "store", "--cpu"]
 
 
-def test_a_sweep_of_four_trials_writes_a_best_config_that_trains(tmp_path, facade_shards,
+def test_a_sweep_of_four_trials_stores_a_best_config_that_trains(tmp_path, facade_shards,
                                                                  monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = cectl(*sweep_args(tmp_path, facade_shards), timeout=600)
+    result = cectl(*sweep_args(tmp_path, facade_shards), "--json", timeout=600)
     assert result.returncode == 0, result.stderr
-    assert "trials by val_l2_pct" in result.stdout
-    rows = [line for line in result.stdout.splitlines() if TRIAL_ROW.match(line)]
-    assert len(rows) == 4
-    best = tmp_path / "tiny-sweep-best.yaml"
+    report = json.loads(result.stdout)
+    assert len(report["trials"]) == 4 and report["metric"] == "val_l2_pct"
+    metrics = [t["metric"] for t in report["trials"] if t["metric"] is not None]
+    assert metrics == sorted(metrics)
+    best = tmp_path / "store" / "sweeps" / "tiny-sweep-best.yaml"
+    assert report["best"] == str(best) and not list(tmp_path.glob("*-best.yaml"))
     cfg = yaml.safe_load(best.read_text())
     assert cfg["loss"]["lambda_rec"] == 1 - cfg["loss"]["lambda_adv"]
     assert 1 <= cfg["optim"]["lr_ratio"] <= 30 and cfg["data"]["uri"] == facade_shards
-    trained = cectl("train", best, "--local", "--store", tmp_path / "store", "--name", "best")
+    trained = cectl("train", best, "--local", "--store", tmp_path / "store", "--name", "best",
+                    "--json")
     assert trained.returncode == 0, trained.stderr
-    assert "trained 6 steps" in trained.stdout
+    assert json.loads(trained.stdout)["step"] == 6
 
 
 def test_an_interrupted_sweep_resumes_with_the_same_command(tmp_path, facade_shards,
@@ -62,11 +64,11 @@ def test_an_interrupted_sweep_resumes_with_the_same_command(tmp_path, facade_sha
     assert first.poll() is None, "the sweep ended before it could be interrupted"
     first.send_signal(signal.SIGINT)  # Ctrl-C, once the first trial is training
     first.communicate(timeout=120)
-    assert not (tmp_path / "tiny-sweep-best.yaml").exists()
+    best = tmp_path / "store" / "sweeps" / "tiny-sweep-best.yaml"
+    assert not best.exists()
 
-    again = cectl(*args, timeout=600)
+    again = cectl(*args, "--output", tmp_path / "best.yaml", "--json", timeout=600)
     assert again.returncode == 0, again.stderr
     assert "resuming sweep tiny-sweep" in again.stderr
-    rows = [line for line in again.stdout.splitlines() if TRIAL_ROW.match(line)]
-    assert len(rows) == 4
-    assert (tmp_path / "tiny-sweep-best.yaml").exists()
+    assert len(json.loads(again.stdout)["trials"]) == 4
+    assert best.exists() and (tmp_path / "best.yaml").read_text() == best.read_text()

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import tiny_job
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from cectl.checkpoint import Run, collect_tensors, load_checkpoint, restore_tensors
-from cectl.data import TrainLoader, assign_shards, open_manifest
+from cectl.checkpoint import (
+    FORMATS,
+    Checkpointer,
+    Run,
+    collect_tensors,
+    load_checkpoint,
+    restore_tensors,
+)
+from cectl.data import TrainLoader, assign_shards, open_manifest, stream_start
 from cectl.model import build_models
 from cectl.storage import open_store
 from cectl.train import train
@@ -23,9 +32,9 @@ def metrics(store: Path, run: str) -> list[dict]:
 
 def test_a_short_run_lowers_the_reconstruction_loss(facade_shards, tmp_path):
     cfg = tiny_job(facade_shards, "train.steps=60", "loss.mode=rec")
-    summary = train(cfg, str(tmp_path), "learn")
+    summary = train(cfg, open_store(str(tmp_path)), "learn")
     rec = [m["loss_rec"] for m in metrics(tmp_path, "learn") if "loss_rec" in m]
-    assert len(rec) == 60 and summary["trained_steps"] == 60
+    assert len(rec) == 60 and summary["step"] == 60 and summary["workers"] == 1
     assert sum(rec[-10:]) / 10 < 0.6 * sum(rec[:5]) / 5
     run = tmp_path / "runs" / "learn"
     assert (run / "config.yaml").is_file()
@@ -35,7 +44,7 @@ def test_a_short_run_lowers_the_reconstruction_loss(facade_shards, tmp_path):
 
 def test_checkpoint_round_trip_restores_networks_and_optimizers(facade_shards, tmp_path):
     cfg = tiny_job(facade_shards, "train.steps=2", "train.checkpoint_every=2")
-    train(cfg, str(tmp_path), "rt")
+    train(cfg, open_store(str(tmp_path)), "rt")
     tensors, state = load_checkpoint(str(tmp_path / "runs/rt/checkpoints/step-000002"))
     assert state["step"] == 2 and state["config"]["model"]["width"] == 8
     for prefix in ("G.", "D.", "optim.G.", "optim.D.", "rng."):
@@ -54,9 +63,10 @@ def test_checkpoint_round_trip_restores_networks_and_optimizers(facade_shards, t
 def test_resume_gives_the_same_weights_as_a_straight_run(facade_shards, tmp_path):
     # Two loader processes, so the resumed loader must also restart the right stream.
     common = ["data.workers=2", "train.checkpoint_every=3", "train.eval_every=3"]
-    train(tiny_job(facade_shards, "train.steps=6", *common), str(tmp_path), "straight")
-    train(tiny_job(facade_shards, "train.steps=3", *common), str(tmp_path), "split")
-    train(tiny_job(facade_shards, "train.steps=6", *common), str(tmp_path), "split", resume=True)
+    store = open_store(str(tmp_path))
+    train(tiny_job(facade_shards, "train.steps=6", *common), store, "straight")
+    train(tiny_job(facade_shards, "train.steps=3", *common), store, "split")
+    train(tiny_job(facade_shards, "train.steps=6", *common), store, "split", resume=True)
 
     straight, _ = load_checkpoint(str(tmp_path / "runs/straight/checkpoints/step-000006"))
     resumed, state = load_checkpoint(str(tmp_path / "runs/split/checkpoints/step-000006"))
@@ -84,7 +94,8 @@ def test_loader_resumes_mid_epoch_with_the_same_batches(facade_shards):
     straight = TrainLoader(facade_shards, manifest, cfg, 0, 1)
     batches = [next(straight) for _ in range(12)]  # past one epoch of ~80 samples
     later = [next(straight) for _ in range(3)]
-    resumed = TrainLoader(facade_shards, manifest, cfg, 0, 1, batches=12)
+    resumed = TrainLoader(facade_shards, manifest, cfg, 0, 1)
+    resumed.load_state_dict(straight.state_dict() | {"batches": 12})
     assert all(torch.equal(a, next(resumed)) for a in later)
     assert not torch.equal(batches[0], batches[1])
 
@@ -95,3 +106,82 @@ def test_pruning_keeps_the_last_checkpoints_and_the_best(tmp_path):
         run.save(step, {"x": torch.zeros(1)}, {"step": step, "best_step": 2})
     assert run.steps() == [2, 4, 5, 6]
     assert run.checkpoint("best").uri.endswith("step-000002")
+
+
+@pytest.mark.parametrize("streams", [1, 2, 3])
+@pytest.mark.parametrize("batches", [0, 1, 2, 5, 7])
+def test_stream_start_continues_the_round_robin(batches, streams):
+    # The straight loader: batch i came from stream i % streams.
+    given = [sum(1 for i in range(batches) if i % streams == k) for k in range(streams)]
+    nxt = [stream_start(batches, process, streams) for process in range(streams)]
+    assert [k for k, _ in nxt] == [(batches + p) % streams for p in range(streams)]
+    assert all(done == given[k] for k, done in nxt)
+
+
+def test_a_version_1_checkpoint_restores_the_same_optimizer_state(facade_shards, tmp_path):
+    cfg = tiny_job(facade_shards, "train.steps=2")
+    train(cfg, open_store(str(tmp_path)), "v1")
+    tensors, _ = load_checkpoint(str(tmp_path / "runs/v1/checkpoints/step-000002"))
+    generator, discriminator = build_models(cfg)
+    modules = {"G": generator, "D": discriminator}
+    # The /1 layout: optimizer states keyed by the parameter's index.
+    index = {name: {fqn: i for i, (fqn, _) in enumerate(m.named_parameters())}
+             for name, m in modules.items()}
+    old = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, name, _, rest = key.split(".", 3)
+            fqn, field = rest.rsplit(".", 1)
+            key = f"optim.{name}.{index[name][fqn]}.{field}"
+        old[key] = value
+    folder = tmp_path / "runs/v1/checkpoints/step-000002"
+    save_file(old, folder / "model.safetensors")
+    state = json.loads((folder / "state.json").read_text())
+    (folder / "state.json").write_text(json.dumps({**state, "format": FORMATS[0]}))
+
+    run = Run(open_store(str(tmp_path)), "v1")
+    optimizers = {name: torch.optim.Adam(m.parameters(), fused=True) for name, m in modules.items()}
+    loader = TrainLoader(facade_shards, open_manifest(facade_shards), cfg, 0, 1)
+    assert Checkpointer(run, cfg, modules, optimizers, loader).restore() == 2
+    again = collect_tensors(modules, optimizers)
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            assert torch.equal(again[key], value), key
+    assert loader.state_dict() == {"batches": 2}
+
+
+def _ddp_rank(rank: int, world: int, port: int, shards: str, store: str, out: str) -> None:
+    import os
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from cectl.train import Session
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    kept = []
+
+    def wrap(module):
+        kept.append(module)
+        return DistributedDataParallel(module)
+
+    train(tiny_job(shards, "train.steps=3"), open_store(store), "ddp",
+          Session(rank=rank, world=world, wrap=wrap))
+    digest = hashlib.sha256()
+    for module in kept:
+        for param in module.parameters():
+            digest.update(param.detach().numpy().tobytes())
+    Path(out, f"rank{rank}").write_text(digest.hexdigest())
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_end_with_identical_weights(facade_shards, tmp_path):
+    from helpers import free_port
+
+    torch.multiprocessing.spawn(_ddp_rank, args=(2, free_port(), facade_shards,
+                                                 str(tmp_path / "store"), str(tmp_path)),
+                                nprocs=2)
+    digests = {(tmp_path / f"rank{r}").read_text() for r in range(2)}
+    assert len(digests) == 1
+    summary = Run(open_store(str(tmp_path / "store")), "ddp").summary()
+    assert summary["step"] == 3 and summary["workers"] == 2

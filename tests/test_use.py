@@ -19,18 +19,21 @@ from cectl.masks import MEAN_FILL, fill_holes
 def test_train_runs_pull_eval_through_the_cli(facade_shards, tmp_path):
     store = tmp_path / "store"
     args = ["train", "jobs/demo.yaml", *TINY, "train.steps=3", "--local", "--data",
-            facade_shards, "--store", store, "--name", "cli"]
+            facade_shards, "--store", store, "--name", "cli", "--json"]
     result = cectl(*args)
     assert result.returncode == 0, result.stderr
-    assert "trained 3 steps" in result.stdout
+    summary = json.loads(result.stdout)
+    assert summary["step"] == 3 and summary["workers"] == 1 and summary["resumes"] == 0
     again = cectl(*args)
     assert again.returncode == 2 and "already exists" in again.stderr
-    more = cectl("train", "train.steps=5", "--store", store, "--name", "cli", "--resume")
+    more = cectl("train", "train.steps=5", "--store", store, "--name", "cli", "--resume",
+                 "--json")
     assert more.returncode == 0, more.stderr
-    assert "resuming from step 3" in more.stderr and "trained 2 steps" in more.stdout
+    summary = json.loads(more.stdout)
+    assert summary["step"] == 5 and summary["resumes"] == 1
 
-    listing = cectl("runs", "--store", store)
-    assert "cli" in listing.stdout and "finished" in listing.stdout
+    listing = json.loads(cectl("runs", "--store", store, "--json").stdout)
+    assert [(r["run"], r["step"], r["target_steps"]) for r in listing] == [("cli", 5, 5)]
 
     pulled = cectl("pull", "cli", "--store", store, "--dest", tmp_path / "pulled")
     assert pulled.returncode == 0, pulled.stderr
