@@ -126,7 +126,7 @@ def train_command(
 
     from cectl.checkpoint import Run
     from cectl.storage import open_store
-    from cectl.train import Session, TrainProgress, train
+    from cectl.train import TrainProgress, train
 
     run_store = open_store(store)
     run_store.check(create=True)
@@ -149,10 +149,12 @@ def train_command(
               f"batch {cfg.data.batch_size} per worker, {cfg.train.steps} steps")
     start = time.perf_counter()
     if nodes is None:
+        from cectl.distributed import local_session
+
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        with TrainProgress(err, cfg.train.steps) as progress:
-            summary = train(cfg, run_store, name, Session(device=device, on_log=progress.update),
-                            resume)
+        with (TrainProgress(err, cfg.train.steps) as progress,
+              local_session(cfg, device, progress.update) as session):
+            summary = train(cfg, run_store, name, session, resume)
     else:
         from cectl.distributed import train_on_ray
 

@@ -22,6 +22,7 @@ ARCHS = ("dcgan128", "alexnet227")
 MASK_KINDS = ("center", "random-block", "random-region")
 LOSS_MODES = ("joint", "rec")
 PRECISIONS = ("fp32", "bf16", "fp16")
+GRAD_REDUCE = ("fp32", "bf16")
 
 
 @dataclass
@@ -82,6 +83,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16
+    grad_reduce: str = "fp32"  # fp32 | bf16: how DDP all-reduces gradients (bf16: NCCL)
 
 
 @dataclass
@@ -143,7 +145,8 @@ def load_config(
 def validate_job(cfg: DictConfig) -> DictConfig:
     """Raise BadInput for settings that cannot train; returns cfg."""
     for key, allowed in (("model.arch", ARCHS), ("mask.kind", MASK_KINDS),
-                         ("loss.mode", LOSS_MODES), ("train.precision", PRECISIONS)):
+                         ("loss.mode", LOSS_MODES), ("train.precision", PRECISIONS),
+                         ("train.grad_reduce", GRAD_REDUCE)):
         if OmegaConf.select(cfg, key) not in allowed:
             raise BadInput(f"{key}={OmegaConf.select(cfg, key)} is not one of {', '.join(allowed)}")
     for key in ("train.steps", "train.checkpoint_every", "train.eval_every", "train.log_every",

@@ -12,13 +12,17 @@ forward, and rank 0's are the ones a checkpoint holds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
+from collections.abc import Callable, Iterator
 from urllib.parse import urlparse
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from torch import nn
 
 from cectl.checkpoint import Run
 from cectl.errors import BadInput, Failure
@@ -77,6 +81,45 @@ def check_resources(workers: int, nodes: int, cpu: bool) -> None:
                        f"{workers // nodes}), but the cluster has {have} {kind}s{hint}")
 
 
+def ddp_wrapper(device: torch.device, grad_reduce: str) -> Callable[[nn.Module], nn.Module]:
+    """DDP for a network already on `device`; `grad_reduce=bf16` halves the all-reduce
+    traffic (gradients sent as bf16, averaged, then cast back: NCCL only)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    def wrap(module: nn.Module) -> nn.Module:
+        ddp = DistributedDataParallel(module,
+                                      device_ids=[device] if device.type == "cuda" else None)
+        if grad_reduce == "bf16":
+            ddp.register_comm_hook(None, bf16_compress_hook)
+        return ddp
+
+    return wrap
+
+
+@contextlib.contextmanager
+def local_session(cfg: DictConfig, device: torch.device,
+                  on_log: Callable[[int, dict], None]) -> Iterator[Session]:
+    """`--local`: on a GPU, a world of one through the same NCCL DDP as Ray workers (so
+    one GPU exercises the multi-GPU path); on a CPU, the plain networks."""
+    if device.type != "cuda":
+        yield Session(device=device, on_log=on_log)
+        return
+    import torch.distributed as dist
+
+    with socket.socket() as s:  # a free port for the one-process rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=device)
+    try:
+        yield Session(device=device, wrap=ddp_wrapper(device, cfg.train.grad_reduce),
+                      on_log=on_log)
+    finally:
+        dist.destroy_process_group()
+
+
 def _worker(config: dict) -> None:
     """One Ray Train worker: the training loop with this worker's rank."""
     import ray.train
@@ -93,9 +136,10 @@ def _worker(config: dict) -> None:
     def on_checkpoint(step: int, metrics: dict) -> None:
         ray.train.report({"step": step, **metrics})
 
+    device = ray.train.torch.get_device()
     session = Session(
-        rank=rank, world=context.get_world_size(), device=ray.train.torch.get_device(),
-        wrap=lambda module: ray.train.torch.prepare_model(module, move_to_device=False),
+        rank=rank, world=context.get_world_size(), device=device,
+        wrap=ddp_wrapper(device, cfg.train.grad_reduce),
         on_log=on_log if rank == 0 else None, on_checkpoint=on_checkpoint)
     # A restarted worker group finds the checkpoints of the attempt before it.
     store = open_store(config["store"])

@@ -259,7 +259,8 @@ def train(cfg: DictConfig, store: Store, run_name: str, session: Session | None 
     opt_g = make_optimizer(generator, cfg.optim.lr_d * cfg.optim.lr_ratio, cfg.optim.beta1)
     opt_d = (make_optimizer(discriminator, cfg.optim.lr_d, cfg.optim.beta1)
              if discriminator is not None else None)
-    loader = TrainLoader(cfg.data.uri, manifest, cfg, rank, session.world)
+    loader = TrainLoader(cfg.data.uri, manifest, cfg, rank, session.world,
+                         pin_memory=device.type == "cuda")
     checkpointer = Checkpointer(run, cfg, {"G": generator, "D": discriminator},
                                 {"G": opt_g, "D": opt_d}, loader, rank, session.world)
     start = checkpointer.restore() if resume else 0

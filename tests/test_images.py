@@ -80,3 +80,36 @@ def test_bad_bytes_are_skipped_with_a_reason(data, reason):
     with pytest.raises(Skip) as info:
         decode(data)
     assert info.value.reason == reason
+
+
+@pytest.mark.parametrize("size", [(467, 350), (1200, 900), (700, 1300), (351, 350)])
+@pytest.mark.parametrize("draft_to", [0, 350, 128])
+def test_the_loader_decodes_shard_jpegs_to_the_same_pixels_as_pillow(size, draft_to):
+    from cectl.data import sample_pixels
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    img = Image.fromarray(noise).resize(size, Image.Resampling.BICUBIC)
+    jpeg = encoded(img, "JPEG", quality=90)
+    pillow = np.asarray(decode(jpeg, draft_to=draft_to).image)
+    loader = sample_pixels({"jpg": jpeg}, draft_to=draft_to)
+    assert loader.shape == pillow.shape and np.array_equal(loader, pillow)
+
+
+@pytest.mark.parametrize("size", [(467, 350), (300, 227), (900, 700)])
+def test_training_crops_are_those_of_a_plain_pillow_pipeline(size):
+    import random
+
+    from cectl.data import train_sample
+    from cectl.images import resize_shorter
+
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    jpeg = encoded(Image.fromarray(noise).resize(size, Image.Resampling.BICUBIC), "JPEG")
+    for seed in range(5):
+        img = resize_shorter(decode(jpeg, draft_to=350).image, 350, upscale=True)
+        pick = random.Random(seed)
+        x, y = pick.randint(0, img.size[0] - 128), pick.randint(0, img.size[1] - 128)
+        expected = np.asarray(img.crop((x, y, x + 128, y + 128)))
+        got = train_sample({"jpg": jpeg}, 350, 128, random.Random(seed))
+        assert np.array_equal(got, expected)

@@ -1,0 +1,91 @@
+"""Loader throughput per process: cectl's decode path against Pillow's, same shards, same run.
+
+Inputs: the shared Paris StreetView images re-saved as 500x375 JPEGs under several names,
+sharded by `cectl shard` at 350 px (so every stored JPEG is 467x350, as Paris StreetView
+or ImageNet shards are). Each contender runs the whole per-process pipeline in this
+process (`data.workers=0`): tar parsing, shuffling, decode, resize to `data.load_size`,
+random 128 px crop, batching. The baseline is the per-sample path the loader had before
+(Pillow decode with `draft`, Pillow resize and crop); cectl's is `cectl.data.train_sample`
+(simplejpeg decode, crop as an array slice). Rounds alternate so both see the same load.
+
+    .venv/bin/python bench/loader.py [--copies 8] [--batches 40] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+from PIL import Image
+from rich.console import Console
+
+from cectl import data
+from cectl.config import JobConfig, ShardConfig, load_config
+from cectl.data import TrainLoader, open_manifest
+from cectl.images import decode, resize_shorter
+from cectl.shard import run_shard
+
+PARIS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "paris-streetview-eval"
+BATCH = 64
+
+
+def make_shards(root: Path, copies: int) -> str:
+    images = root / "images"
+    images.mkdir()
+    for source in sorted(PARIS.glob("*.png")):
+        big = Image.open(source).convert("RGB").resize((500, 375), Image.Resampling.BICUBIC)
+        for copy in range(copies):
+            big.save(images / f"{copy}-{source.stem}.jpg", quality=90)
+    run_shard(str(images), str(root / "shards"),
+              load_config(ShardConfig, flags={"shard_size": 100, "workers": 2}),
+              Console(quiet=True))
+    return str(root / "shards")
+
+
+def pillow_sample(sample: dict, load_size: int, image_size: int,
+                  rng: random.Random) -> np.ndarray:
+    img = decode(sample.get("jpg") or sample["png"], draft_to=load_size).image
+    img = resize_shorter(img, max(load_size, image_size), upscale=True)
+    x = rng.randint(0, img.size[0] - image_size)
+    y = rng.randint(0, img.size[1] - image_size)
+    return np.asarray(img.crop((x, y, x + image_size, y + image_size)))
+
+
+def rate(shards: str, batches: int) -> float:
+    cfg = OmegaConf.merge(load_config(JobConfig),
+                          {"data": {"uri": shards, "workers": 0, "batch_size": BATCH}})
+    loader = TrainLoader(shards, open_manifest(shards), cfg, 0, 1)
+    next(loader)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    return BATCH * batches / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copies", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    shards = make_shards(Path(tempfile.mkdtemp(prefix="cectl-bench-loader-")), args.copies)
+    cectl_sample = data.train_sample
+    results: dict[str, list[float]] = {"Pillow (baseline)": [], "cectl (simplejpeg)": []}
+    for _ in range(args.rounds):
+        for name, fn in zip(results, (pillow_sample, cectl_sample), strict=True):
+            data.train_sample = fn  # the only difference between the contenders
+            results[name].append(rate(shards, args.batches))
+    data.train_sample = cectl_sample
+    base = max(results["Pillow (baseline)"])
+    for name, rates in results.items():
+        print(f"{name:20s} best {max(rates):7.0f} images/s  all "
+              f"{', '.join(f'{r:.0f}' for r in rates)}  ratio {max(rates) / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
