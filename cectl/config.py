@@ -23,6 +23,7 @@ MASK_KINDS = ("center", "random-block", "random-region")
 LOSS_MODES = ("joint", "rec")
 PRECISIONS = ("fp32", "bf16", "fp16")
 GRAD_REDUCE = ("fp32", "bf16")
+DECODERS = ("auto", "cpu", "gpu")
 
 
 @dataclass
@@ -73,6 +74,7 @@ class DataConfig:
     load_size: int = 350  # loadSize: shorter side before the random crop
     batch_size: int = 64  # per worker
     workers: int = 2  # loader processes per training worker
+    decode: str = "auto"  # cpu | gpu (nvJPEG; needs cectl[gpu]) | auto: gpu when available
 
 
 @dataclass
@@ -146,7 +148,7 @@ def validate_job(cfg: DictConfig) -> DictConfig:
     """Raise BadInput for settings that cannot train; returns cfg."""
     for key, allowed in (("model.arch", ARCHS), ("mask.kind", MASK_KINDS),
                          ("loss.mode", LOSS_MODES), ("train.precision", PRECISIONS),
-                         ("train.grad_reduce", GRAD_REDUCE)):
+                         ("train.grad_reduce", GRAD_REDUCE), ("data.decode", DECODERS)):
         if OmegaConf.select(cfg, key) not in allowed:
             raise BadInput(f"{key}={OmegaConf.select(cfg, key)} is not one of {', '.join(allowed)}")
     for key in ("train.steps", "train.checkpoint_every", "train.eval_every", "train.log_every",

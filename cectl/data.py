@@ -11,8 +11,11 @@ and repeats nothing. Random crops are seeded per sample from that same position.
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import random
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import simplejpeg
@@ -74,26 +77,62 @@ def stream_samples(store: Store, shards: list[dict], seed: int, tag: str,
             offset = 0
 
 
-def sample_pixels(sample: dict, draft_to: int = 0) -> np.ndarray:
-    """A sample's picture as HWC uint8 RGB; a JPEG whose shorter side exceeds `draft_to` is
-    decoded at the smallest 1/2, 1/4 or 1/8 scale that still covers it (Pillow's `draft`).
+class Crop(NamedTuple):
+    """Where a training crop comes from: the JPEG decoded at 1/`reduce` scale, scaled to
+    `height` x `width` (shorter side loadSize), then cut at (`x`, `y`)."""
+
+    reduce: int
+    height: int
+    width: int
+    x: int
+    y: int
+
+
+def plan_crop(sample: dict, load_size: int, image_size: int, rng: random.Random) -> Crop:
+    """The crop of a sample from its header alone: no pixel is decoded."""
+    side = max(load_size, image_size)
+    if "jpg" in sample:
+        height, width = _jpeg_size(sample)
+    elif "png" in sample:
+        width, height = Image.open(io.BytesIO(sample["png"])).size
+    else:
+        raise BadInput(f"sample {sample.get('__key__')} has no .jpg or .png")
+    reduce = 1
+    if "jpg" in sample and min(width, height) > load_size:
+        # Pillow's `draft` rule: the smallest 1/2, 1/4 or 1/8 scale that still covers it.
+        scale = load_size / min(width, height)
+        fits = min(width // round(width * scale), height // round(height * scale))
+        reduce = next(k for k in (8, 4, 2, 1) if fits >= k)
+        height, width = -(-height // reduce), -(-width // reduce)
+    if min(width, height) != side:  # `resize_shorter`'s arithmetic
+        scale = side / min(width, height)
+        height, width = max(side, round(height * scale)), max(side, round(width * scale))
+    x = rng.randint(0, width - image_size)
+    y = rng.randint(0, height - image_size)
+    return Crop(reduce, height, width, x, y)
+
+
+def _jpeg_size(sample: dict) -> tuple[int, int]:
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(sample["jpg"])
+    except ValueError as e:
+        raise BadInput(f"sample {sample.get('__key__')} in {sample.get('__url__')} is not a "
+                       f"readable JPEG ({e}): run `cectl verify`") from None
+    return height, width
+
+
+def sample_pixels(sample: dict, reduce: int = 1) -> np.ndarray:
+    """A sample's picture as HWC uint8 RGB (a JPEG at 1/`reduce` scale).
 
     Shard JPEGs are RGB and upright (`cectl shard` makes them so), so they skip Pillow's
     general path: simplejpeg runs the same libjpeg-turbo decoder, same pixels, faster.
     """
     if "png" in sample:
         return np.asarray(decode(sample["png"]).image)
-    if "jpg" not in sample:
-        raise BadInput(f"sample {sample.get('__key__')} has no .jpg or .png")
-    data = sample["jpg"]
+    height, width = _jpeg_size(sample)
     try:
-        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-        reduce = 1
-        if draft_to and min(width, height) > draft_to:
-            scale = draft_to / min(width, height)
-            fits = min(width // round(width * scale), height // round(height * scale))
-            reduce = next(k for k in (8, 4, 2, 1) if fits >= k)
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // reduce),
+        return simplejpeg.decode_jpeg(sample["jpg"], colorspace="RGB",
+                                      min_height=-(-height // reduce),
                                       min_width=-(-width // reduce))
     except ValueError as e:
         raise BadInput(f"sample {sample.get('__key__')} in {sample.get('__url__')} is not a "
@@ -107,15 +146,10 @@ def scale_shorter(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(resize_shorter(Image.fromarray(pixels), size, upscale=True))
 
 
-def train_sample(sample: dict, load_size: int, image_size: int,
-                 rng: random.Random) -> np.ndarray:
-    """Decode, loadSize, then a random fineSize crop, as the reference code does."""
-    pixels = scale_shorter(sample_pixels(sample, draft_to=load_size),
-                           max(load_size, image_size))
-    height, width = pixels.shape[:2]
-    x = rng.randint(0, width - image_size)
-    y = rng.randint(0, height - image_size)
-    return pixels[y : y + image_size, x : x + image_size]
+def cut(pixels: np.ndarray, crop: Crop, image_size: int) -> np.ndarray:
+    if pixels.shape[:2] != (crop.height, crop.width):
+        pixels = scale_shorter(pixels, min(crop.height, crop.width))
+    return pixels[crop.y : crop.y + image_size, crop.x : crop.x + image_size]
 
 
 def eval_crop(pixels: np.ndarray, image_size: int) -> np.ndarray:
@@ -123,6 +157,52 @@ def eval_crop(pixels: np.ndarray, image_size: int) -> np.ndarray:
     pixels = scale_shorter(pixels, image_size)
     y, x = (pixels.shape[0] - image_size) // 2, (pixels.shape[1] - image_size) // 2
     return pixels[y : y + image_size, x : x + image_size]
+
+
+def train_sample(sample: dict, load_size: int, image_size: int,
+                 rng: random.Random) -> np.ndarray:
+    """Decode, loadSize, then a random fineSize crop, as the reference code does."""
+    crop = plan_crop(sample, load_size, image_size, rng)
+    return cut(sample_pixels(sample, crop.reduce), crop, image_size)
+
+
+class EncodedBatch(NamedTuple):
+    """A batch as the loader processes leave it for a GPU decoder: bytes and crops."""
+
+    data: list[torch.Tensor]  # encoded JPEG/PNG, uint8
+    jpeg: list[bool]
+    crops: list[Crop]
+
+
+def encoded_sample(sample: dict, load_size: int, image_size: int,
+                   rng: random.Random) -> tuple[torch.Tensor, bool, Crop]:
+    """The sample's bytes and its crop: tar parsing and a header read, no pixel work."""
+    crop = plan_crop(sample, load_size, image_size, rng)
+    data = sample["jpg"] if "jpg" in sample else sample["png"]
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), "jpg" in sample, crop
+
+
+def decode_batch(batch: EncodedBatch, image_size: int, device: torch.device) -> torch.Tensor:
+    """NCHW uint8 crops on `device`: JPEGs through nvJPEG on a GPU (then a bicubic,
+    antialiased resize on the GPU), else through the loader's own CPU path."""
+    if device.type != "cuda":
+        crops = [cut(sample_pixels({"jpg" if jpeg else "png": data.numpy().tobytes()},
+                                   crop.reduce), crop, image_size)
+                 for data, jpeg, crop in zip(*batch, strict=True)]
+        return to_batch(crops).to(device)
+    from torchvision.io import ImageReadMode, decode_jpeg, decode_png
+
+    jpegs = [data for data, jpeg in zip(batch.data, batch.jpeg, strict=True) if jpeg]
+    decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
+    out = []
+    for data, jpeg, crop in zip(*batch, strict=True):
+        img = next(decoded) if jpeg else decode_png(data, ImageReadMode.RGB).to(device)
+        if img.shape[1:] != (crop.height, crop.width):
+            img = torch.nn.functional.interpolate(
+                img[None].float(), size=(crop.height, crop.width), mode="bicubic",
+                antialias=True)[0].round_().clamp_(0, 255).byte()
+        out.append(img[:, crop.y : crop.y + image_size, crop.x : crop.x + image_size])
+    return torch.stack(out)
 
 
 def to_batch(arrays: list[np.ndarray]) -> torch.Tensor:
@@ -150,37 +230,54 @@ class TrainStreams(IterableDataset):
     """Batches from one rank's streams; each loader process plays one stream."""
 
     def __init__(self, data_uri: str, streams: list[list[dict]], batches: int,
-                 seed: int, rank: int, batch_size: int, load_size: int, image_size: int):
+                 seed: int, rank: int, batch_size: int, load_size: int, image_size: int,
+                 encoded: bool):
         super().__init__()
         self.data_uri, self.streams, self.batches = data_uri, streams, batches
         self.seed, self.rank, self.batch_size = seed, rank, batch_size
-        self.load_size, self.image_size = load_size, image_size
+        self.load_size, self.image_size, self.encoded = load_size, image_size, encoded
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[torch.Tensor | EncodedBatch]:
         info = get_worker_info()
         k, done = stream_start(self.batches, info.id if info else 0, len(self.streams))
         start = self.batch_size * done
         store = open_store(self.data_uri)
         tag = f"rank{self.rank}/stream{k}"
-        images = []
+        prepare = encoded_sample if self.encoded else train_sample
+        items = []
         for position, sample in stream_samples(store, self.streams[k], self.seed, tag, start):
             rng = random.Random(derive_seed(self.seed, tag, "crop", position))
-            images.append(train_sample(sample, self.load_size, self.image_size, rng))
-            if len(images) == self.batch_size:
-                yield to_batch(images)
-                images = []
+            items.append(prepare(sample, self.load_size, self.image_size, rng))
+            if len(items) == self.batch_size:
+                yield EncodedBatch(*map(list, zip(*items, strict=True))) if self.encoded \
+                    else to_batch(items)
+                items = []
+
+
+def gpu_decoding(mode: str, device: torch.device) -> bool:
+    """`data.decode` for this device: whether batches are decoded on the GPU."""
+    available = device.type == "cuda" and importlib.util.find_spec("torchvision") is not None
+    if mode == "gpu" and not available:
+        raise BadInput("data.decode=gpu needs a CUDA GPU and torchvision "
+                       "(pip install 'cectl[gpu]'); use data.decode=cpu or auto")
+    return mode == "gpu" or (mode == "auto" and available)
 
 
 class TrainLoader:
-    """Batches for one rank. Its state, the number of batches handed out, is the data
-    position a checkpoint saves and restores."""
+    """Batches for one rank, as uint8 NCHW on `device`. Its state, the number of batches
+    handed out, is the data position a checkpoint saves and restores.
+
+    With `encoded`, loader processes only parse tars and read headers; the pixels are
+    decoded here, on the device (`decode_batch`).
+    """
 
     def __init__(self, data_uri: str, manifest: dict, cfg, rank: int, world: int,
-                 pin_memory: bool = False):
-        self.data_uri, self.cfg, self.rank, self.pin_memory = data_uri, cfg, rank, pin_memory
+                 device: torch.device | None = None, encoded: bool = False):
+        self.data_uri, self.cfg, self.rank, self.encoded = data_uri, cfg, rank, encoded
+        self.device = device or torch.device("cpu")
         self.streams = assign_shards(manifest, "train", rank, world, max(1, cfg.data.workers))
         self.batches = 0
-        self._iter: Iterator[torch.Tensor] | None = None
+        self._iter: Iterator[torch.Tensor | EncodedBatch] | None = None
 
     def state_dict(self) -> dict[str, int]:
         return {"batches": self.batches}
@@ -188,17 +285,18 @@ class TrainLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.batches, self._iter = int(state["batches"]), None
 
-    def _start(self) -> Iterator[torch.Tensor]:
+    def _start(self) -> Iterator[torch.Tensor | EncodedBatch]:
         cfg = self.cfg
         dataset = TrainStreams(self.data_uri, self.streams, self.batches, cfg.train.seed,
                                self.rank, cfg.data.batch_size, cfg.data.load_size,
-                               cfg.data.image_size)
+                               cfg.data.image_size, self.encoded)
         processes = len(self.streams) if cfg.data.workers > 0 else 0
         # Its own generator: every random draw of the pipeline is seeded from the data
         # position, and the global RNG (dropout, a checkpoint's RNG state) stays untouched.
+        # Pinned pages let the copy to a GPU run without blocking this process.
         return iter(DataLoader(dataset, batch_size=None, num_workers=processes,
                                prefetch_factor=4 if processes else None,
-                               pin_memory=self.pin_memory,  # for non-blocking copies to a GPU
+                               pin_memory=self.device.type == "cuda" and not self.encoded,
                                generator=torch.Generator().manual_seed(cfg.train.seed)))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -209,7 +307,9 @@ class TrainLoader:
             self._iter = self._start()
         batch = next(self._iter)
         self.batches += 1
-        return batch
+        if self.encoded:
+            return decode_batch(batch, self.cfg.data.image_size, self.device)
+        return batch.to(self.device, non_blocking=True)
 
 
 def load_eval_images(data_uri: str, split: str, image_size: int,

@@ -29,7 +29,7 @@ from torch import nn
 
 from cectl.checkpoint import Checkpointer, Run
 from cectl.config import to_yaml
-from cectl.data import TrainLoader, load_eval_images, open_manifest, to_float
+from cectl.data import TrainLoader, gpu_decoding, load_eval_images, open_manifest, to_float
 from cectl.evaluate import evaluate
 from cectl.losses import adversarial_loss, reconstruction_loss
 from cectl.masks import derive_seed, draw_holes, fill_holes, loss_weights, output_window
@@ -259,8 +259,8 @@ def train(cfg: DictConfig, store: Store, run_name: str, session: Session | None 
     opt_g = make_optimizer(generator, cfg.optim.lr_d * cfg.optim.lr_ratio, cfg.optim.beta1)
     opt_d = (make_optimizer(discriminator, cfg.optim.lr_d, cfg.optim.beta1)
              if discriminator is not None else None)
-    loader = TrainLoader(cfg.data.uri, manifest, cfg, rank, session.world,
-                         pin_memory=device.type == "cuda")
+    loader = TrainLoader(cfg.data.uri, manifest, cfg, rank, session.world, device,
+                         encoded=gpu_decoding(cfg.data.decode, device))
     checkpointer = Checkpointer(run, cfg, {"G": generator, "D": discriminator},
                                 {"G": opt_g, "D": opt_d}, loader, rank, session.world)
     start = checkpointer.restore() if resume else 0
@@ -277,7 +277,7 @@ def train(cfg: DictConfig, store: Store, run_name: str, session: Session | None 
 
     metrics: dict[str, float] = {}
     for step in range(start + 1, cfg.train.steps + 1):
-        images = to_float(next(loader).to(device, non_blocking=True))
+        images = to_float(next(loader))
         holes = draw_holes(cfg.mask.kind, len(images), cfg.data.image_size,
                            cfg.mask.overlap, derive_seed(cfg.train.seed, "mask", rank, step))
         losses = train_step(g_train, d_train, opt_g, opt_d, images, holes.to(device), cfg, scaler)

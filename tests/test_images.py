@@ -83,16 +83,19 @@ def test_bad_bytes_are_skipped_with_a_reason(data, reason):
 
 
 @pytest.mark.parametrize("size", [(467, 350), (1200, 900), (700, 1300), (351, 350)])
-@pytest.mark.parametrize("draft_to", [0, 350, 128])
-def test_the_loader_decodes_shard_jpegs_to_the_same_pixels_as_pillow(size, draft_to):
-    from cectl.data import sample_pixels
+@pytest.mark.parametrize("load_size", [350, 128])
+def test_the_loader_decodes_shard_jpegs_to_the_same_pixels_as_pillow(size, load_size):
+    import random
+
+    from cectl.data import plan_crop, sample_pixels
 
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
     img = Image.fromarray(noise).resize(size, Image.Resampling.BICUBIC)
-    jpeg = encoded(img, "JPEG", quality=90)
-    pillow = np.asarray(decode(jpeg, draft_to=draft_to).image)
-    loader = sample_pixels({"jpg": jpeg}, draft_to=draft_to)
+    sample = {"jpg": encoded(img, "JPEG", quality=90)}
+    pillow = np.asarray(decode(sample["jpg"], draft_to=load_size).image)
+    crop = plan_crop(sample, load_size, 64, random.Random(0))
+    loader = sample_pixels(sample, crop.reduce)
     assert loader.shape == pillow.shape and np.array_equal(loader, pillow)
 
 

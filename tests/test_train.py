@@ -185,3 +185,41 @@ def test_ddp_ranks_end_with_identical_weights(facade_shards, tmp_path):
     assert len(digests) == 1
     summary = Run(open_store(str(tmp_path / "store")), "ddp").summary()
     assert summary["step"] == 3 and summary["workers"] == 2
+
+
+def test_the_encoded_loader_path_gives_the_same_batches_and_resumes(facade_shards):
+    # What GPU decoding gets: bytes and crop plans from the loader processes; decoded
+    # here by the CPU fallback, which must give the CPU path's batches exactly.
+    cfg = tiny_job(facade_shards, "data.workers=2")
+    manifest = open_manifest(facade_shards)
+    pixels = TrainLoader(facade_shards, manifest, cfg, 0, 1)
+    encoded = TrainLoader(facade_shards, manifest, cfg, 0, 1, encoded=True)
+    for _ in range(12):  # past one epoch
+        assert torch.equal(next(pixels), next(encoded))
+    later = [next(encoded) for _ in range(3)]
+    resumed = TrainLoader(facade_shards, manifest, cfg, 0, 1, encoded=True)
+    resumed.load_state_dict({"batches": 12})
+    assert all(torch.equal(a, next(resumed)) for a in later)
+
+
+def test_losses_are_the_same_whether_read_every_step_or_not(facade_shards, tmp_path):
+    store = open_store(str(tmp_path))
+    for name, every in (("each", 1), ("third", 3)):
+        train(tiny_job(facade_shards, "train.steps=6", f"train.log_every={every}"), store, name)
+    each = {m["step"]: m for m in metrics(tmp_path, "each") if "loss_rec" in m}
+    third = [m for m in metrics(tmp_path, "third") if "loss_rec" in m]
+    assert [m["step"] for m in third] == [3, 6]
+    for m in third:
+        for key in ("loss_rec", "loss_d", "loss_adv"):
+            assert m[key] == each[m["step"]][key], key
+
+
+def test_gpu_decoding_without_a_gpu_is_a_usage_error(facade_shards, tmp_path):
+    from helpers import TINY, cectl
+
+    result = cectl("train", *TINY, "data.decode=gpu", "--local", "--data", facade_shards,
+                   "--store", tmp_path)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data.decode=gpu needs a CUDA GPU and torchvision")
+    assert "Traceback" not in result.stderr
