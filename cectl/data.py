@@ -12,6 +12,7 @@ and repeats nothing. Random crops are seeded per sample from that same position.
 from __future__ import annotations
 
 import random
+import tarfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -20,8 +21,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cectl.errors import BadInput
-from cectl.images import decode, resize_shorter
+from cectl.errors import BadInput, CectlError
+from cectl.images import Skip, decode, resize_shorter
 from cectl.masks import derive_seed
 from cectl.shard import read_manifest
 from cectl.storage import Store, open_store
@@ -44,9 +45,16 @@ def assign_shards(manifest: dict, split: str, rank: int, world: int, streams: in
 
 def read_samples(store: Store, name: str) -> list[dict]:
     """All samples of one shard, raw bytes by extension."""
-    with store.open(name) as f:
-        files = ({**member, "__url__": name} for member in wds.tariterators.tar_file_iterator(f))
-        return list(wds.tariterators.group_by_keys(files))
+    try:
+        with store.open(name) as f:
+            files = ({**member, "__url__": name}
+                     for member in wds.tariterators.tar_file_iterator(f))
+            return list(wds.tariterators.group_by_keys(files))
+    except FileNotFoundError:
+        raise BadInput(f"shard {store.url(name)} is missing: run `cectl verify`") from None
+    except (tarfile.TarError, ValueError) as e:
+        raise BadInput(f"shard {store.url(name)} is not a readable tar ({e}): run "
+                       "`cectl verify`") from None
 
 
 def stream_samples(store: Store, shards: list[dict], seed: int, tag: str,
@@ -74,10 +82,14 @@ def stream_samples(store: Store, shards: list[dict], seed: int, tag: str,
 
 
 def sample_image(sample: dict, draft_to: int = 0) -> Image.Image:
+    where = f"sample {sample.get('__key__')} of shard {sample.get('__url__')}"
     data = sample.get("jpg") or sample.get("png")
     if data is None:
-        raise BadInput(f"sample {sample.get('__key__')} has no .jpg or .png")
-    return decode(data, draft_to=draft_to).image
+        raise BadInput(f"{where} has no .jpg or .png")
+    try:
+        return decode(data, draft_to=draft_to).image
+    except Skip as e:
+        raise BadInput(f"{where} is not a usable image ({e}): run `cectl verify`") from None
 
 
 def train_crop(img: Image.Image, load_size: int, image_size: int, rng: random.Random) -> np.ndarray:
@@ -115,7 +127,15 @@ class TrainStreams(IterableDataset):
         self.seed, self.rank, self.batch_size = seed, rank, batch_size
         self.load_size, self.image_size = load_size, image_size
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[torch.Tensor | CectlError]:
+        try:
+            yield from self._batches()
+        except CectlError as e:
+            # Passed on as a value: raised in a loader process, it would reach the user
+            # wrapped in that process's traceback.
+            yield e
+
+    def _batches(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
         process = info.id if info else 0
         # The loader hands out batches from its processes in turn; after `batches`
@@ -156,6 +176,8 @@ class TrainLoader:
 
     def __next__(self) -> torch.Tensor:
         batch = next(self._iter)
+        if isinstance(batch, CectlError):
+            raise batch
         self.batches += 1
         return batch
 

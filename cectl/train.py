@@ -203,6 +203,17 @@ def train(cfg: DictConfig, store_uri: str, run_name: str, session: Session | Non
           resume: bool = False) -> dict:
     """Train `run_name` in `store_uri` up to `cfg.train.steps`; returns a summary."""
     session = session or Session()
+    # Rank 0 holds the run while it trains: a second `cectl train` of it is refused.
+    claim = Run(open_store(store_uri), run_name).claim(resume) if session.rank == 0 else None
+    try:
+        return _train(cfg, store_uri, run_name, session, resume)
+    finally:
+        if claim:
+            claim.release()
+
+
+def _train(cfg: DictConfig, store_uri: str, run_name: str, session: Session,
+           resume: bool) -> dict:
     device, rank = session.device, session.rank
     run = Run(open_store(store_uri), run_name)
     manifest = open_manifest(cfg.data.uri)
