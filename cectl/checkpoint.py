@@ -1,9 +1,11 @@
 """Checkpoints and runs on storage.
 
 STORE/runs/RUN/config.yaml, metrics.jsonl, samples/step-NNNNNN.png and
-checkpoints/step-NNNNNN/{model.safetensors,state.json}. Tensors (both networks, both
-optimizers, the RNG) go in safetensors; everything else in JSON. state.json is written
-last, so a checkpoint without it is incomplete and ignored. Nothing is ever unpickled.
+checkpoints/step-NNNNNN/{model.safetensors,state.json}; claim.json while a process trains
+the run (created atomically, so a second training of it is refused). Tensors (both
+networks, both optimizers, the RNG) go in safetensors; everything else in JSON. state.json
+is written last, so a checkpoint without it is incomplete and ignored. Nothing is ever
+unpickled, and state.json is checked as data (its config like any loaded config).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cectl.config import JobConfig, ShardConfig, load_config, validate_job
@@ -80,7 +81,7 @@ def verify(dst: Annotated[str, typer.Argument(help="shard location with a manife
     bad = run_verify(dst, err)
     if bad:
         for name, problems in bad.items():
-            err.print(f"[red]bad shard[/] {name}: {'; '.join(problems)}")
+            err.print(f"[red]bad shard[/] {escape(name)}: {escape('; '.join(problems))}")
         raise CectlError(f"{len(bad)} shard(s) failed verification in {dst}")
     out.print(f"all shards in {dst} verified")
 
@@ -350,8 +351,6 @@ def main() -> None:
 def _print_error(message: str) -> None:
     """The one way errors reach the user: credentials in URLs masked, user text kept
     literal (a run name such as `[/x]` is not rich markup)."""
-    from rich.markup import escape
-
     from cectl.storage import mask_userinfo
 
     err.print(f"[red]error:[/] {escape(mask_userinfo(message))}", highlight=False,

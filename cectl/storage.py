@@ -4,6 +4,8 @@ Keys are '/'-separated paths below the store's root. Every write is atomic: a pa
 file or object is never visible under its final name (local files are renamed into
 place; S3 objects only appear once their single PUT or multipart upload completes).
 S3 settings come from the standard AWS chain (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
+Names are checked here: a key never leaves its store's root ('..', absolute keys), a run
+name is one safe path segment, and credentials in URLs are masked in messages.
 """
 
 from __future__ import annotations
