@@ -64,7 +64,6 @@ class SweepMode(StrEnum):
     max = "max"
 
 
-LAYOUTS = tuple(Layout)
 MASK_KINDS = tuple(MaskKind)
 
 
