@@ -107,7 +107,8 @@ class Run:
         self.store = store.child(f"runs/{name}")
 
     def exists(self) -> bool:
-        return bool(self.store.list())
+        """Whether the run holds anything but a claim."""
+        return any(key != CLAIM for key in self.store.list())
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints, ascending."""
@@ -141,7 +142,9 @@ class Run:
                 continue  # released meanwhile
             if holder.get("token") == record["token"]:
                 return Claim(self, record)  # our create got through; its reply did not
-            if not resume or _alive(holder):
+            # Without `resume`, only a dead holder's claim on an empty run (it died before
+            # writing anything) is taken over: there is nothing to continue.
+            if _alive(holder) or (not resume and self.exists()):
                 raise BadInput(
                     f"run {self.name!r} in {self.store.uri} is being trained by process "
                     f"{holder.get('pid')} on {holder.get('host')}: pick another --name, or "

@@ -251,15 +251,20 @@ def test_of_many_simultaneous_claims_exactly_one_wins(where, tmp_path, request):
 def test_a_dead_process_claim_is_taken_over_only_with_resume(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
+    claim = json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout),
+                        "token": "old", "heartbeat": time.time()}).encode()
+    empty = Run(open_store(str(tmp_path)), "died-at-start")
+    empty.store.write_bytes(CLAIM, claim)
+    empty.claim(resume=False).release()  # nothing to continue, nothing to protect
+
     run = Run(open_store(str(tmp_path)), "crashed")
-    run.store.write_bytes(CLAIM, json.dumps({
-        "host": socket.gethostname(), "pid": int(dead.stdout), "token": "old",
-        "heartbeat": time.time()}).encode())
+    run.store.write_bytes("config.yaml", b"{}")
+    run.store.write_bytes(CLAIM, claim)
     with pytest.raises(BadInput, match="--resume"):
         run.claim(resume=False)
-    claim = run.claim(resume=True)
-    assert json.loads(run.store.read_bytes(CLAIM))["token"] == claim.record["token"]
-    claim.release()
+    taken = run.claim(resume=True)
+    assert json.loads(run.store.read_bytes(CLAIM))["token"] == taken.record["token"]
+    taken.release()
 
 
 def test_a_live_claim_from_another_machine_holds_until_its_heartbeat_stops(tmp_path):
