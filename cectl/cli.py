@@ -11,9 +11,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from cectl.config import LAYOUTS, JobConfig, ShardConfig, load_config, validate_job
+from cectl.config import JobConfig, ShardConfig, load_config, validate_job
 from cectl.errors import BadInput, CectlError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -67,13 +68,6 @@ def shard(
         layout=layout, resize=resize, quality=quality, shard_size=shard_size,
         val_fraction=val_fraction, min_size=min_size, workers=workers, seed=seed,
     ), recipe_folder="shards")
-    if cfg.layout not in LAYOUTS:
-        raise BadInput(f"--layout {cfg.layout!r} is not one of {', '.join(LAYOUTS)}")
-    for name in ("shard_size", "workers", "quality"):
-        if cfg[name] < 1:
-            raise BadInput(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.resize < 0 or not 0 <= cfg.val_fraction < 1:
-        raise BadInput("--resize must be >= 0 and --val-fraction in [0, 1)")
     manifest = run_shard(src, dst, cfg, err)
     manifest["dst"] = dst
     print_shard_summary(manifest)
@@ -87,22 +81,26 @@ def verify(dst: Annotated[str, typer.Argument(help="shard location with a manife
     bad = run_verify(dst, err)
     if bad:
         for name, problems in bad.items():
-            err.print(f"[red]bad shard[/] {name}: {'; '.join(problems)}")
+            err.print(f"[red]bad shard[/] {escape(name)}: {escape('; '.join(problems))}")
         raise CectlError(f"{len(bad)} shard(s) failed verification in {dst}")
     out.print(f"all shards in {dst} verified")
 
 
-def job_config(args: list[str], data: str | None, stored: str | None = None):
-    """The job config from a recipe (or a run's stored YAML) and KEY=VALUE arguments.
-
-    Returns (config, recipe name or None)."""
+def job_config(args: list[str], data: str | None, run=None):
+    """The job config from a recipe (or, to resume, `run`'s stored YAML) and KEY=VALUE
+    arguments. Returns (config, recipe name or None)."""
     jobs = [a for a in args if "=" not in a]
-    if len(jobs) > 1 or (jobs and stored is not None):
+    if len(jobs) > 1 or (jobs and run is not None):
         raise BadInput(f"unexpected arguments {', '.join(jobs)}: give one JOB.yaml (none "
                        "with --resume) and KEY=VALUE overrides")
     job = jobs[0] if jobs else None
     flags = {"data": {"uri": data}} if data else None
-    cfg = load_config(JobConfig, job, [a for a in args if "=" in a], flags, recipe_text=stored)
+    stored = source = None
+    if run is not None:
+        stored = run.store.read_bytes("config.yaml").decode(errors="replace")
+        source = run.store.url("config.yaml")
+    cfg = load_config(JobConfig, job, [a for a in args if "=" in a], flags, stored=stored,
+                      source=source or "")
     return validate_job(cfg), job
 
 
@@ -136,7 +134,7 @@ def train_command(
         run = Run(run_store, name)
         if not run.store.exists("config.yaml"):
             raise BadInput(f"no run {name!r} in {run_store.uri} to resume")
-        cfg, _ = job_config(args or [], data, stored=run.store.read_bytes("config.yaml").decode())
+        cfg, _ = job_config(args or [], data, run)
     else:
         cfg, job = job_config(args or [], data)
         name = name or f"{Path(job).stem if job else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -353,7 +351,7 @@ def main() -> None:
     try:
         app()
     except CectlError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        _print_error(str(e))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted: run the same command again to resume")
@@ -361,6 +359,14 @@ def main() -> None:
     except Exception as e:  # never a bare traceback, unless asked for
         if os.environ.get("CECTL_DEBUG"):
             raise
-        err.print(f"[red]error:[/] unexpected {type(e).__name__}: {e} "
-                  "(set CECTL_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+        _print_error(f"unexpected {type(e).__name__}: {e} (set CECTL_DEBUG=1 for the traceback)")
         sys.exit(1)
+
+
+def _print_error(message: str) -> None:
+    """The one way errors reach the user: credentials in URLs masked, user text kept
+    literal (a run name such as `[/x]` is not rich markup)."""
+    from cectl.storage import mask_userinfo
+
+    err.print(f"[red]error:[/] {escape(mask_userinfo(message))}", highlight=False,
+              soft_wrap=True)

@@ -12,8 +12,8 @@ and repeats nothing. Random crops are seeded per sample from that same position.
 from __future__ import annotations
 
 import importlib.util
-import io
 import random
+import tarfile
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -24,8 +24,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cectl.errors import BadInput
-from cectl.images import decode, resize_shorter
+from cectl.errors import BadInput, CectlError
+from cectl.images import Skip, decode, resize_shorter
 from cectl.masks import derive_seed
 from cectl.shard import read_manifest
 from cectl.storage import Store, open_store
@@ -48,9 +48,16 @@ def assign_shards(manifest: dict, split: str, rank: int, world: int, streams: in
 
 def read_samples(store: Store, name: str) -> list[dict]:
     """All samples of one shard, raw bytes by extension."""
-    with store.open(name) as f:
-        files = ({**member, "__url__": name} for member in wds.tariterators.tar_file_iterator(f))
-        return list(wds.tariterators.group_by_keys(files))
+    try:
+        with store.open(name) as f:
+            files = ({**member, "__url__": name}
+                     for member in wds.tariterators.tar_file_iterator(f))
+            return list(wds.tariterators.group_by_keys(files))
+    except FileNotFoundError:
+        raise BadInput(f"shard {store.url(name)} is missing: run `cectl verify`") from None
+    except (tarfile.TarError, ValueError) as e:
+        raise BadInput(f"shard {store.url(name)} is not a readable tar ({e}): run "
+                       "`cectl verify`") from None
 
 
 def stream_samples(store: Store, shards: list[dict], seed: int, tag: str,
@@ -94,9 +101,9 @@ def plan_crop(sample: dict, load_size: int, image_size: int, rng: random.Random)
     if "jpg" in sample:
         height, width = _jpeg_size(sample)
     elif "png" in sample:
-        width, height = Image.open(io.BytesIO(sample["png"])).size
+        width, height = _png_pixels(sample).shape[1::-1]
     else:
-        raise BadInput(f"sample {sample.get('__key__')} has no .jpg or .png")
+        raise BadInput(f"{_where(sample)} has no .jpg or .png")
     reduce = 1
     if "jpg" in sample and min(width, height) > load_size:
         # Pillow's `draft` rule: the smallest 1/2, 1/4 or 1/8 scale that still covers it.
@@ -112,13 +119,25 @@ def plan_crop(sample: dict, load_size: int, image_size: int, rng: random.Random)
     return Crop(reduce, height, width, x, y)
 
 
+def _where(sample: dict) -> str:
+    return f"sample {sample.get('__key__')} of shard {sample.get('__url__')}"
+
+
 def _jpeg_size(sample: dict) -> tuple[int, int]:
     try:
         height, width, _, _ = simplejpeg.decode_jpeg_header(sample["jpg"])
     except ValueError as e:
-        raise BadInput(f"sample {sample.get('__key__')} in {sample.get('__url__')} is not a "
-                       f"readable JPEG ({e}): run `cectl verify`") from None
+        raise BadInput(f"{_where(sample)} is not a readable JPEG ({e}): run `cectl verify`"
+                       ) from None
     return height, width
+
+
+def _png_pixels(sample: dict) -> np.ndarray:
+    try:
+        return np.asarray(decode(sample["png"]).image)
+    except Skip as e:
+        raise BadInput(f"{_where(sample)} is not a usable image ({e}): run `cectl verify`"
+                       ) from None
 
 
 def sample_pixels(sample: dict, reduce: int = 1) -> np.ndarray:
@@ -128,15 +147,15 @@ def sample_pixels(sample: dict, reduce: int = 1) -> np.ndarray:
     general path: simplejpeg runs the same libjpeg-turbo decoder, same pixels, faster.
     """
     if "png" in sample:
-        return np.asarray(decode(sample["png"]).image)
+        return _png_pixels(sample)
     height, width = _jpeg_size(sample)
     try:
         return simplejpeg.decode_jpeg(sample["jpg"], colorspace="RGB",
                                       min_height=-(-height // reduce),
                                       min_width=-(-width // reduce))
     except ValueError as e:
-        raise BadInput(f"sample {sample.get('__key__')} in {sample.get('__url__')} is not a "
-                       f"readable JPEG ({e}): run `cectl verify`") from None
+        raise BadInput(f"{_where(sample)} is not a readable JPEG ({e}): run `cectl verify`"
+                       ) from None
 
 
 def scale_shorter(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -237,7 +256,15 @@ class TrainStreams(IterableDataset):
         self.seed, self.rank, self.batch_size = seed, rank, batch_size
         self.load_size, self.image_size, self.encoded = load_size, image_size, encoded
 
-    def __iter__(self) -> Iterator[torch.Tensor | EncodedBatch]:
+    def __iter__(self) -> Iterator[torch.Tensor | EncodedBatch | CectlError]:
+        try:
+            yield from self._batches()
+        except CectlError as e:
+            # Passed on as a value: raised in a loader process, it would reach the user
+            # wrapped in that process's traceback.
+            yield e
+
+    def _batches(self) -> Iterator[torch.Tensor | EncodedBatch]:
         info = get_worker_info()
         k, done = stream_start(self.batches, info.id if info else 0, len(self.streams))
         start = self.batch_size * done
@@ -306,6 +333,8 @@ class TrainLoader:
         if self._iter is None:
             self._iter = self._start()
         batch = next(self._iter)
+        if isinstance(batch, CectlError):
+            raise batch
         self.batches += 1
         if self.encoded:
             return decode_batch(batch, self.cfg.data.image_size, self.device)

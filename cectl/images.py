@@ -13,9 +13,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Anything bigger is refused before its pixels are decoded (a 30000x30000 header would
-# otherwise ask for 2.7 GB).
+# otherwise ask for 2.7 GB). Checked here, not through Pillow's process-wide
+# Image.MAX_IMAGE_PIXELS, which belongs to whoever imports cectl.
 MAX_PIXELS = 100_000_000
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 LOSSLESS_FORMATS = {"PNG", "BMP", "TIFF", "PPM", "GIF"}
 EXIF_ORIENTATION = 0x0112
 
@@ -39,22 +39,9 @@ class Decoded(NamedTuple):
 
 def decode(data: bytes, min_size: int = 1, draft_to: int = 0) -> Decoded:
     """Decode bytes into an upright RGB image, or raise Skip with the reason."""
-    if not data:
-        raise Skip("empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise Skip("not-an-image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise Skip("too-large") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise Skip("corrupt", str(e)) from None
+    img = open_image(data)
     width, height = img.size
     fmt, mode = img.format or "", img.mode
-    if width * height > MAX_PIXELS:
-        raise Skip("too-large", f"{width}x{height}")
     if min(width, height) < min_size:
         raise Skip("too-small", f"{width}x{height}")
     if draft_to and img.format == "JPEG" and min(width, height) > draft_to:
@@ -70,6 +57,27 @@ def decode(data: bytes, min_size: int = 1, draft_to: int = 0) -> Decoded:
         raise Skip("corrupt", str(e) or type(e).__name__) from None
 
 
+def open_image(data: bytes) -> Image.Image:
+    """The image's header, its pixels not yet decoded; Skip if it is no image or over
+    MAX_PIXELS."""
+    if not data:
+        raise Skip("empty")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns from 89 MP on and refuses from 179 MP; MAX_PIXELS decides here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise Skip("not-an-image") from None
+    except Image.DecompressionBombError:
+        raise Skip("too-large") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise Skip("corrupt", str(e)) from None
+    if img.width * img.height > MAX_PIXELS:
+        raise Skip("too-large", f"{img.width}x{img.height}")
+    return img
+
+
 def _orientation(img: Image.Image) -> int:
     try:
         return int(img.getexif().get(EXIF_ORIENTATION, 1))
@@ -82,13 +90,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I"):
-        depth = np.asarray(img).astype(np.int64)
-        img = Image.fromarray((np.clip(depth, 0, 65535) >> 8).astype(np.uint8), "L")
+        img = to_8bit_grey(img)
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def to_8bit_grey(img: Image.Image) -> Image.Image:
+    """A 16-bit (I;16, I) grey image as 8-bit L."""
+    depth = np.asarray(img).astype(np.int64)
+    return Image.fromarray((np.clip(depth, 0, 65535) >> 8).astype(np.uint8), "L")
 
 
 def resize_shorter(img: Image.Image, size: int, upscale: bool = False) -> Image.Image:

@@ -8,7 +8,6 @@ with a weight that fades towards the context; every other pixel is left untouche
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from PIL import Image, ImageOps
 from cectl.checkpoint import load_generator
 from cectl.data import to_batch, to_float
 from cectl.errors import BadInput
-from cectl.images import Skip, decode
+from cectl.images import Skip, decode, open_image, to_8bit_grey
 from cectl.masks import KINDS, check_window, derive_seed, draw_holes, output_window
 from cectl.model import complete
 
@@ -28,16 +27,17 @@ KEEP_MODES = ("RGB", "RGBA", "L", "LA")
 
 
 def read_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """White = hole; must match the image size."""
+    """Grey 128 or more (after conversion to grey) = hole; must match the image size."""
     try:
-        mask = Image.open(path)
+        mask = open_image(path.read_bytes())
         mask.load()
-    except (OSError, ValueError):
+    except (OSError, ValueError, Skip):
         raise BadInput(f"mask {path} is not an image") from None
     if mask.size != size:
         raise BadInput(f"mask {path} is {mask.size[0]}x{mask.size[1]} but the image is "
                        f"{size[0]}x{size[1]}: give a mask of the image's size")
-    hole = np.asarray(mask.convert("L")) > 127
+    grey = to_8bit_grey(mask) if mask.mode.startswith("I") else mask.convert("L")
+    hole = np.asarray(grey) >= 128
     if not hole.any():
         raise BadInput(f"mask {path} has no white (hole) pixels")
     return hole
@@ -53,8 +53,10 @@ def _read_image(path: Path) -> tuple[Image.Image, Image.Image]:
         decoded = decode(data)
     except Skip as e:
         raise BadInput(f"{path} is not a readable image ({e.reason})") from None
-    original = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
-    if original.mode not in KEEP_MODES:  # P, CMYK, I;16...: keep alpha if it has one
+    original = ImageOps.exif_transpose(open_image(data))
+    if original.mode.startswith("I"):  # 16-bit grey stays grey
+        original = to_8bit_grey(original)
+    if original.mode not in KEEP_MODES:  # P, CMYK, ...: keep alpha if it has one
         has_alpha = "A" in original.getbands() or "transparency" in original.info
         original = original.convert("RGBA") if has_alpha else decoded.image
     return original, decoded.image
@@ -70,6 +72,9 @@ def inpaint(image_path: Path, ckpt: str, mask: str, out_path: Path, seed: int = 
     if mask in KINDS:
         small = draw_holes(mask, 1, size, cfg.mask.overlap, derive_seed(seed, "inpaint"))
         hole = F.interpolate(small.float(), size=(height, width), mode="nearest")[0, 0] > 0
+        if not hole.any():
+            raise BadInput(f"{image_path} is {width}x{height} px, too small for any pixel to "
+                           f"fall in this model's {mask} hole: give a larger image")
     else:
         hole = torch.from_numpy(read_mask(Path(mask), (width, height)))
         # A network pixel is a hole if any image pixel it covers is.

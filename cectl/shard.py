@@ -36,7 +36,7 @@ from rich.text import Text
 from cectl.errors import BadInput
 from cectl.images import Skip, prepare_sample
 from cectl.sources import Item, list_items
-from cectl.storage import LocalStore, Store, is_partial, open_store
+from cectl.storage import LocalStore, Store, is_partial, open_store, safe_key
 
 FORMAT = "cectl-shards/1"
 MANIFEST = "manifest.json"
@@ -253,14 +253,49 @@ def shard_names(manifest: dict) -> list[tuple[str, dict]]:
 
 
 def read_manifest(store: Store) -> dict:
+    """DST's manifest, checked as data: the rest of cectl may trust its shape and names."""
+    where = store.url(MANIFEST)
     if not store.exists(MANIFEST):
-        raise BadInput(f"{store.url(MANIFEST)} not found: run `cectl shard` into this "
-                       "location first")
+        raise BadInput(f"{where} not found: run `cectl shard` into this location first")
     try:
         manifest = json.loads(store.read_bytes(MANIFEST))
-    except json.JSONDecodeError:
-        raise BadInput(f"{store.url(MANIFEST)} is not valid JSON") from None
-    if manifest.get("format") != FORMAT:
-        raise BadInput(f"{store.url(MANIFEST)} is not a cectl shard manifest")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadInput(f"{where} is not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BadInput(f"{where} is not a cectl shard manifest")
+    if problem := manifest_problem(manifest):
+        raise BadInput(f"{where} is damaged ({problem}): shard the images again")
     return manifest
 
+
+def _count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What makes a manifest unusable, or None: shapes, counts, shard names under DST."""
+    splits, totals = manifest.get("splits"), manifest.get("totals")
+    if not isinstance(splits, dict) or not isinstance(totals, dict):
+        return "splits and totals must be mappings"
+    for split, info in splits.items():
+        if split not in SPLITS:
+            return f"unknown split {split!r}"
+        if not (isinstance(info, dict) and isinstance(info.get("shards"), list)
+                and _count(info.get("samples")) and _count(info.get("bytes"))):
+            return f"split {split} needs a list of shards and sample and byte counts"
+        for shard in info["shards"]:
+            if not (isinstance(shard, dict) and _count(shard.get("samples"))
+                    and _count(shard.get("bytes")) and isinstance(shard.get("sha256"), str)):
+                return f"a {split} shard needs a name, sample and byte counts and a sha256"
+            name = shard.get("name")
+            if not (isinstance(name, str) and name.startswith(f"{split}/") and safe_key(name)):
+                return f"{split} shard name {name!r} is not a path inside {split}/"
+        for key in ("samples", "bytes"):
+            if info[key] != sum(shard[key] for shard in info["shards"]):
+                return f"the {split} {key} do not add up"
+    counts = {"samples": sum(info["samples"] for info in splits.values()),
+              "shards": sum(len(info["shards"]) for info in splits.values()),
+              "bytes": sum(info["bytes"] for info in splits.values())}
+    if any(totals.get(key) != value for key, value in counts.items()):
+        return "the totals do not add up"
+    return None

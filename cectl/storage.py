@@ -4,6 +4,8 @@ Keys are '/'-separated paths below the store's root. Every write is atomic: a pa
 file or object is never visible under its final name (local files are renamed into
 place; S3 objects only appear once their single PUT or multipart upload completes).
 S3 settings come from the standard AWS chain (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
+Names are checked here: a key never leaves its store's root ('..', absolute keys), a run
+name is one safe path segment, and credentials in URLs are masked in messages.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import io
 import os
 import random
+import re
 import shutil
 import time
 import uuid
@@ -29,12 +32,41 @@ THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeo
                   "RequestLimitExceeded", "TooManyRequestsException", "InternalError"}
 
 
+USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def mask_userinfo(text: str) -> str:
+    """`scheme://user:password@host` -> `scheme://***@host`, wherever it occurs in `text`."""
+    return USERINFO.sub("***@", text)
+
+
+def check_name(name: str, what: str) -> str:
+    """A name that becomes one path segment (a run): safe characters only; returns it."""
+    if not NAME.fullmatch(name):
+        raise BadInput(f"{what} {name!r} is not allowed: use up to 100 letters, digits, '.', "
+                       "'_' or '-', starting with a letter or digit")
+    return name
+
+
+def safe_key(key: str) -> bool:
+    """Whether `key` stays below its store's root: relative, no '.' or '..' segments."""
+    return not key.startswith("/") and not {".", ".."} & set(key.split("/"))
+
+
+def _checked(key: str) -> str:
+    if key and not safe_key(key):
+        raise BadInput(f"refusing the storage key {key!r}: it leaves the store's folder")
+    return key
+
+
 def open_store(uri: str) -> Store:
     """The store for a local path or an `s3://bucket/prefix` URI."""
     if uri.startswith("s3://"):
         return S3Store(uri)
     if "://" in uri:
-        raise BadInput(f"unsupported storage URI {uri!r}: use a local path or s3://bucket/prefix")
+        raise BadInput(f"unsupported storage URI {mask_userinfo(uri)!r}: use a local path or "
+                       "s3://bucket/prefix")
     return LocalStore(uri)
 
 
@@ -44,7 +76,7 @@ class Store:
     uri: str
 
     def url(self, key: str) -> str:
-        return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
+        return f"{self.uri.rstrip('/')}/{_checked(key)}" if key else self.uri
 
     def child(self, key: str) -> Store:
         return open_store(self.url(key))
@@ -64,6 +96,10 @@ class Store:
             return f.read()
 
     def write_bytes(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Write `key` only if it does not exist, atomically; whether this call created it."""
         raise NotImplementedError
 
     def put_file(self, local_path: str | Path, key: str) -> None:
@@ -117,7 +153,7 @@ class LocalStore(Store):
         return self.path(key)
 
     def path(self, key: str) -> Path:
-        return self.root / key if key else self.root
+        return self.root / _checked(key) if key else self.root
 
     def check(self, create: bool = False) -> None:
         if create:
@@ -149,6 +185,19 @@ class LocalStore(Store):
     def write_bytes(self, key: str, data: bytes) -> None:
         self._atomic(key, lambda tmp: tmp.write_bytes(data))
 
+    def create(self, key: str, data: bytes) -> bool:
+        final = self.path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _partial_name(final)
+        try:
+            tmp.write_bytes(data)
+            os.link(tmp, final)  # fails if `final` exists; readers never see it half written
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def put_file(self, local_path: str | Path, key: str) -> None:
         self._atomic(key, lambda tmp: shutil.copyfile(local_path, tmp))
 
@@ -163,7 +212,16 @@ class LocalStore(Store):
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        self.path(key).unlink(missing_ok=True)
+        """Delete `key` and the folders it leaves empty (S3 has no empty folders either)."""
+        path = self.path(key)
+        path.unlink(missing_ok=True)
+        for folder in path.parents:
+            if folder == self.root:
+                break
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or already gone)
+                break
 
     def arrow_fs(self) -> tuple[object, str]:
         import pyarrow.fs
@@ -199,11 +257,15 @@ class S3Store(Store):
         parsed = urlparse(uri)
         if not parsed.netloc:
             raise BadInput(f"S3 URI {uri!r} has no bucket: use s3://bucket/prefix")
+        if "@" in parsed.netloc:
+            raise BadInput(f"S3 URI {mask_userinfo(uri)!r} holds credentials: use "
+                           "s3://bucket/prefix and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
         self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.attempts = attempts
 
     def _key(self, key: str) -> str:
+        key = _checked(key)
         return f"{self.prefix}/{key}".strip("/") if self.prefix else key
 
     @property
@@ -236,10 +298,10 @@ class S3Store(Store):
 
     def _explain(self, e: Exception) -> Exception:
         """Turn a boto error into a one-sentence CectlError; leave others alone."""
-        from botocore.exceptions import ClientError, NoCredentialsError
+        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
 
-        where = endpoint_url() or "AWS S3"
-        if isinstance(e, NoCredentialsError):
+        where = mask_userinfo(endpoint_url() or "AWS S3")
+        if isinstance(e, NoCredentialsError | PartialCredentialsError):
             return BadInput("no S3 credentials found: set AWS_ACCESS_KEY_ID and "
                             "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
         if isinstance(e, ClientError):
@@ -283,6 +345,22 @@ class S3Store(Store):
     def write_bytes(self, key: str, data: bytes) -> None:
         self._retry(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key),
                                                    Body=data))
+
+    def create(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        def put() -> bool:
+            try:  # a conditional PUT: S3 refuses it (412) when the key exists
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                       IfNoneMatch="*")
+                return True
+            except ClientError as e:
+                # 409: a concurrent conditional PUT of the same key is in flight
+                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                    return False
+                raise
+
+        return self._retry(put)
 
     def put_file(self, local_path: str | Path, key: str) -> None:
         size = os.path.getsize(local_path)

@@ -244,8 +244,18 @@ def train(cfg: DictConfig, store: Store, run_name: str, session: Session | None 
           resume: bool = False) -> dict | None:
     """Train `run_name` in `store` up to `cfg.train.steps`; rank 0 returns the run's summary."""
     session = session or Session()
-    device, rank = session.device, session.rank
+    # Rank 0 holds the run while it trains: a second `cectl train` of it is refused.
     run = Run(store, run_name)
+    claim = run.claim(resume) if session.rank == 0 else None
+    try:
+        return _train(cfg, run, session, resume)
+    finally:
+        if claim:
+            claim.release()
+
+
+def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | None:
+    device, rank = session.device, session.rank
     manifest = open_manifest(cfg.data.uri)
     if cfg.train.precision == "bf16" and device.type == "cpu" and not _cpu_has_bf16():
         warnings.warn("this CPU has no native bf16: bf16 runs emulated, far slower than fp32",

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import tarfile
+import threading
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO
 
 from rich.console import Console
 
-from cectl.images import Skip, decode
+from cectl.images import MAX_PIXELS, Skip, decode, open_image
 from cectl.shard import make_progress, read_manifest, shard_names
 from cectl.storage import Store, open_store
 
@@ -32,6 +36,40 @@ class _HashingReader:
     def drain(self) -> None:
         while self.read(2**20):
             pass
+
+
+class PixelBudget:
+    """Decodes run together while their pixels fit the budget; a bigger one waits for the
+    others and then runs alone. So verify's threads hold at most about one largest allowed
+    image (100 MP, 300 MB as RGB) at a time, not one each."""
+
+    def __init__(self, pixels: int):
+        self.total = self.free = pixels
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.total)
+        with self._changed:
+            self._changed.wait_for(lambda: self.free >= pixels)
+            self.free -= pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.free += pixels
+                self._changed.notify_all()
+
+
+_decodes = PixelBudget(MAX_PIXELS)
+
+
+def _pixels(data: bytes) -> int:
+    """The pixel count a file's header declares (0 if refused: decode() will say why)."""
+    try:
+        return math.prod(open_image(data).size)
+    except Skip:
+        return 0
 
 
 def check_shard(store: Store, entry: dict) -> list[str]:
@@ -60,8 +98,10 @@ def check_shard(store: Store, entry: dict) -> list[str]:
         if not images or "json" not in files:
             problems.append(f"sample {key} lacks an image or its .json")
             continue
+        data = files[images[0]]
         try:
-            decode(files[images[0]])
+            with _decodes.hold(_pixels(data)):
+                decode(data)
         except Skip as e:
             problems.append(f"sample {key} does not decode ({e})")
     return problems

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from cectl.config import ShardConfig, load_config
+import cectl
+from cectl.config import (
+    RECIPES,
+    JobConfig,
+    MaskKind,
+    ShardConfig,
+    SweepConfig,
+    find_recipe,
+    load_config,
+    to_yaml,
+)
 from cectl.errors import BadInput
+
+SECRET = "supersecretvalue123"
 
 
 def test_flags_override_overrides_override_recipe(tmp_path):
@@ -31,3 +45,109 @@ def test_bad_overrides_are_bad_input(overrides):
 def test_missing_recipe_is_bad_input():
     with pytest.raises(BadInput, match="not found"):
         load_config(ShardConfig, "nope.yaml", recipe_folder="shards")
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("model.arch=resnet", "model.arch"),
+    ("mask.kind=star", "mask.kind"),
+    ("loss.mode=both", "loss.mode"),
+    ("train.precision=fp8", "train.precision"),
+    ("model.width=0", "model.width"),
+    ("model.width=200000", "model.width"),
+    ("model.bottleneck=-1", "model.bottleneck"),
+    ("data.image_size=1000000", "data.image_size"),
+    ("data.image_size=100", "data.image_size"),
+    ("data.load_size=0", "data.load_size"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("data.workers=-1", "data.workers"),
+    ("mask.overlap=100", "mask.overlap"),
+    ("mask.overlap=-5", "mask.overlap"),
+    ("mask.overlap_weight=inf", "mask.overlap_weight"),
+    ("loss.lambda_rec=inf", "loss.lambda_rec"),
+    ("loss.lambda_adv=1.5", "loss.lambda_adv"),
+    ("optim.lr_d=nan", "optim.lr_d"),
+    ("optim.lr_d=0", "optim.lr_d"),
+    ("optim.lr_ratio=-1", "optim.lr_ratio"),
+    ("optim.beta1=1", "optim.beta1"),
+    ("train.steps=0", "train.steps"),
+    ("train.log_every=0", "train.log_every"),
+    ("model.width=wide", "model.width"),
+    ("model.colour=red", "model.colour"),
+])
+def test_job_values_out_of_range_are_refused_naming_the_key(override, key):
+    with pytest.raises(BadInput, match=key.replace(".", r"\.")):
+        load_config(JobConfig, overrides=[override])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.arch=alexnet227", "loss.mode=rec"],  # needs data.image_size=227
+    ["model.arch=alexnet227", "data.image_size=227"],  # the adversarial loss needs dcgan128
+])
+def test_settings_that_do_not_fit_together_are_refused(overrides):
+    with pytest.raises(BadInput, match="alexnet227"):
+        load_config(JobConfig, overrides=overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["mask.kind=random-region", "mask.overlap=0"], ["model.width=512", "loss.lambda_adv=0"],
+    ["model.arch=alexnet227", "data.image_size=227", "loss.mode=rec"],
+    ["data.image_size=16", "mask.overlap=3"], ["optim.beta1=0", "train.precision=bf16"],
+])
+def test_values_in_range_load(overrides):
+    load_config(JobConfig, overrides=overrides)
+
+
+def test_choices_are_enums_equal_to_their_names():
+    cfg = load_config(JobConfig, overrides=["mask.kind=random-block", "model.arch=dcgan128"])
+    assert cfg.mask.kind is MaskKind["random-block"] and cfg.mask.kind == "random-block"
+    assert f"{cfg.model.arch}" == "dcgan128"
+    assert "kind: random-block" in to_yaml(cfg)
+
+
+@pytest.mark.parametrize("layer", ["override", "stored", "stored-dict", "recipe"])
+def test_interpolations_are_refused_never_resolved(layer, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    value = "${oc.env:AWS_SECRET_ACCESS_KEY}"
+    recipe = tmp_path / "job.yaml"
+    recipe.write_text(f"train:\n  steps: '{value}'\n")
+    kwargs = {"override": {"overrides": [f"train.steps={value}"]},
+              "stored": {"stored": f"train:\n  steps: '{value}'\n", "source": "config.yaml"},
+              "stored-dict": {"stored": {"train": {"steps": value}}, "source": "state.json"},
+              "recipe": {"recipe": str(recipe)}}[layer]
+    with pytest.raises(BadInput, match="interpolation") as caught:
+        load_config(JobConfig, **kwargs)
+    assert "train.steps" in str(caught.value) and SECRET not in str(caught.value)
+
+
+def test_rejected_values_are_not_echoed():
+    with pytest.raises(BadInput) as caught:
+        load_config(JobConfig, overrides=[f"model.width={SECRET}"])
+    assert SECRET not in str(caught.value) and "model.width" in str(caught.value)
+
+
+@pytest.mark.parametrize("stored", ["- a list", "model: [", ["model"], 7])
+def test_stored_configs_that_are_not_mappings_are_bad_input(stored):
+    with pytest.raises(BadInput, match="state.json"):
+        load_config(JobConfig, stored=stored, source="state.json")
+
+
+@pytest.mark.parametrize("flags", [
+    {"layout": "weird"}, {"resize": -1}, {"quality": 0}, {"quality": 101}, {"shard_size": 0},
+    {"val_fraction": 1.0}, {"val_fraction": -0.1}, {"min_size": 0}, {"workers": 0},
+])
+def test_shard_options_are_checked_by_the_shard_config(flags):
+    with pytest.raises(BadInput, match=next(iter(flags))):
+        load_config(ShardConfig, flags=flags)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (RECIPES / "jobs").iterdir()
+                                          if not p.name.startswith("sweep")))
+def test_every_bundled_job_recipe_loads(recipe):
+    load_config(JobConfig, recipe)
+
+
+def test_bundled_recipes_live_in_the_package():
+    package = Path(cectl.__file__).parent
+    assert find_recipe("demo", "jobs").is_relative_to(package / "recipes")
+    assert find_recipe("folder", "shards").is_relative_to(package / "recipes")
+    assert load_config(SweepConfig, "sweep-lambda-lr").job == "inpaint-center"

@@ -214,7 +214,7 @@ def test_verify_names_a_corrupted_shard_and_exits_1(paris, tmp_path):
     [
         (["shard", "/no/such/folder", "{tmp}/out"], 2, "does not exist"),
         (["shard", "{tmp}/empty", "{tmp}/out"], 2, "no image files"),
-        (["shard", "{tmp}/empty", "{tmp}/out", "--layout", "weird"], 2, "--layout"),
+        (["shard", "{tmp}/empty", "{tmp}/out", "--layout", "weird"], 2, "layout"),
         (["verify", "{tmp}/empty"], 2, "manifest.json not found"),
     ],
 )
