@@ -286,7 +286,7 @@ def test_a_live_claim_from_another_machine_holds_until_its_heartbeat_stops(tmp_p
     ("negative-width", lambda s: s["config"]["model"].update(width=-3), "model.width"),
     ("huge-image", lambda s: s["config"]["data"].update(image_size=10**6), "data.image_size"),
     ("unknown-key", lambda s: s["config"]["model"].update(colour=1), "model.colour"),
-    ("state-list", lambda s: [s], "not a cectl checkpoint"),
+    ("state-list", lambda s: [s], "not a checkpoint this cectl reads"),
     ("config-string", lambda s: s.update(config="model: {width: 3}"), "config mapping"),
     ("step-string", lambda s: s.update(step="4"), "step numbers"),
 ])
