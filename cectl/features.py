@@ -71,30 +71,30 @@ def _fold(layer: nn.Conv2d | nn.Linear, bn: nn.Module | None) -> nn.Module:
 
 def feature_stack(encoder: nn.Sequential) -> nn.Sequential:
     """The plain, BN-folded, named copy of a generator's encoder, in eval mode."""
-    modules = list(encoder)
+    layers: list[tuple[nn.Module, nn.Module | None]] = []  # (module, the BN after it)
+    for module in encoder:
+        if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+            layers[-1] = (layers[-1][0], module)
+        else:
+            layers.append((module, None))
     named: dict[str, nn.Module] = {}
     convs = 0
-    for i, module in enumerate(modules):
-        if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
-            continue  # folded into the layer before it
-        bn = modules[i + 1] if i + 1 < len(modules) and isinstance(
-            modules[i + 1], nn.BatchNorm1d | nn.BatchNorm2d) else None
-        after = modules[i + 2 if bn else i + 1] if i + (2 if bn else 1) < len(modules) else None
+    for i, (module, bn) in enumerate(layers):
+        activated = i + 1 < len(layers) and isinstance(layers[i + 1][0], nn.ReLU | nn.LeakyReLU)
         if isinstance(module, nn.Linear):
             named["fc"] = _fold(module, bn)
-        elif isinstance(module, nn.Conv2d) and isinstance(after, nn.ReLU | nn.LeakyReLU):
+        elif isinstance(module, nn.Conv2d) and activated:
             convs += 1
             named[f"conv{convs}"] = _fold(module, bn)
         elif isinstance(module, nn.Conv2d):  # the pool-free encoder's strided downsampling
             named[f"pool{convs}"] = _fold(module, bn)
         elif isinstance(module, nn.MaxPool2d):
             named[f"pool{convs}"] = nn.MaxPool2d(module.kernel_size, module.stride)
-        elif isinstance(module, nn.ReLU):
-            named[f"relu{convs}"] = nn.ReLU()
-        elif isinstance(module, nn.LeakyReLU):
-            last = next(reversed(named))
-            named["relufc" if last == "fc" else f"relu{convs}"] = nn.LeakyReLU(
-                module.negative_slope)
+        elif isinstance(module, nn.ReLU | nn.LeakyReLU):
+            # Not in place: a layer's features are read after its activation, in passing.
+            named["relufc" if "fc" in named else f"relu{convs}"] = (
+                nn.LeakyReLU(module.negative_slope) if isinstance(module, nn.LeakyReLU)
+                else nn.ReLU())
         elif isinstance(module, nn.Flatten):
             named["flatten"] = nn.Flatten()
         else:

@@ -73,6 +73,18 @@ def test_probe_reads_wnid_labels_and_separates_colour_classes(labelled_shards, t
     assert again["extraction"]["images"] == 0  # every layer came from the first pass's cache
 
 
+def test_probe_on_ray_workers_gives_the_local_numbers(labelled_shards, tiny_checkpoint,
+                                                      tmp_path):
+    def probe(*extra: str) -> dict:
+        return json.loads(cectl("probe", tiny_checkpoint, "--data", labelled_shards, "--layer",
+                                "conv2", "--json", *extra, check=True).stdout)
+
+    local = probe("--cache-dir", tmp_path / "local")
+    on_ray = probe("--cache-dir", tmp_path / "ray", "--nodes", "2", "--cpu")
+    assert on_ray["extraction"]["images"] == 36
+    assert (on_ray["model"], on_ray["random"]) == (local["model"], local["random"])
+
+
 def plain_alexnet() -> Sequential:
     """The README's plain AlexNet feature stack, verbatim."""
     C, P, R = Conv2d, MaxPool2d, ReLU  # noqa: N806
@@ -98,6 +110,27 @@ def test_export_folds_batchnorm_so_a_plain_alexnet_gives_the_same_features(alexn
         meta = f.metadata()
     assert meta["arch"] == "alexnet227" and meta["input_size"] == "227"
     assert meta["step"] == "2" and meta["layers"].split(",")[-1] == "pool5"
+
+
+def test_folding_keeps_pool_free_alexnet_features_under_strong_batchnorm_statistics():
+    from cectl.features import feature_stack, layer_outputs
+    from cectl.model import AlexNetGenerator
+
+    torch.manual_seed(0)
+    generator = AlexNetGenerator(227, pool_free=True).eval()
+    for module in generator.encoder:
+        if isinstance(module, torch.nn.BatchNorm2d):
+            for buffer in (module.running_mean, module.weight.data, module.bias.data):
+                buffer.uniform_(-1, 1)
+            module.running_var.uniform_(0.2, 3)
+    stack = feature_stack(generator.encoder)
+    assert list(layer_outputs(stack)) == ["conv1", "pool1", "conv2", "pool2", "conv3", "conv4",
+                                          "conv5", "pool5"]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in stack.modules())
+    assert "pool1.weight" in stack.state_dict()  # strided convs carry weights
+    x = torch.rand(2, 3, 227, 227) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(stack(x), generator.encoder(x), atol=1e-4, rtol=1e-4)
 
 
 def test_export_of_dcgan_encoder_loads_into_its_plain_stack(tiny_checkpoint, tmp_path):
