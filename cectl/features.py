@@ -240,7 +240,10 @@ def cache_folder(cache_dir: Path, stack: nn.Sequential, manifest: dict, split: s
     return cache_dir / f"{_digest(stack)}-{split}-{data}"
 
 
+# Where shards are processed: given (data_uri, stacks, image_size), a function from shard
+# names to (index, shard_features result), in any order.
 ShardResults = Callable[[list[str]], Iterator[tuple[int, dict]]]
+ResultsFactory = Callable[[str, dict[str, nn.Sequential], int], ShardResults]
 
 
 def local_results(data_uri: str, stacks: dict[str, nn.Sequential],
@@ -253,7 +256,7 @@ def local_results(data_uri: str, stacks: dict[str, nn.Sequential],
 
 
 def extract_split(data_uri: str, manifest: dict, split: str, stacks: dict[str, nn.Sequential],
-                  image_size: int, cache_dir: Path, results: ShardResults,
+                  image_size: int, cache_dir: Path, results: ResultsFactory,
                   console: Console) -> tuple[dict[str, Path], dict]:
     """The cache folder of each stack for `split`, extracting what is not cached yet.
 
@@ -265,9 +268,8 @@ def extract_split(data_uri: str, manifest: dict, split: str, stacks: dict[str, n
     folders = {n: cache_folder(cache_dir, s, manifest, split, image_size)
                for n, s in stacks.items()}
     todo = {n: s for n, s in stacks.items() if not (folders[n] / "labels.json").exists()}
-    timing = {"images": 0, "seconds": 0.0}
     if not todo:
-        return folders, timing
+        return folders, {"images": 0, "seconds": 0.0, "encoders": 0}
     shards = [s for s in manifest["splits"][split]["shards"] if s["samples"]]
     offsets = np.cumsum([0] + [s["samples"] for s in shards])
     partial = {n: folders[n].with_name(folders[n].name + ".partial") for n in todo}
@@ -276,7 +278,7 @@ def extract_split(data_uri: str, manifest: dict, split: str, stacks: dict[str, n
     start = time.perf_counter()
     with make_progress(console) as progress:
         bar = progress.add_task(f"features: {split}", total=int(offsets[-1]))
-        for index, result in results([s["name"] for s in shards]):
+        for index, result in results(data_uri, todo, image_size)([s["name"] for s in shards]):
             a, b = offsets[index], offsets[index + 1]
             labels[a:b], keys[a:b] = result["labels"], result["keys"]
             for name, layers in result["features"].items():
@@ -288,7 +290,8 @@ def extract_split(data_uri: str, manifest: dict, split: str, stacks: dict[str, n
                             (int(offsets[-1]), values.shape[1]))
                     arrays[name][layer][a:b] = values
             progress.advance(bar, int(b - a))
-    timing = {"images": int(offsets[-1]), "seconds": time.perf_counter() - start}
+    timing = {"images": int(offsets[-1]), "seconds": time.perf_counter() - start,
+              "encoders": len(todo)}
     for name in todo:
         for array in arrays[name].values():
             array.flush()
@@ -300,7 +303,7 @@ def extract_split(data_uri: str, manifest: dict, split: str, stacks: dict[str, n
 
 @contextlib.contextmanager
 def ray_results(nodes: int, gpus_per_node: int, cpu: bool,
-                address: str | None) -> Iterator[Callable[..., ShardResults]]:
+                address: str | None) -> Iterator[ResultsFactory]:
     """Shards processed as Ray tasks spread over the cluster, one GPU (or CPU) each.
 
     The cluster is joined and checked as for training. Shards are independent, so plain
@@ -394,10 +397,8 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
 
 
 def run_probe(ckpt_uri: str, data_uri: str, layer: str | None, epochs: int, cache_dir: Path,
-              console: Console, results: Callable[..., ShardResults] = local_results) -> dict:
-    """Probe the checkpoint's encoder and a random one on the same features and split.
-
-    `results(data_uri, stacks, image_size)` decides where shards are processed."""
+              console: Console, results: ResultsFactory = local_results) -> dict:
+    """Probe the checkpoint's encoder and a random one, trained on `train`, scored on `val`."""
     model, cfg, origin = load_encoder(ckpt_uri)
     layer = layer or list(layer_outputs(model))[-1]
     check_layers(model, cfg.model.arch, layer)
@@ -409,7 +410,7 @@ def run_probe(ckpt_uri: str, data_uri: str, layer: str | None, epochs: int, cach
     split_data, timings = {}, []
     for split in ("train", "val"):
         folders, timing = extract_split(data_uri, manifest, split, stacks, size, cache_dir,
-                                        results(data_uri, stacks, size), console)
+                                        results, console)
         split_data[split] = folders
         timings.append(timing)
     meta = {s: json.loads((f["model"] / "labels.json").read_text())
@@ -433,7 +434,7 @@ def run_probe(ckpt_uri: str, data_uri: str, layer: str | None, epochs: int, cach
             "val_images": len(labels["val"]), "epochs": epochs, **scores,
             "extraction": {"images": images, "seconds": seconds,
                            "images_per_s": images / seconds if seconds else None,
-                           "encoders_per_pass": len(stacks)},
+                           "encoders_per_pass": max(t["encoders"] for t in timings)},
             "cache": str(cache_dir)}
 
 

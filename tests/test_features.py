@@ -153,6 +153,21 @@ def test_export_of_dcgan_encoder_loads_into_its_plain_stack(tiny_checkpoint, tmp
                                        "conv2.weight"]
 
 
+def test_export_reads_a_checkpoint_on_s3(bucket, tiny_checkpoint, tmp_path):
+    from cectl.storage import open_store
+
+    remote = open_store(f"s3://{bucket}/runs/tiny/checkpoints/step-000004")
+    for path in Path(tiny_checkpoint).iterdir():
+        remote.put_file(path, path.name)
+    out = tmp_path / "encoder.safetensors"
+    cectl("export", remote.uri, "-o", out, check=True)
+    with safe_open(out, "pt") as f:
+        assert f.metadata()["checkpoint"] == remote.uri
+    cectl("export", tiny_checkpoint, "-o", tmp_path / "local.safetensors", check=True)
+    local = load_file(tmp_path / "local.safetensors")
+    assert all(torch.equal(value, local[key]) for key, value in load_file(out).items())
+
+
 def test_neighbors_finds_the_query_itself_first(tmp_path, tiny_checkpoint):
     from cectl.demo import make_facades
 
