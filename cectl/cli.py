@@ -60,6 +60,8 @@ def shard(
     min_size: Annotated[int | None, typer.Option(help="skip images smaller than this")] = None,
     workers: Annotated[int | None, typer.Option(help="parallel processes")] = None,
     seed: Annotated[int | None, typer.Option(help="shuffle seed")] = None,
+    label_from: Annotated[str | None, typer.Option(help="layout (ImageNet wnids) | folder "
+                                                   "(top-level folder under SRC)")] = None,
 ) -> None:
     """Turn an image folder into WebDataset tar shards with a manifest (resumable)."""
     from cectl.shard import run_shard
@@ -67,6 +69,7 @@ def shard(
     cfg = load_config(ShardConfig, recipe, flags=dict(
         layout=layout, resize=resize, quality=quality, shard_size=shard_size,
         val_fraction=val_fraction, min_size=min_size, workers=workers, seed=seed,
+        label_from=label_from,
     ), recipe_folder="shards")
     manifest = run_shard(src, dst, cfg, err)
     manifest["dst"] = dst
@@ -293,6 +296,96 @@ def inpaint_command(
         raise BadInput(f"{img} does not exist")
     result = inpaint(img, ckpt, mask, output or img.with_name(f"{img.stem}-inpainted.png"), seed)
     out.print(f"wrote {result['out']} ({result['hole_pixels']:,} hole pixels filled)")
+
+
+@app.command(name="export")
+def export_command(
+    ckpt: Annotated[str, typer.Argument(help="checkpoint folder (path or s3://)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="the .safetensors to write")],
+    layers: Annotated[str | None, typer.Option(help="FIRST..LAST, e.g. conv1..conv3 "
+                                               "(default: all)")] = None,
+) -> None:
+    """Write the encoder alone, BatchNorm folded, as safetensors with plain key names."""
+    from cectl.features import export_encoder
+
+    meta = export_encoder(ckpt, output, layers)
+    out.print(f"wrote {meta['out']}: {meta['arch']} layers {meta['layers']} "
+              f"({meta['parameters']:,} parameters, step {meta['step']})")
+
+
+@app.command()
+def probe(
+    ckpt: Annotated[str, typer.Argument(help="checkpoint folder (path or s3://)")],
+    data: Annotated[str, typer.Option(help="labelled shards with train and val splits")],
+    layer: Annotated[str | None, typer.Option(help="pool5 | conv5 | ... (default: the "
+                                              "encoder's last layer)")] = None,
+    epochs: Annotated[int, typer.Option(help="passes of the linear classifier")] = 30,
+    cache_dir: Annotated[Path, typer.Option(help="feature cache")] = Path(
+        "~/.cache/cectl/features"),
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
+    nodes: Annotated[int | None, typer.Option(help="extract features on Ray workers "
+                                              "over N nodes")] = None,
+    gpus_per_node: Annotated[int, typer.Option(help="workers (GPUs) per node")] = 1,
+    cpu: Annotated[bool, typer.Option("--cpu", help="CPU workers")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster (default: RAY_ADDRESS, "
+                                                "else a local instance)")] = None,
+) -> None:
+    """Linear probe: top-1/top-5 on val of frozen features, next to a random encoder."""
+    import contextlib
+
+    from cectl.features import local_results, ray_results, run_probe
+
+    if epochs < 1:
+        raise BadInput("--epochs must be at least 1")
+    with (contextlib.nullcontext(local_results) if nodes is None
+          else ray_results(nodes, gpus_per_node, cpu, address)) as results:
+        result = run_probe(ckpt, data, layer, epochs, cache_dir.expanduser(), err, results)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    out.print(f"linear probe of {result['layer']} ({result['dims']:,} dims): "
+              f"{result['classes']} classes, {result['train_images']:,} train / "
+              f"{result['val_images']:,} val images, {result['epochs']} epochs")
+    table = Table()
+    for column in ("encoder", "top-1 %", "top-5 %"):
+        table.add_column(column, justify="right")
+    for label, key in ((f"{result['arch']} step {result['step']}", "model"),
+                       ("random init", "random")):
+        table.add_row(label, f"{result[key]['top1_pct']:.1f}", f"{result[key]['top5_pct']:.1f}")
+    out.print(table)
+
+
+@app.command()
+def neighbors(
+    ckpt: Annotated[str, typer.Argument(help="checkpoint folder (path or s3://)")],
+    data: Annotated[str, typer.Option(help="shards to search (path or s3://)")],
+    query: Annotated[list[Path], typer.Option(help="query image (repeat for several)")],
+    k: Annotated[int, typer.Option("-k", help="neighbours per query")] = 8,
+    output: Annotated[Path, typer.Option("-o", "--output", help="grid PNG")] = Path(
+        "neighbors.png"),
+    split: Annotated[str, typer.Option(help="split to search")] = "train",
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
+) -> None:
+    """Nearest neighbours by context features (hole dropped, Fig. 8), as a PNG grid."""
+    from cectl.features import find_neighbors, neighbor_grid
+
+    if k < 1:
+        raise BadInput("-k must be at least 1")
+    for path in query:
+        if not path.is_file():
+            raise BadInput(f"query {path} does not exist")
+    result = find_neighbors(ckpt, data, query, k, split, err)
+    grid = neighbor_grid(result)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(output)
+    if as_json:
+        print(json.dumps({"grid": str(output), **{key: result[key] for key in (
+            "checkpoint", "step", "layer", "split", "queries")}}, indent=2))
+        return
+    for item in result["queries"]:
+        found = ", ".join(f"{n['key']} ({n['distance']:.3f})" for n in item["neighbors"])
+        out.print(f"{item['query']}: {found}")
+    out.print(f"grid (query with its hole | neighbours): {output}")
 
 
 @app.command()

@@ -97,6 +97,7 @@ class ShardConfig:
     min_size: int = 64
     workers: int = max(1, os.cpu_count() or 1)
     seed: int = 0
+    label_from: str = "layout"  # layout (ImageNet wnids) | folder (top-level folder under SRC)
 
     def __post_init__(self) -> None:
         _require(self.resize >= 0, "resize", "0 (keep the bytes) or more")

@@ -60,6 +60,43 @@ def make_facades(out_dir: Path, count: int, size: int = 192, seed: int = 0) -> l
     return paths
 
 
+SHAPES = ("circle", "square", "triangle", "cross")
+
+
+def shape(rng: random.Random, kind: str, size: int) -> Image.Image:
+    """One shape of `kind` at a random place, scale and colour on a noisy random background."""
+    background = tuple(rng.randint(0, 255) for _ in range(3))
+    # A colour far from the background in every case, so the silhouette always shows.
+    colour = tuple((c + rng.randint(96, 160)) % 256 for c in background)
+    img = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(img)
+    r = size * rng.uniform(0.22, 0.34)
+    cx, cy = (rng.uniform(r + 2, size - r - 2) for _ in range(2))
+    if kind == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif kind == "square":
+        draw.rectangle([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], fill=colour)
+    elif kind == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=colour)
+    else:
+        draw.rectangle([cx - r, cy - r * 0.3, cx + r, cy + r * 0.3], fill=colour)
+        draw.rectangle([cx - r * 0.3, cy - r, cx + r * 0.3, cy + r], fill=colour)
+    noise = Image.effect_noise((size, size), 24).convert("RGB")
+    return Image.blend(img, noise, 0.1)
+
+
+def make_shapes(out_dir: Path, train_per_class: int, val_per_class: int, size: int = 64,
+                seed: int = 0) -> None:
+    """Labelled shapes in the ImageNet layout: `{train,val}/<wnid>/*.png`, one wnid a kind."""
+    rng = random.Random(seed)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for index, kind in enumerate(SHAPES):
+            folder = out_dir / split / f"n{index + 1:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                shape(rng, kind, size).save(folder / f"{kind}-{i:05d}.png")
+
+
 def plot_curve(points: list[tuple[int, float]], path: Path, title: str) -> None:
     """A plain line chart as PNG (no plotting library needed)."""
     width, height, pad = 640, 360, 40

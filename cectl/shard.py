@@ -58,7 +58,8 @@ class ShardTask:
 
 def recipe_params(cfg: DictConfig) -> dict[str, Any]:
     """The parameters that decide the bytes of the shards (workers do not)."""
-    keys = ("layout", "resize", "quality", "shard_size", "val_fraction", "min_size", "seed")
+    keys = ("layout", "resize", "quality", "shard_size", "val_fraction", "min_size", "seed",
+            "label_from")
     return {k: cfg[k] for k in keys}
 
 
@@ -197,7 +198,8 @@ def run_shard(src_uri: str, dst_uri: str, cfg: DictConfig, console: Console) -> 
     start = time.perf_counter()
     src, dst = _open_stores(src_uri, dst_uri)
     with console.status(f"listing {src.uri}"):
-        layout, items = list_items(src.list(), cfg.layout, cfg.val_fraction, src.uri)
+        layout, items = list_items(src.list(), cfg.layout, cfg.val_fraction, src.uri,
+                                   cfg.label_from)
     params = {**recipe_params(cfg), "layout": layout}
     tasks = plan(items, params)
     existing = set(dst.list())

@@ -2,6 +2,8 @@
 
 Layouts: `imagenet` (train/<wnid>/*.JPEG; val/ flat or in wnid folders), `paris`
 (paris_train/ and paris_eval_gt/), `folder` (any nested tree); `auto` picks one.
+Labels: the wnid in the imagenet layout; with `label_from=folder` (folder layout only),
+the top-level folder under SRC.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from cectl.errors import BadInput
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 WNID = re.compile(r"n\d{8}")
 UNSAFE = re.compile(r"[^A-Za-z0-9_/-]")
+LABEL_SOURCES = ("layout", "folder")
 
 
 @dataclass(frozen=True)
@@ -34,11 +37,11 @@ def detect_layout(paths: list[str]) -> str:
     return "folder"
 
 
-def _place(path: str, layout: str) -> tuple[str, str | None] | None:
+def _place(path: str, layout: str, label_from: str) -> tuple[str, str | None] | None:
     """(split, label) of an input path, or None when the layout does not use it."""
     parts = path.split("/")
     if layout == "folder":
-        return "train", None
+        return "train", parts[0] if label_from == "folder" and len(parts) > 1 else None
     if layout == "paris":
         return {"paris_train": ("train", None), "paris_eval_gt": ("val", None)}.get(parts[0])
     if parts[0] == "train" and len(parts) == 3 and WNID.fullmatch(parts[1]):
@@ -61,7 +64,7 @@ def sample_key(path: str) -> str:
 
 
 def list_items(
-    paths: list[str], layout: str, val_fraction: float, where: str
+    paths: list[str], layout: str, val_fraction: float, where: str, label_from: str = "layout"
 ) -> tuple[str, list[Item]]:
     """The layout used and the items of SRC (`where`), sorted by source path."""
     images = sorted(p for p in paths if not p.rsplit("/", 1)[-1].startswith(".")
@@ -70,9 +73,14 @@ def list_items(
         raise BadInput(f"no image files found in {where}: give the folder that holds the images")
     if layout == "auto":
         layout = detect_layout(images)
+    if label_from not in LABEL_SOURCES:
+        raise BadInput(f"--label-from {label_from!r} is not one of {', '.join(LABEL_SOURCES)}")
+    if label_from == "folder" and layout != "folder":
+        raise BadInput(f"--label-from folder labels the folder layout, but {where} has the "
+                       f"{layout!r} layout: add --layout folder")
     items, seen = [], set()
     for path in images:
-        place = _place(path, layout)
+        place = _place(path, layout, label_from)
         if place is None:
             continue
         split, label = place
