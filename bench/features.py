@@ -24,6 +24,7 @@ from cectl.config import JobConfig, ShardConfig, load_config, validate_job
 from cectl.demo import make_shapes
 from cectl.features import run_probe
 from cectl.shard import run_shard
+from cectl.storage import open_store
 from cectl.train import Session, TrainProgress, train
 
 PRETRAIN = ["mask.kind=random-region", "loss.mode=rec", "optim.lr_d=1e-5", "optim.lr_ratio=10",
@@ -51,7 +52,8 @@ def main() -> None:
             flags={"data": {"uri": str(root / "shards")}}))
         start = time.perf_counter()
         with TrainProgress(err, cfg.train.steps) as progress:
-            summary = train(cfg, str(root / "store"), "shapes", Session(on_log=progress.update))
+            summary = train(cfg, open_store(str(root / "store")), "shapes",
+                            Session(on_log=progress.update))
         pretrain_s = time.perf_counter() - start
         ckpt = str(root / "store" / "runs" / "shapes" / "checkpoints" / f"step-{args.steps:06d}")
         rows = []

@@ -40,6 +40,11 @@ class Layout(StrEnum):
     folder = "folder"
 
 
+class LabelSource(StrEnum):
+    layout = "layout"  # what the layout knows: the ImageNet wnid
+    folder = "folder"  # the top-level folder under SRC (folder layout)
+
+
 class Arch(StrEnum):
     dcgan128 = "dcgan128"  # sec. 5.1
     alexnet227 = "alexnet227"  # sec. 3.1 / 5.2
@@ -97,7 +102,7 @@ class ShardConfig:
     min_size: int = 64
     workers: int = max(1, os.cpu_count() or 1)
     seed: int = 0
-    label_from: str = "layout"  # layout (ImageNet wnids) | folder (top-level folder under SRC)
+    label_from: LabelSource = LabelSource.layout
 
     def __post_init__(self) -> None:
         _require(self.resize >= 0, "resize", "0 (keep the bytes) or more")

@@ -32,16 +32,14 @@ from rich.console import Console
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from cectl.checkpoint import load_generator, read_state
-from cectl.config import JobConfig
-from cectl.data import eval_crop, read_samples, sample_image, to_batch, to_float
+from cectl.checkpoint import load_generator
+from cectl.data import eval_crop, read_samples, sample_pixels, to_batch, to_float
 from cectl.errors import BadInput, CectlError
 from cectl.images import Skip, decode
 from cectl.masks import draw_holes, fill_holes
 from cectl.shard import make_progress, read_manifest
 from cectl.storage import open_store
 
-ENCODER_ARCHS = ("alexnet227", "dcgan128")
 FORMAT = "cectl-encoder/1"
 NORMALISATION = "RGB, x / 127.5 - 1 (range [-1, 1]), center crop of the shorter side"
 # Conv features are average-pooled to at most this many values per image: pool5's
@@ -121,18 +119,9 @@ def check_layers(stack: nn.Sequential, arch: str, *names: str) -> None:
                            f"{', '.join(known)}")
 
 
-def _arch_of(ckpt) -> str:
-    state = read_state(ckpt)
-    return OmegaConf.merge(OmegaConf.structured(JobConfig), state.get("config", {})).model.arch
-
-
 def load_encoder(ckpt_uri: str) -> tuple[nn.Sequential, DictConfig, dict]:
     """The plain feature stack of a checkpoint's encoder, its job config and its origin."""
-    ckpt = open_store(ckpt_uri)
-    arch = _arch_of(ckpt)
-    if arch not in ENCODER_ARCHS:
-        raise BadInput(f"{ckpt.uri} holds a {arch!r} model; cectl understands the encoders "
-                       f"of {' and '.join(ENCODER_ARCHS)} only")
+    ckpt = open_store(ckpt_uri)  # its config names an arch cectl knows, or it is refused
     generator, cfg, state = load_generator(ckpt)
     return feature_stack(generator.encoder), cfg, {"checkpoint": ckpt.uri, "step": state["step"]}
 
@@ -214,7 +203,7 @@ def shard_features(data_uri: str, shard: str, stacks: dict[str, nn.Sequential],
     chunks: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in stacks}
     for start in range(0, len(samples), BATCH):
         batch = samples[start : start + BATCH]
-        images = to_float(to_batch([eval_crop(sample_image(s), image_size) for s in batch])
+        images = to_float(to_batch([eval_crop(sample_pixels(s), image_size) for s in batch])
                           .to(device))
         for name, stack in stacks.items():
             for layer, value in stack_features(stack.to(device), images).items():
@@ -459,7 +448,7 @@ def find_neighbors(ckpt_uri: str, data_uri: str, queries: list[Path], k: int, sp
     crops = []
     for path in queries:
         try:
-            crops.append(eval_crop(decode(path.read_bytes()).image, size))
+            crops.append(eval_crop(np.asarray(decode(path.read_bytes()).image), size))
         except Skip as e:
             raise BadInput(f"query {path} cannot be read ({e}): give an image file") from None
     query_features = _context_features(stack, cfg, crops, layer)
@@ -477,7 +466,7 @@ def find_neighbors(ckpt_uri: str, data_uri: str, queries: list[Path], k: int, sp
             samples = read_samples(store, shard["name"])
             for start in range(0, len(samples), BATCH):
                 batch = samples[start : start + BATCH]
-                arrays = [eval_crop(sample_image(s), size) for s in batch]
+                arrays = [eval_crop(sample_pixels(s), size) for s in batch]
                 distances = torch.cdist(query_features,
                                         _context_features(stack, cfg, arrays, layer))
                 for q, row in enumerate(distances.tolist()):

@@ -17,7 +17,6 @@ from cectl.errors import BadInput
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 WNID = re.compile(r"n\d{8}")
 UNSAFE = re.compile(r"[^A-Za-z0-9_/-]")
-LABEL_SOURCES = ("layout", "folder")
 
 
 @dataclass(frozen=True)
@@ -73,8 +72,6 @@ def list_items(
         raise BadInput(f"no image files found in {where}: give the folder that holds the images")
     if layout == "auto":
         layout = detect_layout(images)
-    if label_from not in LABEL_SOURCES:
-        raise BadInput(f"--label-from {label_from!r} is not one of {', '.join(LABEL_SOURCES)}")
     if label_from == "folder" and layout != "folder":
         raise BadInput(f"--label-from folder labels the folder layout, but {where} has the "
                        f"{layout!r} layout: add --layout folder")

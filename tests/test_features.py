@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch.nn import Conv2d, Flatten, LeakyReLU, Linear, MaxPool2d, ReLU, Sequential
 
 from cectl.checkpoint import load_generator
+from cectl.storage import open_store
 
 COLOURS = {"n01440764": (200, 40, 40), "n02102040": (40, 170, 60), "n03000684": (50, 60, 210)}
 
@@ -51,7 +52,7 @@ def alexnet_checkpoint(facade_shards, tmp_path_factory) -> str:
     store = tmp_path_factory.mktemp("alexnet")
     cfg = tiny_job(facade_shards, "model.arch=alexnet227", "data.image_size=227",
                    "data.load_size=227", "loss.mode=rec", "data.batch_size=2", "train.steps=2")
-    train(cfg, str(store), "alex")
+    train(cfg, open_store(str(store)), "alex")
     return str(store / "runs" / "alex" / "checkpoints" / "step-000002")
 
 
@@ -222,7 +223,7 @@ def test_feature_commands_refuse_bad_input_with_exit_2(tmp_path, tiny_checkpoint
     state = json.loads((foreign / "state.json").read_text())
     state["config"]["model"]["arch"] = "vgg16"
     (foreign / "state.json").write_text(json.dumps(state))
-    assert "holds a 'vgg16' model" in refuses("export", foreign, "-o", tmp_path / "v.safetensors")
+    assert "model.arch" in refuses("export", foreign, "-o", tmp_path / "v.safetensors")
     assert "is not a checkpoint" in refuses(
         "neighbors", tmp_path, "--data", labelled_shards, "--query", __file__)
     assert "--label-from folder labels the folder layout" in refuses(
