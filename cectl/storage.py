@@ -174,8 +174,9 @@ class S3Config:
 
     endpoint: str | None
     region: str
-    # botocore's standard retry mode (exponential backoff with jitter, capped at 20 s): about
-    # a minute of outage is ridden out. AWS_MAX_ATTEMPTS or a profile's max_attempts wins.
+    # Total attempts per request, as AWS_MAX_ATTEMPTS counts them. botocore's standard mode
+    # backs off with jitter from 50 ms (1 s when throttled), doubling up to 20 s: ten
+    # attempts ride out some 13 s (at most 25 s) of lost connection.
     max_attempts: int = 10
     connect_timeout: float = 3.0
     read_timeout: float = 30.0
@@ -189,6 +190,34 @@ class S3Config:
         return cls(endpoint=endpoint_url(),
                    region=chain.get_config_variable("region") or "us-east-1",
                    max_attempts=chain.get_config_variable("max_attempts") or cls.max_attempts)
+
+    def boto_client(self):
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            region_name=self.region,
+            retries={"mode": "standard", "total_max_attempts": self.max_attempts},
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            s3={"addressing_style": "path"} if self.endpoint else {},
+        )
+        return boto3.session.Session().client("s3", endpoint_url=self.endpoint, config=config)
+
+    def arrow_filesystem(self):
+        import pyarrow.fs
+
+        endpoint = {}
+        if self.endpoint:
+            parsed = urlparse(self.endpoint)
+            endpoint = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
+        return pyarrow.fs.S3FileSystem(
+            region=self.region,
+            connect_timeout=self.connect_timeout,
+            request_timeout=self.read_timeout,
+            retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts),
+            **endpoint,
+        )
 
 
 def _transfer_config():
@@ -232,19 +261,7 @@ class S3Store(Store):
         # One client per process: boto3 clients are thread-safe but must not cross a fork.
         pid = os.getpid()
         if pid not in _clients:
-            import boto3
-            from botocore.config import Config
-
-            s3 = S3Config.from_environment()
-            config = Config(
-                region_name=s3.region,
-                retries={"mode": "standard", "total_max_attempts": s3.max_attempts},
-                connect_timeout=s3.connect_timeout,
-                read_timeout=s3.read_timeout,
-                s3={"addressing_style": "path"} if s3.endpoint else {},
-            )
-            _clients[pid] = boto3.session.Session().client("s3", endpoint_url=s3.endpoint,
-                                                           config=config)
+            _clients[pid] = S3Config.from_environment().boto_client()
         return _clients[pid]
 
     @contextlib.contextmanager
@@ -331,20 +348,7 @@ class S3Store(Store):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def arrow_fs(self) -> tuple[object, str]:
-        import pyarrow.fs
-
-        s3 = S3Config.from_environment()
-        kwargs = {}
-        if s3.endpoint:
-            parsed = urlparse(s3.endpoint)
-            kwargs = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
-        fs = pyarrow.fs.S3FileSystem(
-            region=s3.region,
-            connect_timeout=s3.connect_timeout,
-            request_timeout=s3.read_timeout,
-            retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=s3.max_attempts),
-            **kwargs,
-        )
+        fs = S3Config.from_environment().arrow_filesystem()
         return fs, f"{self.bucket}/{self.prefix}".rstrip("/")
 
 
