@@ -19,8 +19,11 @@ IMAGE_EXTS = ("jpg", "png")
 class _HashingReader:
     """Feeds the tar reader while hashing and counting every byte that passes."""
 
-    def __init__(self, raw: IO[bytes]):
-        self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
+    def __init__(self, raw: IO[bytes], name: str):
+        self.raw, self.name, self.sha, self.size = raw, name, hashlib.sha256(), 0
+
+    def __repr__(self) -> str:
+        return self.name  # webdataset names the stream in its errors
 
     def read(self, n: int = -1) -> bytes:
         data = self.raw.read(n)
@@ -51,7 +54,7 @@ def check_shard(store: Store, entry: dict) -> list[str]:
         return ["missing"]
     problems, samples = [], 0
     with store.open(entry["name"]) as raw:
-        reader = _HashingReader(raw)
+        reader = _HashingReader(raw, entry["name"])
         try:
             for sample in tar_samples(reader, entry["name"]):
                 samples += 1
