@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tarfile
 from dataclasses import replace
 
 import pytest
@@ -101,6 +102,17 @@ def test_shard_bytes_depend_only_on_the_inputs_not_on_when_they_were_written(sou
     write_shard(source, str(tmp_path / "a"), task, PARAMS)
     write_shard(source, str(tmp_path / "b"), task, PARAMS)
     assert (tmp_path / "a" / task.name).read_bytes() == (tmp_path / "b" / task.name).read_bytes()
+
+
+def test_shard_members_carry_fixed_metadata_only(source, tmp_path):
+    task = plan(items(2), PARAMS)[0]
+    write_shard(source, str(tmp_path / "out"), task, PARAMS)
+    with tarfile.open(tmp_path / "out" / task.name) as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members] == [f"{i.key}.{ext}" for i in task.items
+                                         for ext in ("jpg", "json")]
+    assert {(m.mtime, m.mode, m.uid, m.gid, m.uname, m.gname) for m in members} == {
+        (0, 0o644, 0, 0, "", "")}
 
 
 def test_long_and_non_ascii_keys_survive_the_tar(tmp_path):
