@@ -7,27 +7,29 @@ on forever. A stream's place is one integer, the number of samples it has consum
 it, the epoch, the shard and the offset inside the shard follow from the manifest's
 sample counts. So resuming reads only the one shard it resumes in, skips nothing
 and repeats nothing. Random crops are seeded per sample from that same position.
+
+Samples come from webdataset's tar reader (`cectl.shard.read_samples`), but the read order
+is cectl's own: webdataset's shuffles and shard lists keep no state that can be saved and
+restored, so they cannot resume mid-epoch at an exact sample.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import random
-import tarfile
 from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
 import simplejpeg
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cectl.errors import BadInput, CectlError
 from cectl.images import Skip, decode, resize_shorter
 from cectl.masks import derive_seed
-from cectl.shard import read_manifest
+from cectl.shard import read_manifest, read_samples
 from cectl.storage import Store, open_store
 
 
@@ -44,20 +46,6 @@ def assign_shards(manifest: dict, split: str, rank: int, world: int, streams: in
                        "with a smaller --shard-size")
     n = max(1, min(streams, len(mine)))
     return [mine[k::n] for k in range(n)]
-
-
-def read_samples(store: Store, name: str) -> list[dict]:
-    """All samples of one shard, raw bytes by extension."""
-    try:
-        with store.open(name) as f:
-            files = ({**member, "__url__": name}
-                     for member in wds.tariterators.tar_file_iterator(f))
-            return list(wds.tariterators.group_by_keys(files))
-    except FileNotFoundError:
-        raise BadInput(f"shard {store.url(name)} is missing: run `cectl verify`") from None
-    except (tarfile.TarError, ValueError) as e:
-        raise BadInput(f"shard {store.url(name)} is not a readable tar ({e}): run "
-                       "`cectl verify`") from None
 
 
 def stream_samples(store: Store, shards: list[dict], seed: int, tag: str,

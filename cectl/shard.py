@@ -4,12 +4,14 @@ The plan is fixed before any work starts: inputs are listed, split, shuffled wit
 seed and cut into chunks of `shard_size`; shard i of a split holds chunk i (minus skipped
 inputs). So every shard can be built independently, by any worker, in any order, and a
 re-run rebuilds exactly the shards that have no finished record.
+
+Shards are written with webdataset's TarWriter and read back with its tar iterator, so
+cectl, `cectl verify` and any WebDataset pipeline agree on what a sample is.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing
 import random
@@ -17,9 +19,10 @@ import tarfile
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 from rich.console import Console
@@ -37,6 +40,9 @@ from cectl.errors import BadInput
 from cectl.images import Skip, prepare_sample
 from cectl.sources import Item, list_items
 from cectl.storage import LocalStore, Store, is_partial, open_store, safe_key
+
+if TYPE_CHECKING:
+    import webdataset as wds
 
 FORMAT = "cectl-shards/1"
 MANIFEST = "manifest.json"
@@ -76,11 +82,37 @@ def plan(items: list[Item], params: dict[str, Any]) -> list[ShardTask]:
     return tasks
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed metadata so that the same input gives byte-identical shards.
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
+def tar_writer(stream: IO[bytes]) -> wds.TarWriter:
+    """A webdataset TarWriter whose output depends only on the samples written.
+
+    Entries get fixed metadata (mtime 0, mode 0644, no user or group, ids 0) and PAX
+    headers for long or non-ASCII keys; values are written as the bytes given (no encoder).
+    """
+    # Imported here: webdataset pulls in torch, which only the workers that write need.
+    import webdataset as wds
+
+    return wds.TarWriter(stream, encoder=False, mtime=0, mode=0o644, user="", group="",
+                         format="PAX_FORMAT")
+
+
+def tar_samples(stream: IO[bytes], name: str) -> Iterator[dict]:
+    """The samples of one shard, raw bytes by extension, by webdataset's key rule."""
+    import webdataset as wds
+
+    files = ({**member, "__url__": name} for member in wds.tariterators.tar_file_iterator(stream))
+    return wds.tariterators.group_by_keys(files)
+
+
+def read_samples(store: Store, name: str) -> list[dict]:
+    """All samples of one shard (training and evaluation read through this)."""
+    try:
+        with store.open(name) as f:
+            return list(tar_samples(f, name))
+    except FileNotFoundError:
+        raise BadInput(f"shard {store.url(name)} is missing: run `cectl verify`") from None
+    except (tarfile.TarError, ValueError) as e:
+        raise BadInput(f"shard {store.url(name)} is not a readable tar ({e}): run "
+                       "`cectl verify`") from None
 
 
 def _read_input(src: Store, key: str) -> bytes:
@@ -107,7 +139,7 @@ def write_shard(src_uri: str, dst_uri: str, task: ShardTask, params: dict[str, A
     src, dst = open_store(src_uri), open_store(dst_uri)
     skipped, samples = [], 0
     with tempfile.NamedTemporaryFile(suffix=".tar") as tmp:
-        with tarfile.open(fileobj=tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        with tar_writer(tmp) as tar:
             for item in task.items:
                 try:
                     data = _read_input(src, item.source)
@@ -117,8 +149,8 @@ def write_shard(src_uri: str, dst_uri: str, task: ShardTask, params: dict[str, A
                     skipped.append({"path": item.source, "reason": e.reason, "detail": str(e)})
                 else:
                     meta = {"source": item.source, **size, "label": item.label}
-                    _tar_add(tar, f"{item.key}.{ext}", payload)
-                    _tar_add(tar, f"{item.key}.json", json.dumps(meta, sort_keys=True).encode())
+                    tar.write({"__key__": item.key, ext: payload,
+                               "json": json.dumps(meta, sort_keys=True).encode()})
                     samples += 1
                 if _progress_queue is not None:
                     _progress_queue.put(1)

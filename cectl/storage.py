@@ -6,6 +6,8 @@ place; S3 objects only appear once their single PUT or multipart upload complete
 S3 settings come from the standard AWS chain (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
 Names are checked here: a key never leaves its store's root ('..', absolute keys), a run
 name is one safe path segment, and credentials in URLs are masked in messages.
+On S3, boto3's managed transfer does the uploads and botocore's retry policy the retries;
+cectl adds only the atomic names, the reopening reader and one-sentence errors.
 """
 
 from __future__ import annotations
@@ -13,19 +15,17 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import random
 import re
 import shutil
-import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO
 from urllib.parse import urlparse
 
 from cectl.errors import BadInput, Failure
 
-T = TypeVar("T")
 MULTIPART_THRESHOLD = 64 * 2**20
 PART_SIZE = 32 * 2**20
 THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
@@ -233,6 +233,64 @@ def endpoint_url() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+@dataclass(frozen=True)
+class S3Config:
+    """The one S3 client configuration, for cectl's boto3 client and Ray's pyarrow filesystem."""
+
+    endpoint: str | None
+    region: str
+    # Total attempts per request, as AWS_MAX_ATTEMPTS counts them. botocore's standard mode
+    # backs off with jitter from 50 ms (1 s when throttled), doubling up to 20 s: ten
+    # attempts ride out some 13 s (at most 25 s) of lost connection.
+    max_attempts: int = 10
+    connect_timeout: float = 3.0
+    read_timeout: float = 30.0
+
+    @classmethod
+    def from_environment(cls) -> S3Config:
+        """Endpoint, region and attempts from the standard AWS chain."""
+        import botocore.session
+
+        chain = botocore.session.get_session()
+        return cls(endpoint=endpoint_url(),
+                   region=chain.get_config_variable("region") or "us-east-1",
+                   max_attempts=chain.get_config_variable("max_attempts") or cls.max_attempts)
+
+    def boto_client(self):
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            region_name=self.region,
+            retries={"mode": "standard", "total_max_attempts": self.max_attempts},
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            s3={"addressing_style": "path"} if self.endpoint else {},
+        )
+        return boto3.session.Session().client("s3", endpoint_url=self.endpoint, config=config)
+
+    def arrow_filesystem(self):
+        import pyarrow.fs
+
+        endpoint = {}
+        if self.endpoint:
+            parsed = urlparse(self.endpoint)
+            endpoint = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
+        return pyarrow.fs.S3FileSystem(
+            region=self.region,
+            connect_timeout=self.connect_timeout,
+            request_timeout=self.read_timeout,
+            retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts),
+            **endpoint,
+        )
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=PART_SIZE)
+
+
 def _transient(e: Exception) -> bool:
     from botocore.exceptions import (
         ClientError,
@@ -253,7 +311,7 @@ _clients: dict[int, object] = {}
 
 
 class S3Store(Store):
-    def __init__(self, uri: str, attempts: int = 6):
+    def __init__(self, uri: str):
         parsed = urlparse(uri)
         if not parsed.netloc:
             raise BadInput(f"S3 URI {uri!r} has no bucket: use s3://bucket/prefix")
@@ -262,7 +320,6 @@ class S3Store(Store):
                            "s3://bucket/prefix and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
         self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        self.attempts = attempts
 
     def _key(self, key: str) -> str:
         key = _checked(key)
@@ -273,28 +330,19 @@ class S3Store(Store):
         # One client per process: boto3 clients are thread-safe but must not cross a fork.
         pid = os.getpid()
         if pid not in _clients:
-            import boto3
-            from botocore.config import Config
-
-            config = Config(
-                retries={"mode": "standard", "total_max_attempts": 3},
-                connect_timeout=3,
-                read_timeout=30,
-                s3={"addressing_style": "path"} if endpoint_url() else {},
-            )
-            _clients[pid] = boto3.session.Session().client("s3", config=config)
+            _clients[pid] = S3Config.from_environment().boto_client()
         return _clients[pid]
 
-    def _retry(self, fn: Callable[[], T], attempts: int | None = None) -> T:
-        attempts = attempts or self.attempts
-        for attempt in range(attempts):
-            try:
-                return fn()
-            except Exception as e:
-                if not _transient(e) or attempt == attempts - 1:
-                    raise self._explain(e) from None
-                time.sleep(min(0.25 * 2**attempt, 8.0) * random.uniform(0.5, 1.0))
-        raise AssertionError("unreachable")
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Raise S3 failures as one-sentence CectlErrors, once botocore has retried them."""
+        try:
+            yield
+        except Exception as e:
+            error = self._explain(e)
+            if error is e:
+                raise
+            raise error from None
 
     def _explain(self, e: Exception) -> Exception:
         """Turn a boto error into a one-sentence CectlError; leave others alone."""
@@ -323,12 +371,13 @@ class S3Store(Store):
         return e
 
     def check(self, create: bool = False) -> None:
-        self._retry(lambda: self.client.head_bucket(Bucket=self.bucket), attempts=3)
+        with self._errors():
+            self.client.head_bucket(Bucket=self.bucket)
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
-        def head() -> bool:
+        with self._errors():
             try:
                 self.client.head_object(Bucket=self.bucket, Key=self._key(key))
                 return True
@@ -337,19 +386,23 @@ class S3Store(Store):
                     return False
                 raise
 
-        return self._retry(head)
-
     def open(self, key: str) -> BinaryIO:
         return io.BufferedReader(_S3Reader(self, self._key(key)), buffer_size=2**20)
 
+    def _upload(self, fileobj: BinaryIO, key: str) -> None:
+        # One PUT below the threshold, a multipart upload above it (aborted if it fails):
+        # either way the object appears under its name only once it is whole.
+        with self._errors():
+            self.client.upload_fileobj(fileobj, self.bucket, self._key(key),
+                                       Config=_transfer_config())
+
     def write_bytes(self, key: str, data: bytes) -> None:
-        self._retry(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key),
-                                                   Body=data))
+        self._upload(io.BytesIO(data), key)
 
     def create(self, key: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError
 
-        def put() -> bool:
+        with self._errors():
             try:  # a conditional PUT: S3 refuses it (412) when the key exists
                 self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
                                        IfNoneMatch="*")
@@ -360,69 +413,32 @@ class S3Store(Store):
                     return False
                 raise
 
-        return self._retry(put)
-
     def put_file(self, local_path: str | Path, key: str) -> None:
-        size = os.path.getsize(local_path)
-        if size < MULTIPART_THRESHOLD:
-            self.write_bytes(key, Path(local_path).read_bytes())
-            return
-        full = self._key(key)
-        upload_id = self._retry(lambda: self.client.create_multipart_upload(
-            Bucket=self.bucket, Key=full)["UploadId"])
-        try:
-            parts = []
-            with open(local_path, "rb") as f:
-                for number in range(1, -(-size // PART_SIZE) + 1):
-                    chunk = f.read(PART_SIZE)
-                    etag = self._retry(lambda n=number, c=chunk: self.client.upload_part(
-                        Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=n,
-                        Body=c)["ETag"])
-                    parts.append({"PartNumber": number, "ETag": etag})
-            self._retry(lambda: self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=full, UploadId=upload_id,
-                MultipartUpload={"Parts": parts}))
-        except BaseException:
-            # Best effort: an unfinished upload stays invisible either way.
-            with contextlib.suppress(Exception):
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=full,
-                                                   UploadId=upload_id)
-            raise
+        with open(local_path, "rb") as f:
+            self._upload(f, key)
 
     def list(self, prefix: str = "") -> list[str]:
-        full = self._key(prefix)
         root = f"{self.prefix}/" if self.prefix else ""
-
-        def pages() -> list[str]:
-            found = []
+        found = []
+        with self._errors():
             paginator = self.client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
                 found += [obj["Key"][len(root):] for obj in page.get("Contents", [])]
-            return found
-
-        return sorted(self._retry(pages))
+        return sorted(found)
 
     def delete(self, key: str) -> None:
-        self._retry(lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+        with self._errors():
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def arrow_fs(self) -> tuple[object, str]:
-        import pyarrow.fs
-
-        kwargs = {}
-        if endpoint := endpoint_url():
-            parsed = urlparse(endpoint)
-            kwargs = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        fs = pyarrow.fs.S3FileSystem(
-            region=region or "us-east-1",
-            retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=10),
-            **kwargs,
-        )
+        fs = S3Config.from_environment().arrow_filesystem()
         return fs, f"{self.bucket}/{self.prefix}".rstrip("/")
 
 
 class _S3Reader(io.RawIOBase):
-    """A GET body that reopens at its current offset when the connection drops."""
+    """A GET body that reopens at its current offset (a Range GET) when the connection drops."""
+
+    REOPENS = 5  # drops in a row, each after a successful reopen, before a read gives up
 
     def __init__(self, store: S3Store, full_key: str):
         self._store, self._key, self._pos, self._body = store, full_key, 0, None
@@ -430,27 +446,35 @@ class _S3Reader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def _read(self, size: int) -> bytes:
+    def _open_body(self):
+        """The body from the current offset on; None when the offset is the end."""
         from botocore.exceptions import ClientError
 
         if self._body is None:
             extra = {"Range": f"bytes={self._pos}-"} if self._pos else {}
-            try:
-                response = self._store.client.get_object(
-                    Bucket=self._store.bucket, Key=self._key, **extra)
-            except ClientError as e:
-                if e.response.get("Error", {}).get("Code") == "InvalidRange":
-                    return b""  # the drop happened exactly at the end
-                raise
+            with self._store._errors():
+                try:
+                    response = self._store.client.get_object(
+                        Bucket=self._store.bucket, Key=self._key, **extra)
+                except ClientError as e:
+                    if e.response.get("Error", {}).get("Code") == "InvalidRange":
+                        return None  # the drop happened exactly at the end
+                    raise
             self._body = response["Body"]
-        try:
-            return self._body.read(size)
-        except Exception:
-            self._body = None
-            raise
+        return self._body
 
     def readinto(self, buffer) -> int:
-        data = self._store._retry(lambda: self._read(len(buffer)))
+        for drop in range(self.REOPENS + 1):
+            body = self._open_body()
+            if body is None:
+                return 0
+            try:
+                data = body.read(len(buffer))
+                break
+            except Exception as e:
+                self._body = None
+                if not _transient(e) or drop == self.REOPENS:
+                    raise self._store._explain(e) from None
         buffer[: len(data)] = data
         self._pos += len(data)
         return len(data)
@@ -460,4 +484,3 @@ class _S3Reader(io.RawIOBase):
             self._body.close()
             self._body = None
         super().close()
-

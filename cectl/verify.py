@@ -7,7 +7,6 @@ import hashlib
 import math
 import tarfile
 import threading
-from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO
@@ -15,17 +14,20 @@ from typing import IO
 from rich.console import Console
 
 from cectl.images import MAX_PIXELS, Skip, decode, open_image
-from cectl.shard import make_progress, read_manifest, shard_names
+from cectl.shard import make_progress, read_manifest, shard_names, tar_samples
 from cectl.storage import Store, open_store
 
 IMAGE_EXTS = ("jpg", "png")
 
 
 class _HashingReader:
-    """Feeds tarfile while hashing and counting every byte that passes."""
+    """Feeds the tar reader while hashing and counting every byte that passes."""
 
-    def __init__(self, raw: IO[bytes]):
-        self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
+    def __init__(self, raw: IO[bytes], name: str):
+        self.raw, self.name, self.sha, self.size = raw, name, hashlib.sha256(), 0
+
+    def __repr__(self) -> str:
+        return self.name  # webdataset names the stream in its errors
 
     def read(self, n: int = -1) -> bytes:
         data = self.raw.read(n)
@@ -72,38 +74,41 @@ def _pixels(data: bytes) -> int:
         return 0
 
 
+def _sample_problem(sample: dict) -> str | None:
+    """What is wrong with one sample read from a shard, if anything."""
+    images = [ext for ext in IMAGE_EXTS if ext in sample]
+    if not images or "json" not in sample:
+        return f"sample {sample['__key__']} lacks an image or its .json"
+    data = sample[images[0]]
+    try:
+        with _decodes.hold(_pixels(data)):
+            decode(data)
+    except Skip as e:
+        return f"sample {sample['__key__']} does not decode ({e})"
+    return None
+
+
 def check_shard(store: Store, entry: dict) -> list[str]:
     """Problems found in one shard: missing, wrong hash or size, bad samples."""
     if not store.exists(entry["name"]):
         return ["missing"]
-    problems, samples = [], defaultdict(dict)
+    problems, samples = [], 0
     with store.open(entry["name"]) as raw:
-        reader = _HashingReader(raw)
+        reader = _HashingReader(raw, entry["name"])
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    samples[key][ext] = tar.extractfile(member).read() if member.isfile() else b""
-        except tarfile.TarError as e:
+            for sample in tar_samples(reader, entry["name"]):
+                samples += 1
+                if problem := _sample_problem(sample):
+                    problems.append(problem)
+        except (tarfile.TarError, ValueError) as e:  # ValueError: a file twice in one sample
             problems.append(f"unreadable tar ({e})")
         reader.drain()
     if reader.sha.hexdigest() != entry["sha256"]:
         problems.append("sha256 differs from the manifest")
     if reader.size != entry["bytes"]:
         problems.append(f"{reader.size} bytes, manifest says {entry['bytes']}")
-    if len(samples) != entry["samples"]:
-        problems.append(f"{len(samples)} samples, manifest says {entry['samples']}")
-    for key, files in samples.items():
-        images = [ext for ext in IMAGE_EXTS if ext in files]
-        if not images or "json" not in files:
-            problems.append(f"sample {key} lacks an image or its .json")
-            continue
-        data = files[images[0]]
-        try:
-            with _decodes.hold(_pixels(data)):
-                decode(data)
-        except Skip as e:
-            problems.append(f"sample {key} does not decode ({e})")
+    if samples != entry["samples"]:
+        problems.append(f"{samples} samples, manifest says {entry['samples']}")
     return problems
 
 

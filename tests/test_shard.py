@@ -235,8 +235,9 @@ def test_missing_bucket_exits_2(paris, s3_env):
 def test_unreachable_endpoint_exits_1(paris, s3_env):
     from helpers import free_port
 
-    result = cectl("shard", paris, "s3://bucket/x",
-                   env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"})
+    result = cectl("shard", paris, "s3://bucket/x",  # two attempts: no need to wait out retries
+                   env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+                        "AWS_MAX_ATTEMPTS": "2"})
     assert result.returncode == 1
     assert "cannot reach S3" in result.stderr and "Traceback" not in result.stderr
 

@@ -38,6 +38,9 @@ def test_large_file_goes_up_in_parts_and_comes_back_whole(store, tmp_path, monke
     store.put_file(tmp_path / "big", "big.bin")
     store.get_file("big.bin", tmp_path / "back")
     assert (tmp_path / "back").read_bytes() == data
+    if isinstance(store, storage.S3Store):  # a multipart ETag ends in the number of parts
+        head = store.client.head_object(Bucket=store.bucket, Key=store._key("big.bin"))
+        assert head["ETag"].strip('"').endswith("-3")
 
 
 def test_local_write_is_atomic_and_leaves_no_partial(tmp_path, monkeypatch):
@@ -67,6 +70,17 @@ def test_s3_stream_resumes_when_the_connection_drops(s3_env, bucket, monkeypatch
     proxy.close()
     assert first + rest == data
     assert proxy.dropped > 0
+
+
+def test_boto_client_and_arrow_filesystem_share_one_configuration(s3_env, bucket, monkeypatch):
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "4")
+    monkeypatch.setattr(storage, "_clients", {})
+    store = open_store(f"s3://{bucket}/x")
+    fs, _ = store.arrow_fs()
+    assert store.client.meta.region_name == fs.region == "eu-west-3"
+    assert store.client.meta.endpoint_url == s3_env
+    assert store.client.meta.config.retries == {"mode": "standard", "total_max_attempts": 4}
 
 
 def test_unknown_scheme_is_bad_input():
