@@ -81,11 +81,14 @@ def sample_image(sample: dict, draft_to: int = 0) -> Image.Image:
 
 
 def train_crop(img: Image.Image, load_size: int, image_size: int, rng: random.Random) -> np.ndarray:
-    """loadSize then a random fineSize crop, as the reference code does."""
+    """loadSize, a random fineSize crop, a horizontal flip with p = 0.5 (donkey_folder.lua)."""
     img = resize_shorter(img, max(load_size, image_size), upscale=True)
     x = rng.randint(0, img.size[0] - image_size)
     y = rng.randint(0, img.size[1] - image_size)
-    return np.asarray(img.crop((x, y, x + image_size, y + image_size)))
+    crop = img.crop((x, y, x + image_size, y + image_size))
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(crop)
 
 
 def eval_crop(img: Image.Image, image_size: int) -> np.ndarray:
@@ -136,6 +139,18 @@ class TrainStreams(IterableDataset):
                 images = []
 
 
+def worker_batch(cfg, world: int) -> int:
+    """Images per worker and step: data.batch_size, or under data.batch_policy=global
+    its share of data.batch_size, so that the effective batch stays the recipe's."""
+    if cfg.data.batch_policy != "global":
+        return cfg.data.batch_size
+    if cfg.data.batch_size % world:
+        raise BadInput(f"data.batch_policy=global cannot split data.batch_size="
+                       f"{cfg.data.batch_size} evenly over {world} workers: make it a "
+                       f"multiple of {world}")
+    return cfg.data.batch_size // world
+
+
 class TrainLoader:
     """Iterates batches for one rank, counting them: the count is the data position."""
 
@@ -144,7 +159,7 @@ class TrainLoader:
         streams = assign_shards(manifest, "train", rank, world, max(1, cfg.data.workers))
         self.batches = batches
         dataset = TrainStreams(data_uri, streams, batches, cfg.train.seed, rank,
-                               cfg.data.batch_size, cfg.data.load_size, cfg.data.image_size)
+                               worker_batch(cfg, world), cfg.data.load_size, cfg.data.image_size)
         processes = len(streams) if cfg.data.workers > 0 else 0
         self.loader = DataLoader(dataset, batch_size=None, num_workers=processes,
                                  prefetch_factor=4 if processes else None,

@@ -27,7 +27,7 @@ from torch import nn
 
 from cectl.checkpoint import Run, collect_tensors, load_checkpoint, restore_tensors
 from cectl.config import to_yaml
-from cectl.data import TrainLoader, load_eval_images, open_manifest, to_float
+from cectl.data import TrainLoader, load_eval_images, open_manifest, to_float, worker_batch
 from cectl.evaluate import evaluate
 from cectl.losses import adversarial_loss, reconstruction_loss
 from cectl.masks import derive_seed, draw_holes, fill_holes, loss_weights, output_window
@@ -96,7 +96,7 @@ def train_step(generator: nn.Module, discriminator: nn.Module | None,
     """One update of D (real, then fake) and then of G; returns the losses."""
     window = output_window(cfg.data.image_size, cfg.mask.kind)
     target = window.crop(images)
-    weights = window.crop(loss_weights(holes, cfg.mask.overlap, cfg.mask.overlap_weight))
+    weights = loss_weights(holes, window, cfg.mask.overlap_weight)
     cast = autocast(cfg.train.precision, images.device)
     with cast:
         fake = generator(fill_holes(images, holes))
@@ -215,7 +215,9 @@ def train(cfg: DictConfig, store_uri: str, run_name: str, session: Session | Non
     generator.to(device)
     if discriminator is not None:
         discriminator.to(device)
-    opt_g = make_optimizer(generator, cfg.optim.lr_d * cfg.optim.lr_ratio, cfg.optim.beta1)
+    # As train.lua: the generator learns 10x faster only against a discriminator.
+    lr_g = cfg.optim.lr_d * (cfg.optim.lr_ratio if discriminator is not None else 1.0)
+    opt_g = make_optimizer(generator, lr_g, cfg.optim.beta1)
     opt_d = (make_optimizer(discriminator, cfg.optim.lr_d, cfg.optim.beta1)
              if discriminator is not None else None)
 
@@ -244,7 +246,7 @@ def train(cfg: DictConfig, store_uri: str, run_name: str, session: Session | Non
         if resume:
             logger.log(start, {"resumed": 1})
 
-    batch = cfg.data.batch_size
+    batch = worker_batch(cfg, session.world)
     t_start = t_window = time.perf_counter()
     window_steps, last = 0, {}
     for step in range(start + 1, cfg.train.steps + 1):
@@ -287,6 +289,16 @@ def train(cfg: DictConfig, store_uri: str, run_name: str, session: Session | Non
             "seconds": seconds, "images_per_s": done * batch * session.world / max(seconds, 1e-9),
             "metrics": last, "checkpoints": run.store.url("checkpoints"),
             "models": (generator, discriminator)}
+
+
+def describe_batch(cfg: DictConfig, world: int) -> str:
+    """The start-up line on the batch: with more workers the recipe changes unless told."""
+    batch = worker_batch(cfg, world)
+    text = f"effective batch {world} x {batch} = {world * batch}"
+    if world > 1 and cfg.data.batch_policy == "per-worker":
+        text += (f", {world}x the recipe's at the same learning rate "
+                 f"(data.batch_policy=global keeps it at {cfg.data.batch_size})")
+    return text
 
 
 def _cpu_has_bf16() -> bool:
