@@ -1,15 +1,15 @@
 """`cectl inpaint`: fill a hole in a user's image of any size and mode.
 
-The network sees a square context window around the hole, so the aspect ratio is kept:
-the smallest square (at least the image's shorter side) that puts the hole where the
-model fills (the central window of a center model, anywhere for a random-mask model),
-centred on the hole and moved into the image as far as that allows; where it still
-overhangs the image, edge pixels are repeated. The square is scaled to the network's
-input size, the prediction scaled back to the square, and only the hole's own pixels are
-replaced, as test.lua does (hard paste; the overlap band the network also predicts is
-not pasted). Every other pixel is left untouched. For an image of the network's size
-with a mask drawn by `--mask KIND`, nothing is scaled: the result is test.lua's.
-`--mask KIND` draws the hole on the image's central largest square.
+The network sees a square context window around the hole, so the aspect ratio is kept.
+Its side is the image's shorter side, or more where the hole needs it to lie where the
+model fills (the central window of a center model; anywhere for a random-mask model).
+It is centred on the hole, then moved into the image as far as that allows; where it
+still overhangs the image, edge pixels are repeated. The square is scaled to the
+network's input size, the prediction scaled back to the square, and only the hole's own
+pixels are replaced, as test.lua does (hard paste; the overlap band the network also
+predicts is not pasted). Every other pixel is left untouched. `--mask KIND` draws the
+hole on the image's central largest square; for an image of the network's size nothing
+is then scaled and the result is test.lua's.
 """
 
 from __future__ import annotations
