@@ -64,7 +64,7 @@ def baseline_step(g, d, opt_g, opt_d, images, holes, cfg) -> float:
     """The plain loop a researcher would write: eager fp32, default Adam."""
     window = output_window(cfg.data.image_size, cfg.mask.kind)
     target = window.crop(images)
-    weights = window.crop(loss_weights(holes, cfg.mask.overlap, cfg.mask.overlap_weight))
+    weights = loss_weights(holes, window, cfg.mask.overlap_weight)
     fake = g(fill_holes(images, holes))
     loss_d = adversarial_loss(d(target), True) + adversarial_loss(d(fake.detach()), False)
     opt_d.zero_grad()

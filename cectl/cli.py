@@ -127,7 +127,7 @@ def train_command(
 
     from cectl.checkpoint import Run
     from cectl.storage import open_store
-    from cectl.train import TrainProgress, train
+    from cectl.train import TrainProgress, describe_batch, train
 
     run_store = open_store(store)
     run_store.check(create=True)
@@ -146,8 +146,9 @@ def train_command(
                            "continue it, or pick another --name")
     if local and nodes is not None:
         raise BadInput("--local and --nodes exclude each other")
+    world = 1 if nodes is None else max(1, nodes * gpus_per_node)  # --nodes 0: refused below
     err.print(f"run {name}: {cfg.model.arch}, {cfg.mask.kind} masks, {cfg.loss.mode} loss, "
-              f"batch {cfg.data.batch_size} per worker, {cfg.train.steps} steps")
+              f"{describe_batch(cfg, world)}, {cfg.train.steps} steps")
     start = time.perf_counter()
     if nodes is None:
         from cectl.distributed import local_session

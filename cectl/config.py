@@ -75,6 +75,9 @@ class Decoder(StrEnum):
     gpu = "gpu"  # nvJPEG through torchvision (the `gpu` extra)
 
 
+BatchPolicy = StrEnum("BatchPolicy", ["per-worker", "global"])  # not identifiers
+
+
 class SweepMode(StrEnum):
     min = "min"
     max = "max"
@@ -165,7 +168,10 @@ class DataConfig:
     uri: str = ""  # the shards (local path or s3://); `--data` sets it
     image_size: int = 128  # fineSize
     load_size: int = 350  # loadSize: shorter side before the random crop
-    batch_size: int = 64  # per worker
+    batch_size: int = 64  # per worker, or for all workers together (batch_policy)
+    # per-worker: each worker takes batch_size (the effective batch grows with the workers);
+    # global: the workers share batch_size, the effective batch is the recipe's at any scale.
+    batch_policy: BatchPolicy = BatchPolicy["per-worker"]
     workers: int = 2  # loader processes per training worker
     decode: Decoder = Decoder.auto  # where JPEGs are decoded
 

@@ -74,13 +74,15 @@ def stream_samples(store: Store, shards: list[dict], seed: int, tag: str,
 
 class Crop(NamedTuple):
     """Where a training crop comes from: the JPEG decoded at 1/`reduce` scale, scaled to
-    `height` x `width` (shorter side loadSize), then cut at (`x`, `y`)."""
+    `height` x `width` (shorter side loadSize), cut at (`x`, `y`), then mirrored left to
+    right if `flip` (p = 0.5, as donkey_folder.lua)."""
 
     reduce: int
     height: int
     width: int
     x: int
     y: int
+    flip: bool
 
 
 def plan_crop(sample: dict, load_size: int, image_size: int, rng: random.Random) -> Crop:
@@ -104,7 +106,7 @@ def plan_crop(sample: dict, load_size: int, image_size: int, rng: random.Random)
         height, width = max(side, round(height * scale)), max(side, round(width * scale))
     x = rng.randint(0, width - image_size)
     y = rng.randint(0, height - image_size)
-    return Crop(reduce, height, width, x, y)
+    return Crop(reduce, height, width, x, y, flip=rng.random() < 0.5)
 
 
 def _where(sample: dict) -> str:
@@ -156,7 +158,8 @@ def scale_shorter(pixels: np.ndarray, size: int) -> np.ndarray:
 def cut(pixels: np.ndarray, crop: Crop, image_size: int) -> np.ndarray:
     if pixels.shape[:2] != (crop.height, crop.width):
         pixels = scale_shorter(pixels, min(crop.height, crop.width))
-    return pixels[crop.y : crop.y + image_size, crop.x : crop.x + image_size]
+    pixels = pixels[crop.y : crop.y + image_size, crop.x : crop.x + image_size]
+    return pixels[:, ::-1] if crop.flip else pixels
 
 
 def eval_crop(pixels: np.ndarray, image_size: int) -> np.ndarray:
@@ -208,7 +211,8 @@ def decode_batch(batch: EncodedBatch, image_size: int, device: torch.device) -> 
             img = torch.nn.functional.interpolate(
                 img[None].float(), size=(crop.height, crop.width), mode="bicubic",
                 antialias=True)[0].round_().clamp_(0, 255).byte()
-        out.append(img[:, crop.y : crop.y + image_size, crop.x : crop.x + image_size])
+        img = img[:, crop.y : crop.y + image_size, crop.x : crop.x + image_size]
+        out.append(img.flip(-1) if crop.flip else img)
     return torch.stack(out)
 
 
@@ -278,6 +282,18 @@ def gpu_decoding(mode: str, device: torch.device) -> bool:
     return mode == "gpu" or (mode == "auto" and available)
 
 
+def worker_batch(cfg, world: int) -> int:
+    """Images per worker and step: data.batch_size, or under data.batch_policy=global
+    its share of data.batch_size, so that the effective batch stays the recipe's."""
+    if cfg.data.batch_policy != "global":
+        return cfg.data.batch_size
+    if cfg.data.batch_size % world:
+        raise BadInput(f"data.batch_policy=global cannot split data.batch_size="
+                       f"{cfg.data.batch_size} evenly over {world} workers: make it a "
+                       f"multiple of {world}")
+    return cfg.data.batch_size // world
+
+
 class TrainLoader:
     """Batches for one rank, as uint8 NCHW on `device`. Its state, the number of batches
     handed out, is the data position a checkpoint saves and restores.
@@ -290,6 +306,7 @@ class TrainLoader:
                  device: torch.device | None = None, encoded: bool = False):
         self.data_uri, self.cfg, self.rank, self.encoded = data_uri, cfg, rank, encoded
         self.device = device or torch.device("cpu")
+        self.batch_size = worker_batch(cfg, world)
         self.streams = assign_shards(manifest, "train", rank, world, max(1, cfg.data.workers))
         self.batches = 0
         self._iter: Iterator[torch.Tensor | EncodedBatch] | None = None
@@ -303,7 +320,7 @@ class TrainLoader:
     def _start(self) -> Iterator[torch.Tensor | EncodedBatch]:
         cfg = self.cfg
         dataset = TrainStreams(self.data_uri, self.streams, self.batches, cfg.train.seed,
-                               self.rank, cfg.data.batch_size, cfg.data.load_size,
+                               self.rank, self.batch_size, cfg.data.load_size,
                                cfg.data.image_size, self.encoded)
         processes = len(self.streams) if cfg.data.workers > 0 else 0
         # Its own generator: every random draw of the pipeline is seeded from the data

@@ -163,9 +163,7 @@ def train_on_ray(cfg: DictConfig, store: Store, name: str, nodes: int, gpus_per_
         check_resources(workers, nodes, cpu)
         fs, root = store.arrow_fs()
         progress_queue = Queue()
-        console.print(f"{workers} {'CPU' if cpu else 'GPU'} workers on {nodes} node(s), "
-                      f"effective batch {workers} x {cfg.data.batch_size} = "
-                      f"{workers * cfg.data.batch_size}")
+        console.print(f"{workers} {'CPU' if cpu else 'GPU'} workers on {nodes} node(s)")
         trainer = TorchTrainer(
             _worker,
             train_loop_config={"cfg": OmegaConf.to_container(cfg), "store": store.uri,

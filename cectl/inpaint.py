@@ -1,9 +1,15 @@
 """`cectl inpaint`: fill a hole in a user's image of any size and mode.
 
-The network runs at its own resolution on the whole image scaled to it; the prediction is
-scaled back to the hole in the original image. Inside the hole the prediction is used;
-in the band of `mask.overlap` px (scaled) around it, prediction and original are blended
-with a weight that fades towards the context; every other pixel is left untouched.
+The network sees a square context window around the hole, so the aspect ratio is kept.
+Its side is the image's shorter side, or more where the hole needs it to lie where the
+model fills (the central window of a center model; anywhere for a random-mask model).
+It is centred on the hole, then moved into the image as far as that allows; where it
+still overhangs the image, edge pixels are repeated. The square is scaled to the
+network's input size, the prediction scaled back to the square, and only the hole's own
+pixels are replaced, as test.lua does (hard paste; the overlap band the network also
+predicts is not pasted). Every other pixel is left untouched. `--mask KIND` draws the
+hole on the image's central largest square; for an image of the network's size nothing
+is then scaled and the result is test.lua's.
 """
 
 from __future__ import annotations
@@ -20,8 +26,15 @@ from cectl.checkpoint import load_generator
 from cectl.data import to_batch, to_float
 from cectl.errors import BadInput
 from cectl.images import Skip, decode, open_image, to_8bit_grey
-from cectl.masks import KINDS, check_window, derive_seed, draw_holes, output_window
-from cectl.model import complete
+from cectl.masks import (
+    KINDS,
+    Window,
+    check_window,
+    derive_seed,
+    draw_holes,
+    fill_holes,
+    output_window,
+)
 
 KEEP_MODES = ("RGB", "RGBA", "L", "LA")
 
@@ -62,6 +75,40 @@ def _read_image(path: Path) -> tuple[Image.Image, Image.Image]:
     return original, decoded.image
 
 
+def context_square(hole: np.ndarray, window: Window, size: int) -> tuple[int, int, int]:
+    """(x, y, side) of the square the network sees; it may overhang the image."""
+    height, width = hole.shape
+    ys, xs = np.nonzero(hole)
+    # A network pixel that covers any hole pixel is a hole pixel: inside a central window,
+    # keep one network pixel to spare on each side.
+    spare = 0 if window.size == size else 1
+    extent = max(ys.max() + 1 - ys.min(), xs.max() + 1 - xs.min())
+    side = max(min(width, height),
+               math.ceil((extent + spare) * size / (window.size - 2 * spare)))
+    scale = side / size
+
+    def start(first: int, end: int, length: int) -> int:
+        lowest = math.ceil(end - (window.offset + window.size - spare) * scale)
+        highest = math.floor(first - (window.offset + spare) * scale)
+        if side > length:
+            wanted = (length - side) // 2
+        else:
+            wanted = min(max((first + end - side) // 2, 0), length - side)
+        return min(max(wanted, lowest), highest)
+
+    return start(xs.min(), xs.max() + 1, width), start(ys.min(), ys.max() + 1, height), side
+
+
+def cut_square(array: np.ndarray, x: int, y: int, side: int, mode: str) -> np.ndarray:
+    """array[y : y + side, x : x + side], padded (np.pad `mode`) where it leaves the array."""
+    height, width = array.shape[:2]
+    pads = ((max(0, -y), max(0, y + side - height)), (max(0, -x), max(0, x + side - width)))
+    if any(any(p) for p in pads):
+        array = np.pad(array, pads + ((0, 0),) * (array.ndim - 2), mode=mode)
+        x, y = x + pads[1][0], y + pads[0][0]
+    return array[y : y + side, x : x + side]
+
+
 def inpaint(image_path: Path, ckpt: str, mask: str, out_path: Path, seed: int = 0) -> dict:
     generator, cfg, _ = load_generator(ckpt)
     original, rgb = _read_image(image_path)
@@ -70,46 +117,47 @@ def inpaint(image_path: Path, ckpt: str, mask: str, out_path: Path, seed: int = 
     window = output_window(size, cfg.mask.kind)
 
     if mask in KINDS:
-        small = draw_holes(mask, 1, size, cfg.mask.overlap, derive_seed(seed, "inpaint"))
-        hole = F.interpolate(small.float(), size=(height, width), mode="nearest")[0, 0] > 0
+        drawn = draw_holes(mask, 1, size, cfg.mask.overlap, derive_seed(seed, "inpaint"))
+        check_window(drawn, window, cfg.mask.kind)
+        short = min(width, height)
+        hole = np.zeros((height, width), dtype=bool)
+        x, y = (width - short) // 2, (height - short) // 2
+        hole[y : y + short, x : x + short] = F.interpolate(
+            drawn.float(), size=(short, short), mode="nearest")[0, 0].numpy() > 0
         if not hole.any():
             raise BadInput(f"{image_path} is {width}x{height} px, too small for any pixel to "
                            f"fall in this model's {mask} hole: give a larger image")
     else:
-        hole = torch.from_numpy(read_mask(Path(mask), (width, height)))
-        # A network pixel is a hole if any image pixel it covers is.
-        small = F.adaptive_max_pool2d(hole[None, None].float(), size) > 0
-    check_window(small, window, cfg.mask.kind)
+        hole = read_mask(Path(mask), (width, height))
 
-    net_input = to_float(to_batch([np.asarray(rgb.resize((size, size), Image.Resampling.BICUBIC))]))
+    x, y, side = context_square(hole, window, size)
+    net_input = to_float(to_batch([cut_square(np.asarray(rgb), x, y, side, "edge")]))
+    square_hole = torch.from_numpy(cut_square(hole, x, y, side, "constant"))[None, None]
+    if side != size:
+        net_input = F.interpolate(net_input, size=(size, size), mode="bicubic", antialias=True,
+                                  align_corners=False).clamp(-1, 1)
+    # A network pixel is a hole if any image pixel it covers is.
+    small = F.adaptive_max_pool2d(square_hole.float(), size) > 0
     with torch.no_grad():
-        _, completed = complete(generator, net_input, small, window.offset)
-    filled = F.interpolate(completed, size=(height, width), mode="bicubic", align_corners=False)
-    filled = filled[0].add(1).mul(127.5).clamp(0, 255).round().byte().permute(1, 2, 0).numpy()
+        pred = generator(fill_holes(net_input, small)).float()
+    canvas = net_input.clone()
+    canvas[..., window.offset : window.offset + window.size,
+           window.offset : window.offset + window.size] = pred
+    if side != size:
+        canvas = F.interpolate(canvas, size=(side, side), mode="bicubic", align_corners=False)
+    canvas = canvas[0].add(1).mul(127.5).clamp(0, 255).round().byte().permute(1, 2, 0).numpy()
 
-    # Blend weight: 1 in the hole, fading to 0 across the band of `mask.overlap` network
-    # pixels around it. The fade is built at the network's resolution (cheap for any image
-    # size); where it may touch is bounded at full resolution by dilating the hole itself.
-    alpha = small.float()
-    for _ in range(cfg.mask.overlap):
-        fade = F.max_pool2d(alpha, 3, stride=1, padding=1) - 1 / (cfg.mask.overlap + 1)
-        alpha = torch.maximum(alpha, fade)
-    alpha = F.interpolate(alpha, size=(height, width), mode="bilinear", align_corners=False)
-    band = math.ceil(cfg.mask.overlap * max(width, height) / size)
-    near = hole[None, None].float()
-    near = F.max_pool2d(near, (1, 2 * band + 1), stride=1, padding=(0, band))
-    near = F.max_pool2d(near, (2 * band + 1, 1), stride=1, padding=(band, 0))
-    alpha = (torch.maximum(alpha[0, 0], hole.float()) * near[0, 0]).numpy()[..., None]
-    source = np.asarray(original.convert("RGB"), dtype=np.float32)
-    blended = (alpha * filled + (1 - alpha) * source).round().astype(np.uint8)
-    region = Image.fromarray((alpha[..., 0] > 0).astype(np.uint8) * 255, "L")
-    patch = Image.fromarray(blended, "RGB")
+    ys, xs = np.nonzero(hole)
+    filled = np.asarray(original.convert("RGB")).copy()
+    filled[ys, xs] = canvas[ys - y, xs - x]
+    patch = Image.fromarray(filled, "RGB")
     if original.mode in ("L", "LA"):
         patch = patch.convert("L")
     if original.mode in ("RGBA", "LA"):
         patch = Image.merge(original.mode, [*patch.split(), original.getchannel("A")])
+    region = Image.fromarray(hole.astype(np.uint8) * 255, "L")
     result = Image.composite(patch.convert(original.mode), original, region)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     result.save(out_path)
     return {"out": str(out_path), "hole_pixels": int(hole.sum()), "size": [width, height],
-            "changed_pixels": int((alpha > 0).sum())}
+            "context": {"x": x, "y": y, "side": side}}

@@ -1,4 +1,4 @@
-"""Losses: the masked, overlap-weighted L2 reconstruction and the adversarial BCE."""
+"""Losses: the weighted L2 reconstruction and the adversarial BCE."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ import torch.nn.functional as F
 
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor,
                         weights: torch.Tensor) -> torch.Tensor:
-    """Weighted mean squared error; `weights` (N, 1, H, W) is 0 where nothing is predicted."""
-    squared = (pred.float() - target.float()).square() * weights
-    return squared.sum() / (weights.sum() * pred.shape[1]).clamp_min(1.0)
+    """The mean of w x (pred - target)^2 over every output element (N x 3 x H x W).
+
+    The authors' normalisation (train.lua: the element-wise weights times the gradient of
+    `nn.MSECriterion`), so that lambda_rec / lambda_adv = 0.999 / 0.001 balance the two
+    terms as in the paper. `weights` is (N, 1, H, W).
+    """
+    return ((pred.float() - target.float()).square() * weights).mean()
 
 
 def adversarial_loss(logits: torch.Tensor, real: bool) -> torch.Tensor:

@@ -2,9 +2,12 @@
 
 A hole is a boolean map (True = dropped). Dropped pixels are filled with the dataset mean.
 The generator predicts an output window: the central half of the image for `center`
-masks, the whole image otherwise. The loss weighs hole pixels 1 and the band of
-`mask.overlap` px of context around the hole `mask.overlap_weight` (10x), so the
-prediction blends into its surroundings; every other pixel weighs 0.
+masks, the whole image otherwise. As in the authors' train.lua / train_random.lua, the
+reconstruction loss covers the whole window: hole pixels weigh 1 and every other pixel of
+the window weighs `mask.overlap_weight` (10x). For `center` masks those other pixels are
+the band of `mask.overlap` px the hole leaves visible inside the window; for random masks
+they are all of the context (the authors' `useOverlapPred`; `mask.overlap_weight=1` is
+their plain L2 over the whole image).
 """
 
 from __future__ import annotations
@@ -89,11 +92,10 @@ def draw_holes(kind: str, n: int, size: int, overlap: int, seed: int) -> torch.T
     return holes
 
 
-def loss_weights(holes: torch.Tensor, overlap: int, overlap_weight: float) -> torch.Tensor:
-    """1 in the hole, `overlap_weight` in the band of `overlap` px around it, 0 elsewhere."""
-    grown = F.max_pool2d(holes.float(), 2 * overlap + 1, stride=1, padding=overlap) > 0
-    band = grown & ~holes
-    return holes.float() + overlap_weight * band.float()
+def loss_weights(holes: torch.Tensor, window: Window, overlap_weight: float) -> torch.Tensor:
+    """Weights over the output window: 1 in the hole, `overlap_weight` everywhere else."""
+    inside = window.crop(holes)
+    return torch.where(inside, 1.0, overlap_weight).float()
 
 
 def fill_holes(images: torch.Tensor, holes: torch.Tensor) -> torch.Tensor:

@@ -27,15 +27,24 @@ def _log2(size: int, what: str) -> int:
     return int(n)
 
 
+def _down_channels(layers: int, base: int, width: int) -> list[int]:
+    """Channels of a stride-2 conv stack, as in the reference code.
+
+    The `base` layers that take a half-size window (64 px of 128) down to 4x4 have width,
+    2x, 4x, 8x channels (train.lua); each layer beyond them works at a higher resolution
+    with `width` channels (train_random.lua's extra 64-channel layer at 128 px).
+    """
+    extra = layers - base
+    return [min(8 * width, width * 2 ** max(0, i - extra)) for i in range(layers)]
+
+
 class DCGANGenerator(nn.Module):
     """Encoder to a 1x1 bottleneck, decoder to the `out_size` window."""
 
     def __init__(self, image_size: int, out_size: int, width: int, bottleneck: int):
         super().__init__()
-        layers, ch_in = [], 3
-        for i in range(_log2(image_size, "data.image_size")):
-            # As in the reference code: 64, 64, 128, 256, 512 channels for 128 px.
-            ch_out = min(8 * width, width * 2 ** max(0, i - 1))
+        layers, ch_in, depth = [], 3, _log2(image_size, "data.image_size")
+        for i, ch_out in enumerate(_down_channels(depth, depth - 1, width)):
             layers += [nn.Conv2d(ch_in, ch_out, 4, 2, 1, bias=i == 0)]
             layers += [nn.BatchNorm2d(ch_out)] if i else []
             layers += [nn.LeakyReLU(0.2, inplace=True)]
@@ -47,7 +56,7 @@ class DCGANGenerator(nn.Module):
         self.encoder = nn.Sequential(*layers)
 
         n_up = _log2(out_size, "the output window")
-        chs = [min(8 * width, width * 2 ** (n_up - 1 - j)) for j in range(n_up)]
+        chs = _down_channels(n_up, depth - 1, width)[::-1]
         layers = [nn.Linear(bottleneck, chs[0] * 16, bias=False), nn.Unflatten(1, (chs[0], 4, 4)),
                   nn.BatchNorm2d(chs[0]), nn.ReLU(inplace=True)]
         for a, b in zip(chs, chs[1:], strict=False):
@@ -63,11 +72,12 @@ class DCGANGenerator(nn.Module):
 class DCGANDiscriminator(nn.Module):
     """Real/fake logits for a patch; it never sees the context or the mask."""
 
-    def __init__(self, size: int, width: int):
+    def __init__(self, size: int, image_size: int, width: int):
         super().__init__()
         layers, ch_in = [], 3
-        for i in range(_log2(size, "the discriminator input")):
-            ch_out = min(8 * width, width * 2**i)
+        channels = _down_channels(_log2(size, "the discriminator input"),
+                                  _log2(image_size, "data.image_size") - 1, width)
+        for i, ch_out in enumerate(channels):
             layers += [nn.Conv2d(ch_in, ch_out, 4, 2, 1, bias=i == 0)]
             layers += [nn.BatchNorm2d(ch_out)] if i else []
             layers += [nn.LeakyReLU(0.2, inplace=True)]
@@ -156,7 +166,7 @@ def build_models(cfg: DictConfig) -> tuple[nn.Module, nn.Module | None]:
     generator.apply(_init_dcgan)
     if cfg.loss.mode != "joint":
         return generator, None
-    discriminator = DCGANDiscriminator(window.size, cfg.model.width)
+    discriminator = DCGANDiscriminator(window.size, cfg.data.image_size, cfg.model.width)
     discriminator.apply(_init_dcgan)
     return generator, discriminator
 

@@ -29,7 +29,14 @@ from torch import nn
 
 from cectl.checkpoint import Checkpointer, Run
 from cectl.config import to_yaml
-from cectl.data import TrainLoader, gpu_decoding, load_eval_images, open_manifest, to_float
+from cectl.data import (
+    TrainLoader,
+    gpu_decoding,
+    load_eval_images,
+    open_manifest,
+    to_float,
+    worker_batch,
+)
 from cectl.evaluate import evaluate
 from cectl.losses import adversarial_loss, reconstruction_loss
 from cectl.masks import derive_seed, draw_holes, fill_holes, loss_weights, output_window
@@ -98,7 +105,7 @@ def train_step(generator: nn.Module, discriminator: nn.Module | None,
     """One update of D (real, then fake) and then of G; returns the losses, on the device."""
     window = output_window(cfg.data.image_size, cfg.mask.kind)
     target = window.crop(images)
-    weights = window.crop(loss_weights(holes, cfg.mask.overlap, cfg.mask.overlap_weight))
+    weights = loss_weights(holes, window, cfg.mask.overlap_weight)
     cast = autocast(cfg.train.precision, images.device)
     with cast:
         fake = generator(fill_holes(images, holes))
@@ -187,7 +194,7 @@ class MetricsLogger:
         self.run, self.on_log = run, session.on_log
         self.active = session.rank == 0
         self.every, self.final = cfg.train.log_every, cfg.train.steps
-        self.images_per_step = cfg.data.batch_size * session.world
+        self.images_per_step = worker_batch(cfg, session.world) * session.world
         self.window = (start, time.perf_counter())
         self.lines: list[str] = []
         if not self.active:
@@ -266,7 +273,9 @@ def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | 
     generator.to(device)
     if discriminator is not None:
         discriminator.to(device)
-    opt_g = make_optimizer(generator, cfg.optim.lr_d * cfg.optim.lr_ratio, cfg.optim.beta1)
+    # As train.lua: the generator learns 10x faster only against a discriminator.
+    lr_g = cfg.optim.lr_d * (cfg.optim.lr_ratio if discriminator is not None else 1.0)
+    opt_g = make_optimizer(generator, lr_g, cfg.optim.beta1)
     opt_d = (make_optimizer(discriminator, cfg.optim.lr_d, cfg.optim.beta1)
              if discriminator is not None else None)
     loader = TrainLoader(cfg.data.uri, manifest, cfg, rank, session.world, device,
@@ -305,6 +314,16 @@ def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | 
                 session.on_checkpoint(step, metrics)
     logger.close()
     return run.summary() if rank == 0 else None
+
+
+def describe_batch(cfg: DictConfig, world: int) -> str:
+    """The start-up line on the batch: with more workers the recipe changes unless told."""
+    batch = worker_batch(cfg, world)
+    text = f"effective batch {world} x {batch} = {world * batch}"
+    if world > 1 and cfg.data.batch_policy == "per-worker":
+        text += (f", {world}x the recipe's at the same learning rate "
+                 f"(data.batch_policy=global keeps it at {cfg.data.batch_size})")
+    return text
 
 
 def _cpu_has_bf16() -> bool:

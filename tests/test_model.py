@@ -35,6 +35,9 @@ def test_dcgan128_random_masks_predict_the_whole_image():
     with torch.no_grad():
         assert generator.eval()(torch.zeros(1, 3, 128, 128)).shape == (1, 3, 128, 128)
         assert discriminator.eval()(torch.zeros(1, 3, 128, 128)).shape == (1,)
+    # train_random.lua: one more 64-channel layer at high resolution in each network.
+    assert 71_150_000 < count_parameters(generator) < 71_250_000
+    assert count_parameters(discriminator) == pytest.approx(2_831_297, rel=1e-3)
 
 
 def test_reconstruction_only_builds_no_discriminator():
