@@ -100,7 +100,7 @@ def test_the_loader_decodes_shard_jpegs_to_the_same_pixels_as_pillow(size, load_
 
 
 @pytest.mark.parametrize("size", [(467, 350), (300, 227), (900, 700)])
-def test_training_crops_are_those_of_a_plain_pillow_pipeline(size):
+def test_training_crops_are_those_of_a_plain_pillow_pipeline_with_flips(size):
     import random
 
     from cectl.data import train_sample
@@ -113,6 +113,9 @@ def test_training_crops_are_those_of_a_plain_pillow_pipeline(size):
         img = resize_shorter(decode(jpeg, draft_to=350).image, 350, upscale=True)
         pick = random.Random(seed)
         x, y = pick.randint(0, img.size[0] - 128), pick.randint(0, img.size[1] - 128)
-        expected = np.asarray(img.crop((x, y, x + 128, y + 128)))
+        crop = img.crop((x, y, x + 128, y + 128))
+        if pick.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        expected = np.asarray(crop)
         got = train_sample({"jpg": jpeg}, 350, 128, random.Random(seed))
         assert np.array_equal(got, expected)
