@@ -217,8 +217,13 @@ def decode_batch(batch: EncodedBatch, image_size: int, device: torch.device) -> 
 
 
 def to_batch(arrays: list[np.ndarray]) -> torch.Tensor:
-    """HWC uint8 arrays to one NCHW uint8 tensor (converted to float on the device)."""
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    """HWC uint8 arrays (views of the decoded pictures) to one NCHW uint8 tensor, in one
+    copy; it becomes float on the device."""
+    height, width, channels = arrays[0].shape
+    batch = np.empty((len(arrays), channels, height, width), dtype=np.uint8)
+    for out, array in zip(batch, arrays, strict=True):
+        out[...] = array.transpose(2, 0, 1)
+    return torch.from_numpy(batch)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
