@@ -28,7 +28,8 @@ from cectl import data
 from cectl.config import JobConfig, ShardConfig, load_config
 from cectl.data import TrainLoader, open_manifest
 from cectl.images import decode, resize_shorter
-from cectl.shard import run_shard
+from cectl.shard import read_manifest, read_samples, run_shard
+from cectl.storage import open_store
 
 PARIS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "paris-streetview-eval"
 BATCH = 64
@@ -67,6 +68,16 @@ def rate(shards: str, batches: int) -> float:
     return BATCH * batches / (time.perf_counter() - start)
 
 
+def per_sample_rate(shards: str, fn) -> float:
+    """Decode + crop alone, over one shard's samples already in memory."""
+    store = open_store(shards)
+    samples = read_samples(store, read_manifest(store)["splits"]["train"]["shards"][0]["name"])
+    start = time.perf_counter()
+    for i, sample in enumerate(samples):
+        fn(sample, 350, 128, random.Random(i))
+    return len(samples) / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=8)
@@ -75,16 +86,20 @@ def main() -> None:
     args = parser.parse_args()
     shards = make_shards(Path(tempfile.mkdtemp(prefix="cectl-bench-loader-")), args.copies)
     cectl_sample = data.train_sample
-    results: dict[str, list[float]] = {"Pillow (baseline)": [], "cectl (simplejpeg)": []}
+    names = ("Pillow (baseline)", "cectl (simplejpeg)")
+    loader: dict[str, list[float]] = {name: [] for name in names}
+    sample: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.rounds):
-        for name, fn in zip(results, (pillow_sample, cectl_sample), strict=True):
+        for name, fn in zip(names, (pillow_sample, cectl_sample), strict=True):
             data.train_sample = fn  # the only difference between the contenders
-            results[name].append(rate(shards, args.batches))
+            loader[name].append(rate(shards, args.batches))
+            sample[name].append(per_sample_rate(shards, fn))
     data.train_sample = cectl_sample
-    base = max(results["Pillow (baseline)"])
-    for name, rates in results.items():
-        print(f"{name:20s} best {max(rates):7.0f} images/s  all "
-              f"{', '.join(f'{r:.0f}' for r in rates)}  ratio {max(rates) / base:.2f}x")
+    for title, results in (("loader process", loader), ("decode + crop alone", sample)):
+        base = max(results[names[0]])
+        for name, rates in results.items():
+            print(f"{title:20s} {name:20s} best {max(rates):7.0f} images/s  all "
+                  f"{', '.join(f'{r:.0f}' for r in rates)}  ratio {max(rates) / base:.2f}x")
 
 
 if __name__ == "__main__":
