@@ -150,7 +150,9 @@ class Checkpointer:
         if state["format"] == FORMATS[0]:
             tensors = upgrade_v1(tensors, self.modules)
         restore_tensors(tensors, self.modules, self.optimizers)
-        self.loader.load_state_dict(state["data_position"])
+        # With the world it was saved with: a per-rank data position (written before the
+        # data position became global) holds only for that world.
+        self.loader.load_state_dict({"world": state.get("world", 1), **state["data_position"]})
         torch.set_rng_state(tensors["rng.torch"])
         self.best_step, self.best_val = state.get("best_step"), state.get("best_val", self.best_val)
         return state["step"]

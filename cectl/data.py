@@ -1,16 +1,31 @@
-"""The loader: a WebDataset pipeline over a shard manifest (local or S3), exactly resumable.
+"""The loader: a WebDataset pipeline over a shard manifest (local or S3), exactly resumable
+whatever the number of training workers.
 
-Each training worker (rank) takes every `world`-th shard; its loader processes split those
-again, so no sample is read twice in a pass. Each loader process ("stream") reads its
-shards in an order shuffled per epoch, shuffles the samples inside each shard, and goes
-on forever. A stream's place is one integer, the number of samples it has consumed; from
-it, the epoch, the shard and the offset inside the shard follow from the manifest's
-sample counts. So resuming reads only the one shard it resumes in, skips nothing
-and repeats nothing. Random crops are seeded per sample from that same position.
+The data position is one integer that does not depend on the world size: the number of
+samples the whole job has consumed, counted along a global order. The global order is
+epoch after epoch; inside an epoch, the train shards come in an order shuffled per epoch
+and the samples of each shard in an order shuffled per shard and epoch, all from the seed.
+Every step consumes the next global batch: a contiguous span of that order, cut into one
+share per rank (rank r the r-th share). A rank's loader processes take its batches in
+turn, process k the batches k, k + n, ... since the loader (re)started. So after any
+number of steps the consumed samples are exactly a prefix of the global order: a new
+worker group, of any size, starts at the same count and sees every sample of the epoch
+once, none twice; a rank may start in the middle of a shard.
+
+Reading stays sequential: positions only grow, so each loader process streams the shards
+it meets in order and keeps the current one in memory, reading each shard at most once
+per epoch and decoding only its own samples. The price of world independence: all
+processes of all ranks read every shard (tar bytes, not pixel decoding, which dominates).
+Random crops are seeded per sample from its global position, so a sample's crop does not
+depend on the world size either.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import json
+import os
 import random
 from collections.abc import Iterator
 
@@ -26,20 +41,17 @@ from cectl.masks import derive_seed
 from cectl.shard import read_manifest
 from cectl.storage import Store, open_store
 
+SAMPLE_LOG = "CECTL_SAMPLE_LOG"  # debug: a file each rank appends its batches' sample keys to
 
-def assign_shards(manifest: dict, split: str, rank: int, world: int, streams: int) -> list[list]:
-    """The shards of each stream of one rank: disjoint across ranks and streams."""
+
+def train_shards(manifest: dict, split: str = "train") -> list[dict]:
+    """The shards of a split that hold samples, in manifest order."""
     if split not in manifest["splits"]:
         raise BadInput(f"the shards have no {split!r} split")
     shards = [s for s in manifest["splits"][split]["shards"] if s["samples"]]
     if not shards:
         raise BadInput(f"the {split!r} split holds no samples (see `skipped` in manifest.json)")
-    mine = shards[rank::world]
-    if not mine:
-        raise BadInput(f"{len(shards)} {split} shards cannot feed {world} workers: reshard "
-                       "with a smaller --shard-size")
-    n = max(1, min(streams, len(mine)))
-    return [mine[k::n] for k in range(n)]
+    return shards
 
 
 def read_samples(store: Store, name: str) -> list[dict]:
@@ -49,28 +61,41 @@ def read_samples(store: Store, name: str) -> list[dict]:
         return list(wds.tariterators.group_by_keys(files))
 
 
-def stream_samples(store: Store, shards: list[dict], seed: int, tag: str,
-                   start: int) -> Iterator[tuple[int, dict]]:
-    """(position, sample) from `start` on, forever, epoch after epoch."""
-    epoch_len = sum(s["samples"] for s in shards)
-    position = start
-    while True:
-        epoch, offset = divmod(position, epoch_len)
-        order = list(shards)
-        random.Random(derive_seed(seed, tag, "epoch", epoch)).shuffle(order)
-        for shard in order:
-            if offset >= shard["samples"]:
-                offset -= shard["samples"]
-                continue
-            samples = read_samples(store, shard["name"])
+class GlobalOrder:
+    """The seed-determined order of all train samples, epoch after epoch, by position.
+
+    `sample(position)` streams: positions asked for in increasing order read each shard
+    once, when its first sample is asked for.
+    """
+
+    def __init__(self, store: Store, shards: list[dict], seed: int):
+        self.store, self.shards, self.seed = store, shards, seed
+        self.epoch_len = sum(s["samples"] for s in shards)
+        self._epoch: tuple[int, list[dict], list[int]] | None = None  # epoch, order, starts
+        self._shard: tuple[int, str, list[dict]] | None = None  # epoch, name, samples
+
+    def shard_order(self, epoch: int) -> tuple[list[dict], list[int]]:
+        """The shards of an epoch in order, and the position in the epoch each starts at."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            order = list(self.shards)
+            random.Random(derive_seed(self.seed, "epoch", epoch)).shuffle(order)
+            starts = list(itertools.accumulate((s["samples"] for s in order), initial=0))
+            self._epoch = (epoch, order, starts)
+        return self._epoch[1], self._epoch[2]
+
+    def sample(self, position: int) -> dict:
+        epoch, offset = divmod(position, self.epoch_len)
+        order, starts = self.shard_order(epoch)
+        i = bisect.bisect_right(starts, offset) - 1
+        shard = order[i]
+        if self._shard is None or self._shard[:2] != (epoch, shard["name"]):
+            samples = read_samples(self.store, shard["name"])
             if len(samples) != shard["samples"]:
                 raise BadInput(f"{shard['name']} holds {len(samples)} samples, the manifest "
                                f"says {shard['samples']}: run `cectl verify`")
-            random.Random(derive_seed(seed, shard["name"], epoch)).shuffle(samples)
-            for sample in samples[offset:]:
-                yield position, sample
-                position += 1
-            offset = 0
+            random.Random(derive_seed(self.seed, shard["name"], epoch)).shuffle(samples)
+            self._shard = (epoch, shard["name"], samples)
+        return self._shard[2][offset - starts[i]]
 
 
 def sample_image(sample: dict, draft_to: int = 0) -> Image.Image:
@@ -105,69 +130,69 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
-def stream_start(batches: int, process: int, streams: int) -> tuple[int, int]:
-    """(stream, batches it has given) for a loader process after `batches` batches.
-
-    The loader hands out batches from its processes in turn, so the next one must come
-    from stream `batches % streams`: process 0 plays that stream, process 1 the next.
-    Stream k has given one batch in every `streams` so far.
-    """
-    k = (process + batches) % streams
-    return k, max(0, -(-(batches - k) // streams))
-
-
 class TrainStreams(IterableDataset):
-    """Batches from one rank's streams; each loader process plays one stream."""
+    """One rank's batches, as (images, sample keys); each loader process plays every
+    `processes`-th batch from the global position `start` on."""
 
-    def __init__(self, data_uri: str, streams: list[list[dict]], batches: int,
-                 seed: int, rank: int, batch_size: int, load_size: int, image_size: int):
+    def __init__(self, data_uri: str, shards: list[dict], start: int, shares: list[int],
+                 rank: int, seed: int, load_size: int, image_size: int):
         super().__init__()
-        self.data_uri, self.streams, self.batches = data_uri, streams, batches
-        self.seed, self.rank, self.batch_size = seed, rank, batch_size
+        self.data_uri, self.shards, self.start = data_uri, shards, start
+        self.shares, self.rank, self.seed = shares, rank, seed
         self.load_size, self.image_size = load_size, image_size
 
-    def __iter__(self) -> Iterator[dict]:
+    def decode(self, sample: dict, position: int) -> np.ndarray:
+        """One training image: decoded and randomly cropped, seeded by its global position."""
+        rng = random.Random(derive_seed(self.seed, "crop", position))
+        img = sample_image(sample, draft_to=self.load_size)
+        return train_crop(img, self.load_size, self.image_size, rng)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
         info = get_worker_info()
-        k, done = stream_start(self.batches, info.id if info else 0, len(self.streams))
-        start = self.batch_size * done
-        store = open_store(self.data_uri)
-        tag = f"rank{self.rank}/stream{k}"
-        images = []
-        for position, sample in stream_samples(store, self.streams[k], self.seed, tag, start):
-            rng = random.Random(derive_seed(self.seed, tag, "crop", position))
-            img = sample_image(sample, draft_to=self.load_size)
-            images.append(train_crop(img, self.load_size, self.image_size, rng))
-            if len(images) == self.batch_size:
-                yield to_batch(images)
-                images = []
+        process, processes = (info.id, info.num_workers) if info else (0, 1)
+        order = GlobalOrder(open_store(self.data_uri), self.shards, self.seed)
+        global_batch, offset = sum(self.shares), sum(self.shares[:self.rank])
+        for k in itertools.count(process, processes):
+            first = self.start + k * global_batch + offset
+            positions = range(first, first + self.shares[self.rank])
+            samples = [order.sample(p) for p in positions]
+            yield (to_batch([self.decode(s, p) for s, p in zip(samples, positions, strict=True)]),
+                   [s["__key__"] for s in samples])
 
 
 class TrainLoader:
-    """Batches for one rank. Its state, the number of batches handed out, is the data
-    position a checkpoint saves and restores."""
+    """Batches for one rank. Its state, the number of samples the whole job has consumed
+    (`{"samples": N}`), is the data position a checkpoint saves and restores."""
 
     def __init__(self, data_uri: str, manifest: dict, cfg, rank: int, world: int):
-        self.data_uri, self.cfg, self.rank = data_uri, cfg, rank
-        self.streams = assign_shards(manifest, "train", rank, world, max(1, cfg.data.workers))
-        self.batches = 0
-        self._iter: Iterator[torch.Tensor] | None = None
+        self.data_uri, self.cfg, self.rank, self.world = data_uri, cfg, rank, world
+        self.shards = train_shards(manifest)
+        self.shares = [cfg.data.batch_size] * world
+        self.samples = 0
+        self._iter: Iterator[tuple[torch.Tensor, list[str]]] | None = None
 
     def state_dict(self) -> dict[str, int]:
-        return {"batches": self.batches}
+        return {"samples": self.samples}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batches, self._iter = int(state["batches"]), None
+        """Restore a position; a per-rank one (`batches`, before elastic training) only
+        on the world it was saved with: it becomes the same number of samples."""
+        if "batches" in state:
+            if state.get("world", 1) != self.world:
+                raise BadInput(f"this checkpoint's data position holds for {state.get('world', 1)}"
+                               f" workers, not {self.world}: resume it with that many workers")
+            state = {"samples": int(state["batches"]) * sum(self.shares)}
+        self.samples, self._iter = int(state["samples"]), None
 
-    def _start(self) -> Iterator[torch.Tensor]:
+    def _start(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
         cfg = self.cfg
-        dataset = TrainStreams(self.data_uri, self.streams, self.batches, cfg.train.seed,
-                               self.rank, cfg.data.batch_size, cfg.data.load_size,
+        dataset = TrainStreams(self.data_uri, self.shards, self.samples, self.shares,
+                               self.rank, cfg.train.seed, cfg.data.load_size,
                                cfg.data.image_size)
-        processes = len(self.streams) if cfg.data.workers > 0 else 0
         # Its own generator: every random draw of the pipeline is seeded from the data
         # position, and the global RNG (dropout, a checkpoint's RNG state) stays untouched.
-        return iter(DataLoader(dataset, batch_size=None, num_workers=processes,
-                               prefetch_factor=4 if processes else None,
+        return iter(DataLoader(dataset, batch_size=None, num_workers=cfg.data.workers,
+                               prefetch_factor=4 if cfg.data.workers else None,
                                generator=torch.Generator().manual_seed(cfg.train.seed)))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -176,8 +201,13 @@ class TrainLoader:
     def __next__(self) -> torch.Tensor:
         if self._iter is None:
             self._iter = self._start()
-        batch = next(self._iter)
-        self.batches += 1
+        batch, keys = next(self._iter)
+        if log := os.environ.get(SAMPLE_LOG):
+            with open(log, "a") as f:
+                first = self.samples + sum(self.shares[:self.rank])
+                f.write(json.dumps({"rank": self.rank, "world": self.world,
+                                    "position": first, "keys": keys}) + "\n")
+        self.samples += sum(self.shares)
         return batch
 
 

@@ -1,0 +1,74 @@
+"""Elastic training: a data position that holds whatever the world size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import tiny_job
+
+from cectl.data import SAMPLE_LOG, TrainLoader, open_manifest, read_samples
+from cectl.errors import BadInput
+from cectl.storage import open_store
+
+
+def train_keys(shards: str) -> list[str]:
+    store, manifest = open_store(shards), open_manifest(shards)
+    return [s["__key__"] for shard in manifest["splits"]["train"]["shards"]
+            for s in read_samples(store, shard["name"])]
+
+
+def consume(shards: str, worlds: list[tuple[int, int]], log, *overrides: str) -> dict[int, str]:
+    """Run loaders through phases of (world, steps), restoring rank 0's position between
+    phases as a resize does; the sample key at each global position consumed."""
+    manifest, position = open_manifest(shards), {"samples": 0}
+    for world, steps in worlds:
+        cfg = tiny_job(shards, *overrides)
+        loaders = [TrainLoader(shards, manifest, cfg, rank, world) for rank in range(world)]
+        for loader in loaders:
+            loader.load_state_dict(position)
+        for _ in range(steps):
+            for loader in loaders:
+                next(loader)
+        position = loaders[0].state_dict()
+        assert all(loader.state_dict() == position for loader in loaders)
+    by_position: dict[int, str] = {}
+    for line in log.read_text().splitlines():
+        batch = json.loads(line)
+        for i, key in enumerate(batch["keys"]):
+            assert batch["position"] + i not in by_position, "a position consumed twice"
+            by_position[batch["position"] + i] = key
+    assert sorted(by_position) == list(range(position["samples"]))
+    return by_position
+
+
+def test_a_world_going_2_1_3_consumes_every_sample_of_the_epoch_once(facade_shards, tmp_path,
+                                                                      monkeypatch):
+    keys = train_keys(facade_shards)
+    monkeypatch.setenv(SAMPLE_LOG, str(tmp_path / "elastic.jsonl"))
+    # Batches of 8: 2 x 2 steps, 1 x 3, then 3 x 3 is 104 samples, past one epoch.
+    elastic = consume(facade_shards, [(2, 2), (1, 3), (3, 3)], tmp_path / "elastic.jsonl")
+    epoch = [elastic[p] for p in range(len(keys))]
+    assert sorted(epoch) == sorted(keys)  # each once: none repeated, none skipped
+    monkeypatch.setenv(SAMPLE_LOG, str(tmp_path / "fixed.jsonl"))
+    fixed = consume(facade_shards, [(2, 7)], tmp_path / "fixed.jsonl", "data.workers=2")
+    assert [fixed[p] for p in range(len(keys))] == epoch  # the same order, not just the set
+
+
+def test_a_sample_gets_the_same_crop_whatever_the_world(facade_shards):
+    manifest = open_manifest(facade_shards)
+    cfg = tiny_job(facade_shards, "data.workers=2")
+    alone = TrainLoader(facade_shards, manifest, cfg, 0, 1)
+    first, second = next(alone), next(alone)
+    pair = [TrainLoader(facade_shards, manifest, cfg, rank, 2) for rank in range(2)]
+    assert torch.equal(next(pair[0]), first) and torch.equal(next(pair[1]), second)
+
+
+def test_a_per_worker_position_converts_only_on_its_world(facade_shards):
+    manifest, cfg = open_manifest(facade_shards), tiny_job(facade_shards)
+    loader = TrainLoader(facade_shards, manifest, cfg, 0, 2)
+    loader.load_state_dict({"batches": 3, "world": 2})
+    assert loader.state_dict() == {"samples": 3 * 2 * 8}
+    with pytest.raises(BadInput, match="holds for 1 workers, not 2"):
+        loader.load_state_dict({"batches": 3, "world": 1})
