@@ -22,6 +22,7 @@ ARCHS = ("dcgan128", "alexnet227")
 MASK_KINDS = ("center", "random-block", "random-region")
 LOSS_MODES = ("joint", "rec")
 PRECISIONS = ("fp32", "bf16", "fp16")
+BATCH_POLICIES = ("per_worker", "global")
 
 
 @dataclass
@@ -70,7 +71,8 @@ class DataConfig:
     uri: str = ""  # the shards (local path or s3://); `--data` sets it
     image_size: int = 128  # fineSize
     load_size: int = 350  # loadSize: shorter side before the random crop
-    batch_size: int = 64  # per worker
+    batch_size: int = 64  # per worker, or for all workers with batch_policy=global
+    batch_policy: str = "per_worker"  # per_worker | global
     workers: int = 2  # loader processes per training worker
 
 
@@ -143,7 +145,8 @@ def load_config(
 def validate_job(cfg: DictConfig) -> DictConfig:
     """Raise BadInput for settings that cannot train; returns cfg."""
     for key, allowed in (("model.arch", ARCHS), ("mask.kind", MASK_KINDS),
-                         ("loss.mode", LOSS_MODES), ("train.precision", PRECISIONS)):
+                         ("loss.mode", LOSS_MODES), ("train.precision", PRECISIONS),
+                         ("data.batch_policy", BATCH_POLICIES)):
         if OmegaConf.select(cfg, key) not in allowed:
             raise BadInput(f"{key}={OmegaConf.select(cfg, key)} is not one of {', '.join(allowed)}")
     for key in ("train.steps", "train.checkpoint_every", "train.eval_every", "train.log_every",

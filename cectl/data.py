@@ -54,6 +54,18 @@ def train_shards(manifest: dict, split: str = "train") -> list[dict]:
     return shards
 
 
+def batch_shares(cfg, world: int) -> list[int]:
+    """Each rank's batch size: `data.batch_size` each (`per_worker`), or `data.batch_size`
+    for the whole job split over the ranks, shares differing by one at most (`global`)."""
+    size = cfg.data.batch_size
+    if cfg.data.batch_policy == "per_worker":
+        return [size] * world
+    if size < world:
+        raise BadInput(f"data.batch_size={size} with data.batch_policy=global cannot be split "
+                       f"over {world} workers: raise data.batch_size")
+    return [size // world + (rank < size % world) for rank in range(world)]
+
+
 def read_samples(store: Store, name: str) -> list[dict]:
     """All samples of one shard, raw bytes by extension."""
     with store.open(name) as f:
@@ -167,7 +179,7 @@ class TrainLoader:
     def __init__(self, data_uri: str, manifest: dict, cfg, rank: int, world: int):
         self.data_uri, self.cfg, self.rank, self.world = data_uri, cfg, rank, world
         self.shards = train_shards(manifest)
-        self.shares = [cfg.data.batch_size] * world
+        self.shares = batch_shares(cfg, world)
         self.samples = 0
         self._iter: Iterator[tuple[torch.Tensor, list[str]]] | None = None
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from cectl.checkpoint import Run
+from cectl.data import batch_shares
 from cectl.errors import BadInput, Failure
 from cectl.storage import Store, open_store
 from cectl.train import Session, TrainProgress, train
@@ -77,6 +78,14 @@ def check_resources(workers: int, nodes: int, cpu: bool) -> None:
                        f"{workers // nodes}), but the cluster has {have} {kind}s{hint}")
 
 
+def describe_batch(cfg: DictConfig, workers: int) -> str:
+    """`2 x 8 = 16` (per_worker) or `6 + 5 + 5 = 16` (global)."""
+    shares = batch_shares(cfg, workers)
+    parts = (f"{workers} x {shares[0]}" if cfg.data.batch_policy == "per_worker"
+             else " + ".join(map(str, shares)))
+    return f"{parts} = {sum(shares)}"
+
+
 def _worker(config: dict) -> None:
     """One Ray Train worker: the training loop with this worker's rank."""
     import ray.train
@@ -120,8 +129,7 @@ def train_on_ray(cfg: DictConfig, store: Store, name: str, nodes: int, gpus_per_
         fs, root = store.arrow_fs()
         progress_queue = Queue()
         console.print(f"{workers} {'CPU' if cpu else 'GPU'} workers on {nodes} node(s), "
-                      f"effective batch {workers} x {cfg.data.batch_size} = "
-                      f"{workers * cfg.data.batch_size}")
+                      f"effective batch {describe_batch(cfg, workers)}")
         trainer = TorchTrainer(
             _worker,
             train_loop_config={"cfg": OmegaConf.to_container(cfg), "store": store.uri,

@@ -29,7 +29,7 @@ from torch import nn
 
 from cectl.checkpoint import Checkpointer, Run
 from cectl.config import to_yaml
-from cectl.data import TrainLoader, load_eval_images, open_manifest, to_float
+from cectl.data import TrainLoader, batch_shares, load_eval_images, open_manifest, to_float
 from cectl.evaluate import evaluate
 from cectl.losses import adversarial_loss, reconstruction_loss
 from cectl.masks import derive_seed, draw_holes, fill_holes, loss_weights, output_window
@@ -187,7 +187,7 @@ class MetricsLogger:
         self.run, self.on_log = run, session.on_log
         self.active = session.rank == 0
         self.every, self.final = cfg.train.log_every, cfg.train.steps
-        self.images_per_step = cfg.data.batch_size * session.world
+        self.images_per_step = sum(batch_shares(cfg, session.world))
         self.window = (start, time.perf_counter())
         self.lines: list[str] = []
         if not self.active:

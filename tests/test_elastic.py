@@ -72,3 +72,20 @@ def test_a_per_worker_position_converts_only_on_its_world(facade_shards):
     assert loader.state_dict() == {"samples": 3 * 2 * 8}
     with pytest.raises(BadInput, match="holds for 1 workers, not 2"):
         loader.load_state_dict({"batches": 3, "world": 1})
+
+
+def test_a_global_batch_is_the_same_images_whatever_the_world(facade_shards):
+    manifest = open_manifest(facade_shards)
+    cfg = tiny_job(facade_shards, "data.batch_policy=global", "data.batch_size=16")
+    whole = next(TrainLoader(facade_shards, manifest, cfg, 0, 1))
+    for world, shares in ((2, [8, 8]), (3, [6, 5, 5])):
+        parts = [next(TrainLoader(facade_shards, manifest, cfg, rank, world))
+                 for rank in range(world)]
+        assert [len(p) for p in parts] == shares
+        assert torch.equal(torch.cat(parts), whole)
+
+
+def test_a_global_batch_smaller_than_the_world_is_refused(facade_shards):
+    cfg = tiny_job(facade_shards, "data.batch_policy=global", "data.batch_size=2")
+    with pytest.raises(BadInput, match="cannot be split over 3 workers"):
+        TrainLoader(facade_shards, open_manifest(facade_shards), cfg, 0, 3)
