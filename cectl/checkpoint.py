@@ -5,12 +5,15 @@ checkpoints/step-NNNNNN/{model.safetensors,state.json}. Tensors (both networks, 
 optimizers keyed by parameter name, the RNG) go in safetensors; everything else (step,
 the loader's data position, config, metrics, best step) in JSON. state.json is written
 last, so a checkpoint without it is incomplete and ignored. Nothing is ever unpickled.
+Saving is off the training loop's critical path: the loop only copies the tensors to the
+CPU; a background thread serialises and uploads them while training goes on.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 from typing import Any, Protocol
 
 import torch
@@ -51,7 +54,8 @@ def collect_tensors(modules: Modules, optimizers: Optimizers) -> dict[str, torch
         if module is None:
             continue
         for key, value in module.state_dict().items():
-            tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
+            # A copy even on a CPU: training goes on updating the module in place.
+            tensors[f"{name}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
         if optimizers.get(name) is not None:
             state = get_optimizer_state_dict(module, optimizers[name], options=FLAT)
             for key, value in state.items():
@@ -117,7 +121,9 @@ class DataPosition(Protocol):
 class Checkpointer:
     """Everything a checkpoint holds: when it is saved, how it is restored, the best step.
 
-    Rank 0 writes (DDP keeps the replicas identical); every rank restores.
+    Rank 0 writes (DDP keeps the replicas identical), in the background: one save at a
+    time, the next waits for the previous; `wait()` before reading what was saved. Every
+    rank restores.
     """
 
     def __init__(self, run: Run, cfg: DictConfig, modules: Modules, optimizers: Optimizers,
@@ -127,6 +133,8 @@ class Checkpointer:
         self.every, self.final = cfg.train.checkpoint_every, cfg.train.steps
         self.best_step: int | None = None
         self.best_val = float("inf")
+        self._upload: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def should_save(self, step: int) -> bool:
         return step % self.every == 0 or step == self.final
@@ -137,12 +145,32 @@ class Checkpointer:
             self.best_step, self.best_val = step, val_l2_pct
 
     def save(self, step: int, metrics: dict[str, float]) -> None:
+        """Snapshot this step to CPU memory and write it to storage in the background."""
         if self.rank != 0:
             return
+        self.wait()
         state = {"step": step, "world": self.world, "data_position": self.loader.state_dict(),
-                 "config": OmegaConf.to_container(self.cfg), "metrics": metrics,
+                 "config": OmegaConf.to_container(self.cfg), "metrics": dict(metrics),
                  "best_step": self.best_step, "best_val": self.best_val}
-        self.run.save(step, collect_tensors(self.modules, self.optimizers), state)
+        tensors = collect_tensors(self.modules, self.optimizers)
+        self._upload = threading.Thread(target=self._write, args=(step, tensors, state),
+                                        name=f"checkpoint-{step}")
+        self._upload.start()
+
+    def _write(self, step: int, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        try:
+            self.run.save(step, tensors, state)
+        except BaseException as e:  # raised on the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the last save is on storage; raise its error if it failed."""
+        if self._upload is not None:
+            self._upload.join()
+            self._upload = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
     def restore(self) -> int:
         """Load the latest checkpoint into networks, optimizers, loader and RNG; its step."""

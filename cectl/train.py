@@ -292,6 +292,7 @@ def train(cfg: DictConfig, store: Store, run_name: str, session: Session | None 
             logger.flush()
             if session.on_checkpoint:
                 session.on_checkpoint(step, metrics)
+    checkpointer.wait()
     logger.close()
     return run.summary() if rank == 0 else None
 

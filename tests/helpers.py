@@ -30,14 +30,15 @@ def cectl(*args: str, env: dict | None = None, check: bool = False,
 
 
 class FlakyProxy:
-    """A TCP proxy to 127.0.0.1:`target` that can drop every connection for a while.
+    """A TCP proxy to 127.0.0.1:`target` that can drop every connection for a while, or
+    pass bytes at `rate` bytes/s, as a slow link does.
 
     While dropping, new connections are reset at once and open ones are cut, as a
     flaky network or a restarting load balancer would do.
     """
 
-    def __init__(self, target: int):
-        self.target, self.port = target, free_port()
+    def __init__(self, target: int, rate: float | None = None):
+        self.target, self.port, self.rate = target, free_port(), rate
         self.drop_until = 0.0
         self.dropped = 0
         self._open: set[socket.socket] = set()
@@ -83,6 +84,8 @@ class FlakyProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                if self.rate:
+                    time.sleep(len(data) / self.rate)
                 dst.sendall(data)
         except OSError:
             pass

@@ -1,12 +1,19 @@
-"""Elastic training: a data position that holds whatever the world size."""
+"""Elastic training: a data position that holds whatever the world size, a global batch
+policy, checkpoints saved in the background."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
+import boto3
 import pytest
 import torch
-from helpers import tiny_job
+from helpers import TINY, FlakyProxy, cectl, tiny_job
 
 from cectl.data import SAMPLE_LOG, TrainLoader, open_manifest, read_samples
 from cectl.errors import BadInput
@@ -89,3 +96,39 @@ def test_a_global_batch_smaller_than_the_world_is_refused(facade_shards):
     cfg = tiny_job(facade_shards, "data.batch_policy=global", "data.batch_size=2")
     with pytest.raises(BadInput, match="cannot be split over 3 workers"):
         TrainLoader(facade_shards, open_manifest(facade_shards), cfg, 0, 3)
+
+
+def test_a_crash_during_a_background_upload_resumes_from_the_last_complete_checkpoint(
+        facade_shards, s3_env, bucket, tmp_path):
+    # A slow link to S3: a checkpoint of the tiny model (~300 KB) takes 12 s to upload.
+    proxy = FlakyProxy(int(s3_env.rsplit(":", 1)[1]), rate=25_000)
+    log = tmp_path / "samples.jsonl"
+    args = ["train", *TINY, "train.steps=30", "train.checkpoint_every=10", "--data",
+            facade_shards, "--store", f"s3://{bucket}/store", "--name", "crash", "--local"]
+    job = subprocess.Popen([sys.executable, "-m", "cectl", *args], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "AWS_ENDPOINT_URL": proxy.url, SAMPLE_LOG: str(log)})
+    s3 = boto3.client("s3", endpoint_url=s3_env)
+    prefix = "store/runs/crash/checkpoints/"
+
+    def complete() -> set[str]:
+        found = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+        return {o["Key"][len(prefix):-len("/state.json")] for o in found
+                if o["Key"].endswith("/state.json")}
+
+    deadline = time.monotonic() + 120
+    while "step-000010" not in complete() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # Step 10 is stored, so step 20's upload is starting: wait until training goes on.
+    while (not log.exists() or len(log.read_text().splitlines()) < 23) and job.poll() is None:
+        time.sleep(0.05)
+    job.kill()
+    job.wait()
+    assert job.returncode == -signal.SIGKILL, job.stderr.read()
+    assert complete() == {"step-000010"}  # step 20 was still uploading: not visible
+    proxy.rate = None
+    result = cectl(*args, "--resume", env={SAMPLE_LOG: ""}, check=True)
+    assert "reached step 30" in result.stdout
+    lines = s3.get_object(Bucket=bucket, Key="store/runs/crash/metrics.jsonl")["Body"].read()
+    resumed = [m["step"] for m in map(json.loads, lines.decode().splitlines()) if "resumed" in m]
+    assert resumed == [10]
