@@ -135,6 +135,7 @@ class Checkpointer:
         self.best_val = float("inf")
         self._upload: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.restored_world: int | None = None  # the world the restored checkpoint ran on
 
     def should_save(self, step: int) -> bool:
         return step % self.every == 0 or step == self.final
@@ -183,7 +184,14 @@ class Checkpointer:
         self.loader.load_state_dict({"world": state.get("world", 1), **state["data_position"]})
         torch.set_rng_state(tensors["rng.torch"])
         self.best_step, self.best_val = state.get("best_step"), state.get("best_val", self.best_val)
+        self.restored_world = state.get("world", 1)
         return state["step"]
+
+    def resume_metrics(self) -> dict[str, int]:
+        """What a resume logs: `resumed`, and `resized_from`/`world` when the world changed."""
+        if self.restored_world in (None, self.world):
+            return {"resumed": 1}
+        return {"resumed": 1, "resized_from": self.restored_world, "world": self.world}
 
 
 class Run:
@@ -215,7 +223,8 @@ class Run:
                     self.store.delete(key)
 
     def summary(self) -> dict:
-        """The run at its latest checkpoint: step reached, workers, resumes, last metrics."""
+        """The run at its latest checkpoint: step reached, workers, resumes and resizes
+        (resumes on another number of workers), last metrics."""
         state = read_state(self.checkpoint("latest"))
         lines = (self.store.read_bytes("metrics.jsonl").decode().splitlines()
                  if self.store.exists("metrics.jsonl") else [])
@@ -223,6 +232,7 @@ class Run:
                 "target_steps": state["config"]["train"]["steps"],
                 "workers": state.get("world", 1),
                 "resumes": sum('"resumed"' in line for line in lines),
+                "resizes": sum('"resized_from"' in line for line in lines),
                 "metrics": state.get("metrics", {}), "checkpoints": self.store.url("checkpoints")}
 
     def checkpoint(self, which: str = "latest") -> Store:

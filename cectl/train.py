@@ -69,6 +69,9 @@ class TrainProgress:
         self.progress.__exit__(*exc)
 
     def update(self, step: int, metrics: dict) -> None:
+        if "resized_from" in metrics:
+            self.progress.console.print(f"resized from {metrics['resized_from']} to "
+                                        f"{metrics['world']} workers at step {step}")
         if "resumed" in metrics:
             self.progress.console.print(f"resuming from step {step}")
         fields = {}
@@ -272,7 +275,7 @@ def train(cfg: DictConfig, store: Store, run_name: str, session: Session | None 
     logger = MetricsLogger(run, cfg, session, start)
     validator = Validator(cfg, manifest, session, run)
     if resume:
-        logger.log(start, {"resumed": 1})
+        logger.log(start, checkpointer.resume_metrics())
 
     metrics: dict[str, float] = {}
     for step in range(start + 1, cfg.train.steps + 1):

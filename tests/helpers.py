@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -27,6 +28,23 @@ def cectl(*args: str, env: dict | None = None, check: bool = False,
     if check and result.returncode != 0:
         raise AssertionError(f"cectl {' '.join(map(str, args))} failed:\n{result.stderr}")
     return result
+
+
+@contextlib.contextmanager
+def local_cluster(nodes: int, cpus: int = 2):
+    """`cectl cluster local`: raylets on this machine; yields (address, its process id)."""
+    proc = subprocess.Popen([sys.executable, "-m", "cectl", "cluster", "local", "--nodes",
+                             str(nodes), "--cpus", str(cpus)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("RAY_ADDRESS="):
+        proc.kill()
+        raise AssertionError(f"cectl cluster local printed {line!r}")
+    try:
+        yield line.strip().split("=", 1)[1], proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
 
 
 class FlakyProxy:

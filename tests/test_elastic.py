@@ -1,5 +1,6 @@
 """Elastic training: a data position that holds whatever the world size, a global batch
-policy, checkpoints saved in the background."""
+policy, checkpoints saved in the background, and a worker group that loses a node of a
+real local multi-node Ray cluster and goes on smaller."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 import boto3
 import pytest
 import torch
-from helpers import TINY, FlakyProxy, cectl, tiny_job
+from helpers import TINY, FlakyProxy, cectl, local_cluster, tiny_job
 
 from cectl.data import SAMPLE_LOG, TrainLoader, open_manifest, read_samples
 from cectl.errors import BadInput
@@ -132,3 +133,62 @@ def test_a_crash_during_a_background_upload_resumes_from_the_last_complete_check
     lines = s3.get_object(Bucket=bucket, Key="store/runs/crash/metrics.jsonl")["Body"].read()
     resumed = [m["step"] for m in map(json.loads, lines.decode().splitlines()) if "resumed" in m]
     assert resumed == [10]
+
+
+def worker_nodes(cluster_pid: int) -> dict[int, list[tuple[int, str]]]:
+    """The non-head raylets of a local cluster: raylet pid -> its child processes."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True)
+    procs = [(int(pid), int(ppid), args) for pid, ppid, args in
+             (line.split(None, 2) for line in out.stdout.splitlines() if line.count(" ") >= 2)]
+    # The head's raylet listens on sockets/raylet, the others on sockets/raylet.N.
+    raylets = [pid for pid, ppid, args in procs
+               if ppid == cluster_pid and "raylet/raylet" in args and "sockets/raylet." in args]
+    return {r: [(pid, args) for pid, ppid, args in procs if ppid == r] for r in raylets}
+
+
+def test_a_lost_node_shrinks_the_group_and_the_epoch_goes_on(facade_shards, tmp_path):
+    log, store = tmp_path / "samples.jsonl", tmp_path / "store"
+    with local_cluster(3, cpus=1) as (address, cluster_pid):
+        job = subprocess.Popen(
+            [sys.executable, "-m", "cectl", "train", *TINY, "train.steps=40",
+             "train.checkpoint_every=10", "--data", facade_shards, "--store", str(store),
+             "--name", "elastic", "--nodes", "2:3", "--cpu", "--address", address],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "COLUMNS": "200", SAMPLE_LOG: str(log)})
+        marker = store / "runs/elastic/checkpoints/step-000010/state.json"
+        deadline = time.monotonic() + 400
+        while not marker.exists() and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.2)
+        assert marker.exists(), "the run never reached step 10"
+        # A node with a training worker and without the run's controller: its raylet and
+        # everything it started die at once, as on a preempted machine.
+        victim, processes = next((raylet, children) for raylet, children in
+                                 worker_nodes(cluster_pid).items()
+                                 if any("RayTrainWorker" in args for _, args in children)
+                                 and not any("TrainController" in args for _, args in children))
+        for pid in (victim, *(pid for pid, _ in processes)):
+            os.kill(pid, signal.SIGKILL)
+        out, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err
+    assert "2 to 3 CPU workers on 2 to 3 nodes (elastic)" in err
+    assert "resized from 3 to 2 workers" in err
+    assert "reached step 40 on 2 workers" in out and "1 resize(s)" in out
+    # Every position always held the same sample (steps after the last checkpoint were
+    # replayed by the smaller group), none was skipped, and the first epoch is every
+    # train sample once.
+    by_position: dict[int, str] = {}
+    for batch in map(json.loads, log.read_text().splitlines()):
+        for i, key in enumerate(batch["keys"]):
+            assert by_position.setdefault(batch["position"] + i, key) == key
+    assert sorted(by_position) == list(range(len(by_position)))
+    keys = train_keys(facade_shards)
+    assert sorted(by_position[p] for p in range(len(keys))) == sorted(keys)
+
+
+@pytest.mark.parametrize(("nodes", "message"), [("3:2", "MIN must not exceed MAX"),
+                                                ("two", "give a number of nodes N or bounds")])
+def test_bad_node_bounds_exit_2(nodes, message, facade_shards, tmp_path):
+    result = cectl("train", *TINY, "--data", facade_shards, "--store", tmp_path,
+                   "--nodes", nodes, "--cpu", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
