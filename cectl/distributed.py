@@ -135,11 +135,15 @@ def train_on_ray(cfg: DictConfig, store: Store, name: str, nodes: tuple[int, int
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     try:
         check_resources(workers, low, cpu)
         fs, root = store.arrow_fs()
-        progress_queue = Queue()
+        # On the driver's node: the queue must outlive any worker node that is lost.
+        progress_queue = Queue(actor_options={
+            "num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False)})
         kind = "CPU" if cpu else "GPU"
         if most == workers:
             console.print(f"{workers} {kind} workers on {low} node(s), "

@@ -47,6 +47,26 @@ def local_cluster(nodes: int, cpus: int = 2):
         proc.wait(timeout=60)
 
 
+def kill_a_training_node(cluster_pid: int) -> None:
+    """SIGKILL a node of a local cluster, as a preempted machine dies: the raylet and all
+    it started at once. A node with a Ray Train worker, but not the head and not the one
+    with the run's controller."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True)
+    procs = [(int(pid), int(ppid), args) for pid, ppid, args in
+             (line.split(None, 2) for line in out.stdout.splitlines() if line.count(" ") >= 2)]
+    # The head's raylet listens on sockets/raylet, the others on sockets/raylet.N.
+    raylets = [pid for pid, ppid, args in procs
+               if ppid == cluster_pid and "raylet/raylet" in args and "sockets/raylet." in args]
+    for raylet in raylets:
+        children = [(pid, args) for pid, ppid, args in procs if ppid == raylet]
+        if (any("RayTrainWorker" in args for _, args in children)
+                and not any("TrainController" in args for _, args in children)):
+            for pid in (raylet, *(pid for pid, _ in children)):
+                os.kill(pid, signal.SIGKILL)
+            return
+    raise AssertionError("no node of the cluster runs a Ray Train worker alone")
+
+
 class FlakyProxy:
     """A TCP proxy to 127.0.0.1:`target` that can drop every connection for a while, or
     pass bytes at `rate` bytes/s, as a slow link does.

@@ -14,7 +14,14 @@ import time
 import boto3
 import pytest
 import torch
-from helpers import TINY, FlakyProxy, cectl, local_cluster, tiny_job
+from helpers import (
+    TINY,
+    FlakyProxy,
+    cectl,
+    kill_a_training_node,
+    local_cluster,
+    tiny_job,
+)
 
 from cectl.data import SAMPLE_LOG, TrainLoader, open_manifest, read_samples
 from cectl.errors import BadInput
@@ -135,17 +142,6 @@ def test_a_crash_during_a_background_upload_resumes_from_the_last_complete_check
     assert resumed == [10]
 
 
-def worker_nodes(cluster_pid: int) -> dict[int, list[tuple[int, str]]]:
-    """The non-head raylets of a local cluster: raylet pid -> its child processes."""
-    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True)
-    procs = [(int(pid), int(ppid), args) for pid, ppid, args in
-             (line.split(None, 2) for line in out.stdout.splitlines() if line.count(" ") >= 2)]
-    # The head's raylet listens on sockets/raylet, the others on sockets/raylet.N.
-    raylets = [pid for pid, ppid, args in procs
-               if ppid == cluster_pid and "raylet/raylet" in args and "sockets/raylet." in args]
-    return {r: [(pid, args) for pid, ppid, args in procs if ppid == r] for r in raylets}
-
-
 def test_a_lost_node_shrinks_the_group_and_the_epoch_goes_on(facade_shards, tmp_path):
     log, store = tmp_path / "samples.jsonl", tmp_path / "store"
     with local_cluster(3, cpus=1) as (address, cluster_pid):
@@ -160,14 +156,7 @@ def test_a_lost_node_shrinks_the_group_and_the_epoch_goes_on(facade_shards, tmp_
         while not marker.exists() and time.monotonic() < deadline and job.poll() is None:
             time.sleep(0.2)
         assert marker.exists(), "the run never reached step 10"
-        # A node with a training worker and without the run's controller: its raylet and
-        # everything it started die at once, as on a preempted machine.
-        victim, processes = next((raylet, children) for raylet, children in
-                                 worker_nodes(cluster_pid).items()
-                                 if any("RayTrainWorker" in args for _, args in children)
-                                 and not any("TrainController" in args for _, args in children))
-        for pid in (victim, *(pid for pid, _ in processes)):
-            os.kill(pid, signal.SIGKILL)
+        kill_a_training_node(cluster_pid)
         out, err = job.communicate(timeout=600)
     assert job.returncode == 0, err
     assert "2 to 3 CPU workers on 2 to 3 nodes (elastic)" in err
