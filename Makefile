@@ -29,3 +29,5 @@ bench: $(STAMP)
 	$(BIN)/python bench/shard.py
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/distributed.py
+	$(BIN)/python bench/checkpoint.py
+	$(BIN)/python bench/elastic.py

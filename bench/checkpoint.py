@@ -3,8 +3,9 @@
 dcgan128 with the joint loss (both networks, both Adam states: ~880 MB of safetensors) in
 one process, saving to a local folder. Per round and mode, interleaved so that drift hits
 both: a plain step, then a step that saves, then `--after` steps while a background
-upload may still run. `blocking` waits for the write inside the saving step (what cectl
-did before); `background` is what `Checkpointer.save` does now.
+upload may still run; each compared with its round's plain step. `blocking` waits for
+the write inside the saving step (what cectl did before); `background` is what
+`Checkpointer.save` does now.
 
     .venv/bin/python bench/checkpoint.py --rounds 3
 """
@@ -64,30 +65,35 @@ def main() -> None:
         return time.perf_counter() - start
 
     step()  # warm-up: allocations, oneDNN primitives
-    times: dict[str, list[float]] = {k: [] for k in
-                                     ("plain", "blocking", "background", "after blocking",
-                                      "after background")}
+    # Per round and mode: the plain step's time, the saving step's, and the steps after.
+    rounds: dict[str, list[tuple[float, float, list[float]]]] = {"blocking": [],
+                                                                  "background": []}
     n = 1
     for _ in range(args.rounds):
-        for mode in ("blocking", "background"):
-            times["plain"].append(step())
+        for mode, timed in rounds.items():
+            plain = step()
             start = time.perf_counter()
             step()
             checkpointer.save(n, {})
             if mode == "blocking":
                 checkpointer.wait()
-            times[mode].append(time.perf_counter() - start)
-            times[f"after {mode}"] += [step() for _ in range(args.after)]
+            saving = time.perf_counter() - start
+            timed.append((plain, saving, [step() for _ in range(args.after)]))
             checkpointer.wait()
             n += 1
-    plain = statistics.median(times["plain"])
-    print(f"| step (batch {args.batch}) | median s | vs plain |")
-    print("|---|---|---|")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.2f} | {median / plain:.2f}x |")
-    print(json.dumps({k: [round(v, 3) for v in vs] for k, vs in times.items()}))
-
+    # Ratios within a round, against that round's plain step: the load of a shared
+    # machine drifts between rounds.
+    print(f"| mode (batch {args.batch}) | plain step s | saving step s | saving / plain | "
+          f"{args.after} steps after / plain |")
+    print("|---|---|---|---|---|")
+    for mode, timed in rounds.items():
+        plain = statistics.median(p for p, _, _ in timed)
+        saving = statistics.median(s for _, s, _ in timed)
+        ratio = statistics.median(s / p for p, s, _ in timed)
+        after = statistics.median(sum(a) / (p * len(a)) for p, _, a in timed)
+        print(f"| {mode} | {plain:.2f} | {saving:.2f} | {ratio:.2f}x | {after:.2f}x |")
+    print(json.dumps({mode: [(round(p, 3), round(s, 3), [round(x, 3) for x in a])
+                             for p, s, a in timed] for mode, timed in rounds.items()}))
 
 if __name__ == "__main__":
     main()

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -210,7 +212,12 @@ class Run:
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], state: dict) -> str:
         folder = step_dir(step)
-        self.store.write_bytes(f"{folder}/model.safetensors", save_tensors(tensors))
+        # Through a local file: safetensors writes one without holding the GIL (building
+        # the bytes in memory holds it for a second), so a background save does not
+        # stall the training thread, and S3 gets a multipart upload.
+        with tempfile.TemporaryDirectory(prefix="cectl-ckpt-") as tmp:
+            save_file(tensors, Path(tmp, "model.safetensors"))
+            self.store.put_file(Path(tmp, "model.safetensors"), f"{folder}/model.safetensors")
         self.store.write_bytes(f"{folder}/state.json",
                                json.dumps({"format": FORMAT, **state}, indent=2).encode())
         self._prune(keep=state.get("best_step"))

@@ -14,8 +14,12 @@ once, none twice; a rank may start in the middle of a shard.
 
 Reading stays sequential: positions only grow, so each loader process streams the shards
 it meets in order and keeps the current one in memory, reading each shard at most once
-per epoch and decoding only its own samples. The price of world independence: all
-processes of all ranks read every shard (tar bytes, not pixel decoding, which dominates).
+per epoch and decoding only its own samples. The price of world independence: a shard is
+read by every loader process that takes a share of it, about min(ranks x processes,
+shard size / per-rank batch) of them (1000 / 64: ~16 with the defaults), so the job reads
+the tar bytes that many times; the JPEG decoding, which dominates, is still split.
+Smaller shards (`cectl shard --shard-size`) bring the factor down.
+
 Random crops are seeded per sample from its global position, so a sample's crop does not
 depend on the world size either.
 """
@@ -44,13 +48,13 @@ from cectl.storage import Store, open_store
 SAMPLE_LOG = "CECTL_SAMPLE_LOG"  # debug: a file each rank appends its batches' sample keys to
 
 
-def train_shards(manifest: dict, split: str = "train") -> list[dict]:
-    """The shards of a split that hold samples, in manifest order."""
-    if split not in manifest["splits"]:
-        raise BadInput(f"the shards have no {split!r} split")
-    shards = [s for s in manifest["splits"][split]["shards"] if s["samples"]]
+def train_shards(manifest: dict) -> list[dict]:
+    """The train shards that hold samples, in manifest order."""
+    if "train" not in manifest["splits"]:
+        raise BadInput("the shards have no 'train' split")
+    shards = [s for s in manifest["splits"]["train"]["shards"] if s["samples"]]
     if not shards:
-        raise BadInput(f"the {split!r} split holds no samples (see `skipped` in manifest.json)")
+        raise BadInput("the 'train' split holds no samples (see `skipped` in manifest.json)")
     return shards
 
 
@@ -187,8 +191,9 @@ class TrainLoader:
         return {"samples": self.samples}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restore a position; a per-rank one (`batches`, before elastic training) only
-        on the world it was saved with: it becomes the same number of samples."""
+        """Restore a position. A per-rank one (`batches`, written before the position was
+        global) only on the world it was saved with; it becomes the same number of samples:
+        the same progress through the epoch, in the global order."""
         if "batches" in state:
             if state.get("world", 1) != self.world:
                 raise BadInput(f"this checkpoint's data position holds for {state.get('world', 1)}"
