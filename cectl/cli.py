@@ -114,7 +114,7 @@ def train_command(
     name: Annotated[str | None, typer.Option(help="run name (default: JOB-date-time)")] = None,
     local: Annotated[bool, typer.Option("--local", help="train in this process (default)")] = False,
     nodes: Annotated[str | None, typer.Option(
-        help="Ray Train DDP over N nodes, or MIN:MAX for an elastic group")] = None,
+        metavar="N|MIN:MAX", help="Ray Train DDP over N nodes, or an elastic group")] = None,
     gpus_per_node: Annotated[int, typer.Option(help="workers (GPUs) per node")] = 1,
     cpu: Annotated[bool, typer.Option("--cpu", help="CPU workers with gloo")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster (default: RAY_ADDRESS, "
