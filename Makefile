@@ -30,3 +30,6 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/distributed.py
 	$(BIN)/python bench/features.py
+	$(BIN)/python bench/checkpoint.py
+	$(BIN)/python bench/elastic.py
+	$(BIN)/python bench/loader.py

@@ -7,6 +7,8 @@ networks, both optimizers keyed by parameter name, the RNG) go in safetensors; e
 else (step, the loader's data position, config, metrics, best step) in JSON. state.json
 is written last, so a checkpoint without it is incomplete and ignored. Nothing is ever
 unpickled, and state.json is checked as data (its config like any loaded config).
+Saving is off the training loop's critical path: the loop only copies the tensors to the
+CPU; a background thread serialises and uploads them while training goes on.
 """
 
 from __future__ import annotations
@@ -16,16 +18,18 @@ import json
 import os
 import re
 import socket
+import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -62,7 +66,8 @@ def collect_tensors(modules: Modules, optimizers: Optimizers) -> dict[str, torch
         if module is None:
             continue
         for key, value in module.state_dict().items():
-            tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
+            # A copy even on a CPU: training goes on updating the module in place.
+            tensors[f"{name}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
         if optimizers.get(name) is not None:
             state = get_optimizer_state_dict(module, optimizers[name], options=FLAT)
             for key, value in state.items():
@@ -133,7 +138,9 @@ class DataPosition(Protocol):
 class Checkpointer:
     """Everything a checkpoint holds: when it is saved, how it is restored, the best step.
 
-    Rank 0 writes (DDP keeps the replicas identical); every rank restores.
+    Rank 0 writes (DDP keeps the replicas identical), in the background: one save at a
+    time, the next waits for the previous; `wait()` before reading what was saved. Every
+    rank restores.
     """
 
     def __init__(self, run: Run, cfg: DictConfig, modules: Modules, optimizers: Optimizers,
@@ -143,6 +150,9 @@ class Checkpointer:
         self.every, self.final = cfg.train.checkpoint_every, cfg.train.steps
         self.best_step: int | None = None
         self.best_val = float("inf")
+        self._upload: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.restored_world: int | None = None  # the world the restored checkpoint ran on
 
     def should_save(self, step: int) -> bool:
         return step % self.every == 0 or step == self.final
@@ -153,12 +163,32 @@ class Checkpointer:
             self.best_step, self.best_val = step, val_l2_pct
 
     def save(self, step: int, metrics: dict[str, float]) -> None:
+        """Snapshot this step to CPU memory and write it to storage in the background."""
         if self.rank != 0:
             return
+        self.wait()
         state = {"step": step, "world": self.world, "data_position": self.loader.state_dict(),
-                 "config": OmegaConf.to_container(self.cfg), "metrics": metrics,
+                 "config": OmegaConf.to_container(self.cfg), "metrics": dict(metrics),
                  "best_step": self.best_step, "best_val": self.best_val}
-        self.run.save(step, collect_tensors(self.modules, self.optimizers), state)
+        tensors = collect_tensors(self.modules, self.optimizers)
+        self._upload = threading.Thread(target=self._write, args=(step, tensors, state),
+                                        name=f"checkpoint-{step}")
+        self._upload.start()
+
+    def _write(self, step: int, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        try:
+            self.run.save(step, tensors, state)
+        except BaseException as e:  # raised on the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the last save is on storage; raise its error if it failed."""
+        if self._upload is not None:
+            self._upload.join()
+            self._upload = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
     def restore(self) -> int:
         """Load the latest checkpoint into networks, optimizers, loader and RNG; its step."""
@@ -166,10 +196,19 @@ class Checkpointer:
         if state["format"] == FORMATS[0]:
             tensors = upgrade_v1(tensors, self.modules)
         restore_tensors(tensors, self.modules, self.optimizers)
-        self.loader.load_state_dict(state["data_position"])
+        # With the world it was saved with: a per-rank data position (written before the
+        # data position became global) holds only for that world.
+        self.loader.load_state_dict({"world": state.get("world", 1), **state["data_position"]})
         torch.set_rng_state(tensors["rng.torch"])
         self.best_step, self.best_val = state.get("best_step"), state.get("best_val", self.best_val)
+        self.restored_world = state.get("world", 1)
         return state["step"]
+
+    def resume_metrics(self) -> dict[str, int]:
+        """What a resume logs: `resumed`, and `resized_from`/`world` when the world changed."""
+        if self.restored_world in (None, self.world):
+            return {"resumed": 1}
+        return {"resumed": 1, "resized_from": self.restored_world, "world": self.world}
 
 
 class Run:
@@ -190,7 +229,12 @@ class Run:
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], state: dict) -> str:
         folder = step_dir(step)
-        self.store.write_bytes(f"{folder}/model.safetensors", save_tensors(tensors))
+        # Through a local file: safetensors writes one without holding the GIL (building
+        # the bytes in memory holds it for a second), so a background save does not
+        # stall the training thread, and S3 gets a multipart upload.
+        with tempfile.TemporaryDirectory(prefix="cectl-ckpt-") as tmp:
+            save_file(tensors, Path(tmp, "model.safetensors"))
+            self.store.put_file(Path(tmp, "model.safetensors"), f"{folder}/model.safetensors")
         self.store.write_bytes(f"{folder}/state.json",
                                json.dumps({"format": FORMAT, **state}, indent=2).encode())
         self._prune(keep=state.get("best_step"))
@@ -203,7 +247,8 @@ class Run:
                     self.store.delete(key)
 
     def summary(self) -> dict:
-        """The run at its latest checkpoint: step reached, workers, resumes, last metrics."""
+        """The run at its latest checkpoint: step reached, workers, resumes and resizes
+        (resumes on another number of workers), last metrics."""
         state = read_state(self.checkpoint("latest"))
         lines = (self.store.read_bytes("metrics.jsonl").decode().splitlines()
                  if self.store.exists("metrics.jsonl") else [])
@@ -211,6 +256,7 @@ class Run:
                 "target_steps": state["config"]["train"]["steps"],
                 "workers": state.get("world", 1),
                 "resumes": sum('"resumed"' in line for line in lines),
+                "resizes": sum('"resized_from"' in line for line in lines),
                 "metrics": state.get("metrics", {}), "checkpoints": self.store.url("checkpoints")}
 
     def claim(self, resume: bool) -> Claim:

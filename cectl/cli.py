@@ -114,7 +114,8 @@ def train_command(
     store: StoreOption = DEFAULT_STORE,
     name: Annotated[str | None, typer.Option(help="run name (default: JOB-date-time)")] = None,
     local: Annotated[bool, typer.Option("--local", help="train in this process (default)")] = False,
-    nodes: Annotated[int | None, typer.Option(help="Ray Train DDP over N nodes")] = None,
+    nodes: Annotated[str | None, typer.Option(
+        metavar="N|MIN:MAX", help="Ray Train DDP over N nodes, or an elastic group")] = None,
     gpus_per_node: Annotated[int, typer.Option(help="workers (GPUs) per node")] = 1,
     cpu: Annotated[bool, typer.Option("--cpu", help="CPU workers with gloo")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster (default: RAY_ADDRESS, "
@@ -146,9 +147,10 @@ def train_command(
                            "continue it, or pick another --name")
     if local and nodes is not None:
         raise BadInput("--local and --nodes exclude each other")
-    world = 1 if nodes is None else max(1, nodes * gpus_per_node)  # --nodes 0: refused below
+    # Ray runs print their batch once the worker group's size is known.
+    batch = f"{describe_batch(cfg, 1)}, " if nodes is None else ""
     err.print(f"run {name}: {cfg.model.arch}, {cfg.mask.kind} masks, {cfg.loss.mode} loss, "
-              f"{describe_batch(cfg, world)}, {cfg.train.steps} steps")
+              f"{batch}{cfg.train.steps} steps")
     start = time.perf_counter()
     if nodes is None:
         from cectl.distributed import local_session
@@ -160,8 +162,8 @@ def train_command(
     else:
         from cectl.distributed import train_on_ray
 
-        summary = train_on_ray(cfg, run_store, name, nodes, gpus_per_node, cpu, address,
-                               resume, err)
+        summary = train_on_ray(cfg, run_store, name, parse_nodes(nodes), gpus_per_node, cpu,
+                               address, resume, err)
     summary["seconds"] = time.perf_counter() - start
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -169,12 +171,22 @@ def train_command(
         print_train_summary(summary)
 
 
+def parse_nodes(text: str) -> tuple[int, int]:
+    """`--nodes N` or `--nodes MIN:MAX` as (min, max)."""
+    low, _, high = text.partition(":")
+    try:
+        return int(low), int(high or low)
+    except ValueError:
+        raise BadInput(f"--nodes {text}: give a number of nodes N or bounds MIN:MAX") from None
+
+
 def print_train_summary(summary: dict) -> None:
     metrics = "  ".join(f"{k} {v:.4g}" for k, v in summary["metrics"].items())
     workers = summary["workers"]
     out.print(f"run {summary['run']} reached step {summary['step']} on {workers} "
               f"worker{'s' if workers > 1 else ''} in {summary['seconds']:.1f} s "
-              f"({summary['resumes']} resume(s) from a checkpoint)")
+              f"({summary['resumes']} resume(s) from a checkpoint, "
+              f"{summary['resizes']} resize(s))")
     out.print(f"last metrics: {metrics}")
     out.print(f"checkpoints: {summary['checkpoints']}")
 

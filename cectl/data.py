@@ -1,21 +1,40 @@
-"""The loader: a WebDataset pipeline over a shard manifest (local or S3), exactly resumable.
+"""The loader: a WebDataset pipeline over a shard manifest (local or S3), exactly resumable
+whatever the number of training workers.
 
-Each training worker (rank) takes every `world`-th shard; its loader processes split those
-again, so no sample is read twice in a pass. Each loader process ("stream") reads its
-shards in an order shuffled per epoch, shuffles the samples inside each shard, and goes
-on forever. A stream's place is one integer, the number of samples it has consumed; from
-it, the epoch, the shard and the offset inside the shard follow from the manifest's
-sample counts. So resuming reads only the one shard it resumes in, skips nothing
-and repeats nothing. Random crops are seeded per sample from that same position.
+The data position is one integer that does not depend on the world size: the number of
+samples the whole job has consumed, counted along a global order. The global order is
+epoch after epoch; inside an epoch, the train shards come in an order shuffled per epoch
+and the samples of each shard in an order shuffled per shard and epoch, all from the seed.
+Every step consumes the next global batch: a contiguous span of that order, cut into one
+share per rank (rank r the r-th share). A rank's loader processes take its batches in
+turn, process k the batches k, k + n, ... since the loader (re)started. So after any
+number of steps the consumed samples are exactly a prefix of the global order: a new
+worker group, of any size, starts at the same count and sees every sample of the epoch
+once, none twice; a rank may start in the middle of a shard.
+
+Reading stays sequential: positions only grow, so each loader process streams the shards
+it meets in order and keeps the current one in memory, reading each shard at most once
+per epoch and decoding only its own samples. The price of world independence: a shard is
+read by every loader process that takes a share of it, about min(ranks x processes,
+shard size / per-rank batch) of them (1000 / 64: ~16 with the defaults), so the job reads
+the tar bytes that many times; the JPEG decoding, which dominates, is still split.
+Smaller shards (`cectl shard --shard-size`) bring the factor down.
+
+Random crops (and flips) are seeded per sample from its global position, so a sample's
+crop does not depend on the world size either.
 
 Samples come from webdataset's tar reader (`cectl.shard.read_samples`), but the read order
 is cectl's own: webdataset's shuffles and shard lists keep no state that can be saved and
-restored, so they cannot resume mid-epoch at an exact sample.
+restored, so they cannot resume mid-epoch at an exact sample, let alone on another world.
 """
 
 from __future__ import annotations
 
+import bisect
 import importlib.util
+import itertools
+import json
+import os
 import random
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -32,44 +51,66 @@ from cectl.masks import derive_seed
 from cectl.shard import read_manifest, read_samples
 from cectl.storage import Store, open_store
 
+SAMPLE_LOG = "CECTL_SAMPLE_LOG"  # debug: a file each rank appends its batches' sample keys to
 
-def assign_shards(manifest: dict, split: str, rank: int, world: int, streams: int) -> list[list]:
-    """The shards of each stream of one rank: disjoint across ranks and streams."""
-    if split not in manifest["splits"]:
-        raise BadInput(f"the shards have no {split!r} split")
-    shards = [s for s in manifest["splits"][split]["shards"] if s["samples"]]
+
+def train_shards(manifest: dict) -> list[dict]:
+    """The train shards that hold samples, in manifest order."""
+    if "train" not in manifest["splits"]:
+        raise BadInput("the shards have no 'train' split")
+    shards = [s for s in manifest["splits"]["train"]["shards"] if s["samples"]]
     if not shards:
-        raise BadInput(f"the {split!r} split holds no samples (see `skipped` in manifest.json)")
-    mine = shards[rank::world]
-    if not mine:
-        raise BadInput(f"{len(shards)} {split} shards cannot feed {world} workers: reshard "
-                       "with a smaller --shard-size")
-    n = max(1, min(streams, len(mine)))
-    return [mine[k::n] for k in range(n)]
+        raise BadInput("the 'train' split holds no samples (see `skipped` in manifest.json)")
+    return shards
 
 
-def stream_samples(store: Store, shards: list[dict], seed: int, tag: str,
-                   start: int) -> Iterator[tuple[int, dict]]:
-    """(position, sample) from `start` on, forever, epoch after epoch."""
-    epoch_len = sum(s["samples"] for s in shards)
-    position = start
-    while True:
-        epoch, offset = divmod(position, epoch_len)
-        order = list(shards)
-        random.Random(derive_seed(seed, tag, "epoch", epoch)).shuffle(order)
-        for shard in order:
-            if offset >= shard["samples"]:
-                offset -= shard["samples"]
-                continue
-            samples = read_samples(store, shard["name"])
+def batch_shares(cfg, world: int) -> list[int]:
+    """Each rank's batch size: `data.batch_size` each (`per-worker`), or `data.batch_size`
+    for the whole job split over the ranks, shares differing by one at most (`global`)."""
+    size = cfg.data.batch_size
+    if cfg.data.batch_policy == "per-worker":
+        return [size] * world
+    if size < world:
+        raise BadInput(f"data.batch_size={size} with data.batch_policy=global cannot be split "
+                       f"over {world} workers: raise data.batch_size")
+    return [size // world + (rank < size % world) for rank in range(world)]
+
+
+class GlobalOrder:
+    """The seed-determined order of all train samples, epoch after epoch, by position.
+
+    `sample(position)` streams: positions asked for in increasing order read each shard
+    once, when its first sample is asked for.
+    """
+
+    def __init__(self, store: Store, shards: list[dict], seed: int):
+        self.store, self.shards, self.seed = store, shards, seed
+        self.epoch_len = sum(s["samples"] for s in shards)
+        self._epoch: tuple[int, list[dict], list[int]] | None = None  # epoch, order, starts
+        self._shard: tuple[int, str, list[dict]] | None = None  # epoch, name, samples
+
+    def shard_order(self, epoch: int) -> tuple[list[dict], list[int]]:
+        """The shards of an epoch in order, and the position in the epoch each starts at."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            order = list(self.shards)
+            random.Random(derive_seed(self.seed, "epoch", epoch)).shuffle(order)
+            starts = list(itertools.accumulate((s["samples"] for s in order), initial=0))
+            self._epoch = (epoch, order, starts)
+        return self._epoch[1], self._epoch[2]
+
+    def sample(self, position: int) -> dict:
+        epoch, offset = divmod(position, self.epoch_len)
+        order, starts = self.shard_order(epoch)
+        i = bisect.bisect_right(starts, offset) - 1
+        shard = order[i]
+        if self._shard is None or self._shard[:2] != (epoch, shard["name"]):
+            samples = read_samples(self.store, shard["name"])
             if len(samples) != shard["samples"]:
                 raise BadInput(f"{shard['name']} holds {len(samples)} samples, the manifest "
                                f"says {shard['samples']}: run `cectl verify`")
-            random.Random(derive_seed(seed, shard["name"], epoch)).shuffle(samples)
-            for sample in samples[offset:]:
-                yield position, sample
-                position += 1
-            offset = 0
+            random.Random(derive_seed(self.seed, shard["name"], epoch)).shuffle(samples)
+            self._shard = (epoch, shard["name"], samples)
+        return self._shard[2][offset - starts[i]]
 
 
 class Crop(NamedTuple):
@@ -231,29 +272,18 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
-def stream_start(batches: int, process: int, streams: int) -> tuple[int, int]:
-    """(stream, batches it has given) for a loader process after `batches` batches.
-
-    The loader hands out batches from its processes in turn, so the next one must come
-    from stream `batches % streams`: process 0 plays that stream, process 1 the next.
-    Stream k has given one batch in every `streams` so far.
-    """
-    k = (process + batches) % streams
-    return k, max(0, -(-(batches - k) // streams))
-
-
 class TrainStreams(IterableDataset):
-    """Batches from one rank's streams; each loader process plays one stream."""
+    """One rank's batches, as (images or encoded batch, sample keys); each loader process
+    plays every `processes`-th batch from the global position `start` on."""
 
-    def __init__(self, data_uri: str, streams: list[list[dict]], batches: int,
-                 seed: int, rank: int, batch_size: int, load_size: int, image_size: int,
-                 encoded: bool):
+    def __init__(self, data_uri: str, shards: list[dict], start: int, shares: list[int],
+                 rank: int, seed: int, load_size: int, image_size: int, encoded: bool):
         super().__init__()
-        self.data_uri, self.streams, self.batches = data_uri, streams, batches
-        self.seed, self.rank, self.batch_size = seed, rank, batch_size
+        self.data_uri, self.shards, self.start = data_uri, shards, start
+        self.shares, self.rank, self.seed = shares, rank, seed
         self.load_size, self.image_size, self.encoded = load_size, image_size, encoded
 
-    def __iter__(self) -> Iterator[torch.Tensor | EncodedBatch | CectlError]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | EncodedBatch, list[str]] | CectlError]:
         try:
             yield from self._batches()
         except CectlError as e:
@@ -261,21 +291,22 @@ class TrainStreams(IterableDataset):
             # wrapped in that process's traceback.
             yield e
 
-    def _batches(self) -> Iterator[torch.Tensor | EncodedBatch]:
+    def _batches(self) -> Iterator[tuple[torch.Tensor | EncodedBatch, list[str]]]:
         info = get_worker_info()
-        k, done = stream_start(self.batches, info.id if info else 0, len(self.streams))
-        start = self.batch_size * done
-        store = open_store(self.data_uri)
-        tag = f"rank{self.rank}/stream{k}"
+        process, processes = (info.id, info.num_workers) if info else (0, 1)
+        order = GlobalOrder(open_store(self.data_uri), self.shards, self.seed)
+        global_batch, offset = sum(self.shares), sum(self.shares[:self.rank])
         prepare = encoded_sample if self.encoded else train_sample
-        items = []
-        for position, sample in stream_samples(store, self.streams[k], self.seed, tag, start):
-            rng = random.Random(derive_seed(self.seed, tag, "crop", position))
-            items.append(prepare(sample, self.load_size, self.image_size, rng))
-            if len(items) == self.batch_size:
-                yield EncodedBatch(*map(list, zip(*items, strict=True))) if self.encoded \
-                    else to_batch(items)
-                items = []
+        for k in itertools.count(process, processes):
+            first = self.start + k * global_batch + offset
+            positions = range(first, first + self.shares[self.rank])
+            samples = [order.sample(p) for p in positions]
+            items = [prepare(s, self.load_size, self.image_size,
+                             random.Random(derive_seed(self.seed, "crop", p)))
+                     for s, p in zip(samples, positions, strict=True)]
+            batch = (EncodedBatch(*map(list, zip(*items, strict=True))) if self.encoded
+                     else to_batch(items))
+            yield batch, [s["__key__"] for s in samples]
 
 
 def gpu_decoding(mode: str, device: torch.device) -> bool:
@@ -287,21 +318,10 @@ def gpu_decoding(mode: str, device: torch.device) -> bool:
     return mode == "gpu" or (mode == "auto" and available)
 
 
-def worker_batch(cfg, world: int) -> int:
-    """Images per worker and step: data.batch_size, or under data.batch_policy=global
-    its share of data.batch_size, so that the effective batch stays the recipe's."""
-    if cfg.data.batch_policy != "global":
-        return cfg.data.batch_size
-    if cfg.data.batch_size % world:
-        raise BadInput(f"data.batch_policy=global cannot split data.batch_size="
-                       f"{cfg.data.batch_size} evenly over {world} workers: make it a "
-                       f"multiple of {world}")
-    return cfg.data.batch_size // world
-
-
 class TrainLoader:
-    """Batches for one rank, as uint8 NCHW on `device`. Its state, the number of batches
-    handed out, is the data position a checkpoint saves and restores.
+    """Batches for one rank, as uint8 NCHW on `device`. Its state, the number of samples the
+    whole job has consumed (`{"samples": N}`), is the data position a checkpoint saves and
+    restores.
 
     With `encoded`, loader processes only parse tars and read headers; the pixels are
     decoded here, on the device (`decode_batch`).
@@ -309,30 +329,37 @@ class TrainLoader:
 
     def __init__(self, data_uri: str, manifest: dict, cfg, rank: int, world: int,
                  device: torch.device | None = None, encoded: bool = False):
-        self.data_uri, self.cfg, self.rank, self.encoded = data_uri, cfg, rank, encoded
-        self.device = device or torch.device("cpu")
-        self.batch_size = worker_batch(cfg, world)
-        self.streams = assign_shards(manifest, "train", rank, world, max(1, cfg.data.workers))
-        self.batches = 0
-        self._iter: Iterator[torch.Tensor | EncodedBatch] | None = None
+        self.data_uri, self.cfg, self.rank, self.world = data_uri, cfg, rank, world
+        self.device, self.encoded = device or torch.device("cpu"), encoded
+        self.shards = train_shards(manifest)
+        self.shares = batch_shares(cfg, world)
+        self.samples = 0
+        self._iter: Iterator | None = None
 
     def state_dict(self) -> dict[str, int]:
-        return {"batches": self.batches}
+        return {"samples": self.samples}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batches, self._iter = int(state["batches"]), None
+        """Restore a position. A per-rank one (`batches`, written before the position was
+        global) only on the world it was saved with; it becomes the same number of samples:
+        the same progress through the epoch, in the global order."""
+        if "batches" in state:
+            if state.get("world", 1) != self.world:
+                raise BadInput(f"this checkpoint's data position holds for {state.get('world', 1)}"
+                               f" workers, not {self.world}: resume it with that many workers")
+            state = {"samples": int(state["batches"]) * sum(self.shares)}
+        self.samples, self._iter = int(state["samples"]), None
 
-    def _start(self) -> Iterator[torch.Tensor | EncodedBatch]:
+    def _start(self) -> Iterator:
         cfg = self.cfg
-        dataset = TrainStreams(self.data_uri, self.streams, self.batches, cfg.train.seed,
-                               self.rank, self.batch_size, cfg.data.load_size,
+        dataset = TrainStreams(self.data_uri, self.shards, self.samples, self.shares,
+                               self.rank, cfg.train.seed, cfg.data.load_size,
                                cfg.data.image_size, self.encoded)
-        processes = len(self.streams) if cfg.data.workers > 0 else 0
         # Its own generator: every random draw of the pipeline is seeded from the data
         # position, and the global RNG (dropout, a checkpoint's RNG state) stays untouched.
         # Pinned pages let the copy to a GPU run without blocking this process.
-        return iter(DataLoader(dataset, batch_size=None, num_workers=processes,
-                               prefetch_factor=4 if processes else None,
+        return iter(DataLoader(dataset, batch_size=None, num_workers=cfg.data.workers,
+                               prefetch_factor=4 if cfg.data.workers else None,
                                pin_memory=self.device.type == "cuda" and not self.encoded,
                                generator=torch.Generator().manual_seed(cfg.train.seed)))
 
@@ -342,10 +369,16 @@ class TrainLoader:
     def __next__(self) -> torch.Tensor:
         if self._iter is None:
             self._iter = self._start()
-        batch = next(self._iter)
-        if isinstance(batch, CectlError):
-            raise batch
-        self.batches += 1
+        item = next(self._iter)
+        if isinstance(item, CectlError):
+            raise item
+        batch, keys = item
+        if log := os.environ.get(SAMPLE_LOG):
+            with open(log, "a") as f:
+                first = self.samples + sum(self.shares[:self.rank])
+                f.write(json.dumps({"rank": self.rank, "world": self.world,
+                                    "position": first, "keys": keys}) + "\n")
+        self.samples += sum(self.shares)
         if self.encoded:
             return decode_batch(batch, self.cfg.data.image_size, self.device)
         return batch.to(self.device, non_blocking=True)

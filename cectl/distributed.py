@@ -1,10 +1,15 @@
 """`cectl train --nodes N`: the same training loop on Ray Train workers, DDP across nodes.
 
 Ray Train (V2) starts N x G workers, one GPU each (or CPU workers with gloo for `--cpu`),
-spread over the nodes. Each worker runs `cectl.train.train` with its rank: it reads its
-own shards, wraps both networks in DDP, and only rank 0 writes model files. When a
-worker dies, Ray restarts the worker group (FailureConfig) and the loop resumes from the
-latest checkpoint in the store, data position included. BatchNorm: each worker
+spread over the nodes. Each worker runs `cectl.train.train` with its rank: it takes its
+share of each global batch, wraps both networks in DDP, and only rank 0 writes model
+files. When a worker dies, Ray restarts the worker group (FailureConfig) and the loop
+resumes from the latest checkpoint in the store, data position included. With
+`--nodes MIN:MAX` the group is elastic: Ray starts it with as many workers as the cluster
+holds (at least MIN x G, at most MAX x G), restarts it smaller when a node is lost and
+larger when nodes come back (checked every RESIZE_CHECK_S seconds); each restart resumes
+from the latest checkpoint, and as the data position counts samples for the whole job,
+the new group goes on with the same epoch. BatchNorm: each worker
 normalises with its own batch's statistics (64 images are plenty; SyncBatchNorm would
 add two all-reduces per layer); DDP broadcasts rank 0's running statistics before every
 forward, and rank 0's are the ones a checkpoint holds.
@@ -25,14 +30,16 @@ from rich.console import Console
 from torch import nn
 
 from cectl.checkpoint import Run
+from cectl.data import SAMPLE_LOG
 from cectl.errors import BadInput, Failure
 from cectl.storage import Store, open_store
-from cectl.train import Session, TrainProgress, train
+from cectl.train import Session, TrainProgress, describe_batch, train
 
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
             "AWS_PROFILE")
 MAX_FAILURES = 3
+RESIZE_CHECK_S = 30.0  # how often a running elastic group looks for more nodes
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -52,8 +59,9 @@ def connect(address: str | None) -> None:
         except (OSError, ValueError):
             raise BadInput(f"cannot reach a Ray cluster at {address}: check --address "
                            "(host:port of the head node) and that the cluster is up") from None
-    # Workers get the driver's S3 settings; on a cloud cluster, instance roles do instead.
-    env = {key: os.environ[key] for key in AWS_VARS if key in os.environ}
+    # Workers get the driver's S3 settings (on a cloud cluster, instance roles do instead)
+    # and its sample log, if any.
+    env = {key: os.environ[key] for key in (*AWS_VARS, SAMPLE_LOG) if key in os.environ}
     # Worker logs stay in Ray's log folder: the driver shows progress from the queue, and
     # a failure surfaces as TrainingFailedError.
     ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING",
@@ -79,6 +87,20 @@ def check_resources(workers: int, nodes: int, cpu: bool) -> None:
         hint = " (add --cpu for CPU workers)" if not cpu and have == 0 else ""
         raise BadInput(f"{workers} {kind} workers asked for ({nodes} node(s) x "
                        f"{workers // nodes}), but the cluster has {have} {kind}s{hint}")
+
+
+def join_cluster(nodes: tuple[int, int], gpus_per_node: int, cpu: bool,
+                 address: str | None) -> tuple[int, int]:
+    """Check the node bounds, join the cluster and check that it fits the smallest group;
+    the (fewest, most) workers."""
+    low, high = nodes
+    if low < 1 or gpus_per_node < 1:
+        raise BadInput("--nodes and --gpus-per-node must be at least 1")
+    if low > high:
+        raise BadInput(f"--nodes {low}:{high}: MIN must not exceed MAX")
+    connect(address)  # first: it decides how Ray is imported
+    check_resources(low * gpus_per_node, low, cpu)
+    return low * gpus_per_node, high * gpus_per_node
 
 
 def ddp_wrapper(device: torch.device, grad_reduce: str) -> Callable[[nn.Module], nn.Module]:
@@ -147,32 +169,43 @@ def _worker(config: dict) -> None:
     train(cfg, store, config["name"], session, resume=resume)
 
 
-def train_on_ray(cfg: DictConfig, store: Store, name: str, nodes: int, gpus_per_node: int,
-                 cpu: bool, address: str | None, resume: bool, console: Console) -> dict:
-    """Run the job on N x G Ray Train workers; returns the run's summary."""
-    if nodes < 1 or gpus_per_node < 1:
-        raise BadInput("--nodes and --gpus-per-node must be at least 1")
-    workers = nodes * gpus_per_node
-    connect(address)  # first: it decides how Ray is imported
+def train_on_ray(cfg: DictConfig, store: Store, name: str, nodes: tuple[int, int],
+                 gpus_per_node: int, cpu: bool, address: str | None, resume: bool,
+                 console: Console) -> dict:
+    """Run the job on N x G Ray Train workers, N within `nodes` (min, max); returns the
+    run's summary."""
+    low, high = nodes
+    workers, most = join_cluster(nodes, gpus_per_node, cpu, address)
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     try:
-        check_resources(workers, nodes, cpu)
         fs, root = store.arrow_fs()
-        progress_queue = Queue()
-        console.print(f"{workers} {'CPU' if cpu else 'GPU'} workers on {nodes} node(s)")
+        # On the driver's node: the queue must outlive any worker node that is lost.
+        progress_queue = Queue(actor_options={
+            "num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False)})
+        kind = "CPU" if cpu else "GPU"
+        if most == workers:
+            console.print(f"{workers} {kind} workers on {low} node(s), "
+                          f"{describe_batch(cfg, workers)}")
+        else:
+            console.print(f"{workers} to {most} {kind} workers on {low} to {high} nodes "
+                          f"(elastic), {describe_batch(cfg, workers)} to "
+                          f"{describe_batch(cfg, most)}")
         trainer = TorchTrainer(
             _worker,
             train_loop_config={"cfg": OmegaConf.to_container(cfg), "store": store.uri,
                                "name": name, "resume": resume, "progress": progress_queue},
             torch_config=TorchConfig(backend="gloo" if cpu else "nccl"),
             scaling_config=ScalingConfig(
-                num_workers=workers, use_gpu=not cpu,
+                num_workers=workers if most == workers else (workers, most), use_gpu=not cpu,
                 resources_per_worker={"CPU": 1} if cpu else {"GPU": 1},
-                placement_strategy="SPREAD" if nodes > 1 else "PACK"),
+                placement_strategy="SPREAD" if high > 1 else "PACK",
+                elastic_resize_monitor_interval_s=RESIZE_CHECK_S),
             run_config=RunConfig(name=name, storage_path=f"{root}/ray", storage_filesystem=fs,
                                  failure_config=FailureConfig(max_failures=MAX_FAILURES)),
         )

@@ -297,16 +297,12 @@ def ray_results(nodes: int, gpus_per_node: int, cpu: bool,
 
     The cluster is joined and checked as for training. Shards are independent, so plain
     tasks do (no process group); each result goes straight into the driver's cache."""
-    if nodes < 1 or gpus_per_node < 1:
-        raise BadInput("--nodes and --gpus-per-node must be at least 1")
-    from cectl.distributed import check_resources, connect
+    from cectl.distributed import join_cluster
 
-    workers = nodes * gpus_per_node
-    connect(address)  # first: it decides how Ray is imported
+    workers, _ = join_cluster((nodes, nodes), gpus_per_node, cpu, address)
     import ray
 
     try:
-        check_resources(workers, nodes, cpu)
         task = ray.remote(shard_features).options(num_cpus=1, num_gpus=0 if cpu else 1,
                                                   scheduling_strategy="SPREAD")
 

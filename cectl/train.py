@@ -31,11 +31,11 @@ from cectl.checkpoint import Checkpointer, Run
 from cectl.config import to_yaml
 from cectl.data import (
     TrainLoader,
+    batch_shares,
     gpu_decoding,
     load_eval_images,
     open_manifest,
     to_float,
-    worker_batch,
 )
 from cectl.evaluate import evaluate
 from cectl.losses import adversarial_loss, reconstruction_loss
@@ -76,6 +76,9 @@ class TrainProgress:
         self.progress.__exit__(*exc)
 
     def update(self, step: int, metrics: dict) -> None:
+        if "resized_from" in metrics:
+            self.progress.console.print(f"resized from {metrics['resized_from']} to "
+                                        f"{metrics['world']} workers at step {step}")
         if "resumed" in metrics:
             self.progress.console.print(f"resuming from step {step}")
         fields = {}
@@ -194,7 +197,7 @@ class MetricsLogger:
         self.run, self.on_log = run, session.on_log
         self.active = session.rank == 0
         self.every, self.final = cfg.train.log_every, cfg.train.steps
-        self.images_per_step = worker_batch(cfg, session.world) * session.world
+        self.images_per_step = sum(batch_shares(cfg, session.world))
         self.window = (start, time.perf_counter())
         self.lines: list[str] = []
         if not self.active:
@@ -292,7 +295,7 @@ def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | 
     logger = MetricsLogger(run, cfg, session, start)
     validator = Validator(cfg, manifest, session, run)
     if resume:
-        logger.log(start, {"resumed": 1})
+        logger.log(start, checkpointer.resume_metrics())
 
     metrics: dict[str, float] = {}
     for step in range(start + 1, cfg.train.steps + 1):
@@ -312,14 +315,18 @@ def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | 
             logger.flush()
             if session.on_checkpoint:
                 session.on_checkpoint(step, metrics)
+    checkpointer.wait()
     logger.close()
     return run.summary() if rank == 0 else None
 
 
 def describe_batch(cfg: DictConfig, world: int) -> str:
-    """The start-up line on the batch: with more workers the recipe changes unless told."""
-    batch = worker_batch(cfg, world)
-    text = f"effective batch {world} x {batch} = {world * batch}"
+    """The batch at start-up, `effective batch 2 x 8 = 16` or `6 + 5 + 5 = 16`: with more
+    workers the recipe changes unless told."""
+    shares = batch_shares(cfg, world)
+    parts = (f"{world} x {shares[0]}" if len(set(shares)) == 1
+             else " + ".join(map(str, shares)))
+    text = f"effective batch {parts} = {sum(shares)}"
     if world > 1 and cfg.data.batch_policy == "per-worker":
         text += (f", {world}x the recipe's at the same learning rate "
                  f"(data.batch_policy=global keeps it at {cfg.data.batch_size})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -29,15 +30,53 @@ def cectl(*args: str, env: dict | None = None, check: bool = False,
     return result
 
 
+@contextlib.contextmanager
+def local_cluster(nodes: int, cpus: int = 2):
+    """`cectl cluster local`: raylets on this machine; yields (address, its process id)."""
+    proc = subprocess.Popen([sys.executable, "-m", "cectl", "cluster", "local", "--nodes",
+                             str(nodes), "--cpus", str(cpus)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("RAY_ADDRESS="):
+        proc.kill()
+        raise AssertionError(f"cectl cluster local printed {line!r}")
+    try:
+        yield line.strip().split("=", 1)[1], proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def kill_a_training_node(cluster_pid: int) -> None:
+    """SIGKILL a node of a local cluster, as a preempted machine dies: the raylet and all
+    it started at once. A node with a Ray Train worker, but not the head and not the one
+    with the run's controller."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True)
+    procs = [(int(pid), int(ppid), args) for pid, ppid, args in
+             (line.split(None, 2) for line in out.stdout.splitlines() if line.count(" ") >= 2)]
+    # The head's raylet listens on sockets/raylet, the others on sockets/raylet.N.
+    raylets = [pid for pid, ppid, args in procs
+               if ppid == cluster_pid and "raylet/raylet" in args and "sockets/raylet." in args]
+    for raylet in raylets:
+        children = [(pid, args) for pid, ppid, args in procs if ppid == raylet]
+        if (any("RayTrainWorker" in args for _, args in children)
+                and not any("TrainController" in args for _, args in children)):
+            for pid in (raylet, *(pid for pid, _ in children)):
+                os.kill(pid, signal.SIGKILL)
+            return
+    raise AssertionError("no node of the cluster runs a Ray Train worker alone")
+
+
 class FlakyProxy:
-    """A TCP proxy to 127.0.0.1:`target` that can drop every connection for a while.
+    """A TCP proxy to 127.0.0.1:`target` that can drop every connection for a while, or
+    pass bytes at `rate` bytes/s, as a slow link does.
 
     While dropping, new connections are reset at once and open ones are cut, as a
     flaky network or a restarting load balancer would do.
     """
 
-    def __init__(self, target: int):
-        self.target, self.port = target, free_port()
+    def __init__(self, target: int, rate: float | None = None):
+        self.target, self.port, self.rate = target, free_port(), rate
         self.drop_until = 0.0
         self.dropped = 0
         self._open: set[socket.socket] = set()
@@ -83,6 +122,8 @@ class FlakyProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                if self.rate:
+                    time.sleep(len(data) / self.rate)
                 dst.sendall(data)
         except OSError:
             pass

@@ -11,7 +11,7 @@ import time
 
 import boto3
 import pytest
-from helpers import TINY, cectl
+from helpers import TINY, cectl, local_cluster
 
 RAY_ARGS = ["--nodes", "2", "--cpu"]
 
@@ -19,15 +19,8 @@ RAY_ARGS = ["--nodes", "2", "--cpu"]
 @pytest.fixture(scope="module")
 def cluster():
     """`cectl cluster local --nodes 2`: two raylets on this machine; yields the address."""
-    proc = subprocess.Popen([sys.executable, "-m", "cectl", "cluster", "local", "--nodes", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline()
-    if not line.startswith("RAY_ADDRESS="):
-        proc.kill()
-        pytest.fail(f"cectl cluster local printed {line!r}")
-    yield line.strip().split("=", 1)[1]
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
+    with local_cluster(2) as (address, _):
+        yield address
 
 
 def test_ddp_on_two_nodes_checkpoints_to_s3_with_identical_weights(cluster, facade_shards,

@@ -6,7 +6,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from helpers import tiny_job
 from safetensors.torch import load_file, save_file
@@ -19,7 +18,7 @@ from cectl.checkpoint import (
     load_checkpoint,
     restore_tensors,
 )
-from cectl.data import TrainLoader, assign_shards, open_manifest, stream_start
+from cectl.data import TrainLoader, open_manifest
 from cectl.model import build_models
 from cectl.storage import open_store
 from cectl.train import train
@@ -71,7 +70,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(facade_shards, tmp_path
 
     straight, _ = load_checkpoint(str(tmp_path / "runs/straight/checkpoints/step-000006"))
     resumed, state = load_checkpoint(str(tmp_path / "runs/split/checkpoints/step-000006"))
-    assert state["data_position"]["batches"] == 6
+    assert state["data_position"] == {"samples": 6 * 8}
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
@@ -79,24 +78,15 @@ def test_resume_gives_the_same_weights_as_a_straight_run(facade_shards, tmp_path
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_streams_split_shards_without_overlap(facade_shards):
-    manifest = open_manifest(facade_shards)
-    seen = []
-    for rank in range(2):
-        for stream in assign_shards(manifest, "train", rank, 2, 2):
-            seen += [s["name"] for s in stream]
-    names = [s["name"] for s in manifest["splits"]["train"]["shards"]]
-    assert sorted(seen) == sorted(names)
-
-
 def test_loader_resumes_mid_epoch_with_the_same_batches(facade_shards):
     cfg = tiny_job(facade_shards, "data.workers=2")
     manifest = open_manifest(facade_shards)
     straight = TrainLoader(facade_shards, manifest, cfg, 0, 1)
     batches = [next(straight) for _ in range(12)]  # past one epoch of ~80 samples
+    position = straight.state_dict()
     later = [next(straight) for _ in range(3)]
     resumed = TrainLoader(facade_shards, manifest, cfg, 0, 1)
-    resumed.load_state_dict(straight.state_dict() | {"batches": 12})
+    resumed.load_state_dict(position)
     assert all(torch.equal(a, next(resumed)) for a in later)
     assert not torch.equal(batches[0], batches[1])
 
@@ -107,16 +97,6 @@ def test_pruning_keeps_the_last_checkpoints_and_the_best(tmp_path):
         run.save(step, {"x": torch.zeros(1)}, {"step": step, "best_step": 2, "config": {}})
     assert run.steps() == [2, 4, 5, 6]
     assert run.checkpoint("best").uri.endswith("step-000002")
-
-
-@pytest.mark.parametrize("streams", [1, 2, 3])
-@pytest.mark.parametrize("batches", [0, 1, 2, 5, 7])
-def test_stream_start_continues_the_round_robin(batches, streams):
-    # The straight loader: batch i came from stream i % streams.
-    given = [sum(1 for i in range(batches) if i % streams == k) for k in range(streams)]
-    nxt = [stream_start(batches, process, streams) for process in range(streams)]
-    assert [k for k, _ in nxt] == [(batches + p) % streams for p in range(streams)]
-    assert all(done == given[k] for k, done in nxt)
 
 
 def test_a_version_1_checkpoint_restores_the_same_optimizer_state(facade_shards, tmp_path):
@@ -148,7 +128,7 @@ def test_a_version_1_checkpoint_restores_the_same_optimizer_state(facade_shards,
     for key, value in tensors.items():
         if key.startswith("optim."):
             assert torch.equal(again[key], value), key
-    assert loader.state_dict() == {"batches": 2}
+    assert loader.state_dict() == {"samples": 2 * 8}
 
 
 def _ddp_rank(rank: int, world: int, port: int, shards: str, store: str, out: str) -> None:
@@ -199,7 +179,7 @@ def test_the_encoded_loader_path_gives_the_same_batches_and_resumes(facade_shard
         assert torch.equal(next(pixels), next(encoded))
     later = [next(encoded) for _ in range(3)]
     resumed = TrainLoader(facade_shards, manifest, cfg, 0, 1, encoded=True)
-    resumed.load_state_dict({"batches": 12})
+    resumed.load_state_dict(encoded.state_dict() | {"samples": 12 * cfg.data.batch_size})
     assert all(torch.equal(a, next(resumed)) for a in later)
 
 

@@ -1,0 +1,183 @@
+"""Elastic training: a data position that holds whatever the world size, a global batch
+policy, checkpoints saved in the background, and a worker group that loses a node of a
+real local multi-node Ray cluster and goes on smaller."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import boto3
+import pytest
+import torch
+from helpers import (
+    TINY,
+    FlakyProxy,
+    cectl,
+    kill_a_training_node,
+    local_cluster,
+    tiny_job,
+)
+
+from cectl.data import SAMPLE_LOG, TrainLoader, open_manifest, read_samples
+from cectl.errors import BadInput
+from cectl.storage import open_store
+
+
+def train_keys(shards: str) -> list[str]:
+    store, manifest = open_store(shards), open_manifest(shards)
+    return [s["__key__"] for shard in manifest["splits"]["train"]["shards"]
+            for s in read_samples(store, shard["name"])]
+
+
+def consume(shards: str, worlds: list[tuple[int, int]], log, *overrides: str) -> dict[int, str]:
+    """Run loaders through phases of (world, steps), restoring rank 0's position between
+    phases as a resize does; the sample key at each global position consumed."""
+    manifest, position = open_manifest(shards), {"samples": 0}
+    for world, steps in worlds:
+        cfg = tiny_job(shards, *overrides)
+        loaders = [TrainLoader(shards, manifest, cfg, rank, world) for rank in range(world)]
+        for loader in loaders:
+            loader.load_state_dict(position)
+        for _ in range(steps):
+            for loader in loaders:
+                next(loader)
+        position = loaders[0].state_dict()
+        assert all(loader.state_dict() == position for loader in loaders)
+    by_position: dict[int, str] = {}
+    for line in log.read_text().splitlines():
+        batch = json.loads(line)
+        for i, key in enumerate(batch["keys"]):
+            assert batch["position"] + i not in by_position, "a position consumed twice"
+            by_position[batch["position"] + i] = key
+    assert sorted(by_position) == list(range(position["samples"]))
+    return by_position
+
+
+def test_a_world_going_2_1_3_consumes_every_sample_of_the_epoch_once(facade_shards, tmp_path,
+                                                                      monkeypatch):
+    keys = train_keys(facade_shards)
+    monkeypatch.setenv(SAMPLE_LOG, str(tmp_path / "elastic.jsonl"))
+    # Batches of 8: 2 x 2 steps, 1 x 3, then 3 x 3 is 104 samples, past one epoch.
+    elastic = consume(facade_shards, [(2, 2), (1, 3), (3, 3)], tmp_path / "elastic.jsonl")
+    epoch = [elastic[p] for p in range(len(keys))]
+    assert sorted(epoch) == sorted(keys)  # each once: none repeated, none skipped
+    monkeypatch.setenv(SAMPLE_LOG, str(tmp_path / "fixed.jsonl"))
+    fixed = consume(facade_shards, [(2, 7)], tmp_path / "fixed.jsonl", "data.workers=2")
+    assert [fixed[p] for p in range(len(keys))] == epoch  # the same order, not just the set
+
+
+def test_a_sample_gets_the_same_crop_whatever_the_world(facade_shards):
+    manifest = open_manifest(facade_shards)
+    cfg = tiny_job(facade_shards, "data.workers=2")
+    alone = TrainLoader(facade_shards, manifest, cfg, 0, 1)
+    first, second = next(alone), next(alone)
+    pair = [TrainLoader(facade_shards, manifest, cfg, rank, 2) for rank in range(2)]
+    assert torch.equal(next(pair[0]), first) and torch.equal(next(pair[1]), second)
+
+
+def test_a_per_worker_position_converts_only_on_its_world(facade_shards):
+    manifest, cfg = open_manifest(facade_shards), tiny_job(facade_shards)
+    loader = TrainLoader(facade_shards, manifest, cfg, 0, 2)
+    loader.load_state_dict({"batches": 3, "world": 2})
+    assert loader.state_dict() == {"samples": 3 * 2 * 8}
+    with pytest.raises(BadInput, match="holds for 1 workers, not 2"):
+        loader.load_state_dict({"batches": 3, "world": 1})
+
+
+def test_a_global_batch_is_the_same_images_whatever_the_world(facade_shards):
+    manifest = open_manifest(facade_shards)
+    cfg = tiny_job(facade_shards, "data.batch_policy=global", "data.batch_size=16")
+    whole = next(TrainLoader(facade_shards, manifest, cfg, 0, 1))
+    for world, shares in ((2, [8, 8]), (3, [6, 5, 5])):
+        parts = [next(TrainLoader(facade_shards, manifest, cfg, rank, world))
+                 for rank in range(world)]
+        assert [len(p) for p in parts] == shares
+        assert torch.equal(torch.cat(parts), whole)
+
+
+def test_a_global_batch_smaller_than_the_world_is_refused(facade_shards):
+    cfg = tiny_job(facade_shards, "data.batch_policy=global", "data.batch_size=2")
+    with pytest.raises(BadInput, match="cannot be split over 3 workers"):
+        TrainLoader(facade_shards, open_manifest(facade_shards), cfg, 0, 3)
+
+
+def test_a_crash_during_a_background_upload_resumes_from_the_last_complete_checkpoint(
+        facade_shards, s3_env, bucket, tmp_path):
+    # A slow link to S3: a checkpoint of the tiny model (~300 KB) takes 12 s to upload.
+    proxy = FlakyProxy(int(s3_env.rsplit(":", 1)[1]), rate=25_000)
+    log = tmp_path / "samples.jsonl"
+    args = ["train", *TINY, "train.steps=30", "train.checkpoint_every=10", "--data",
+            facade_shards, "--store", f"s3://{bucket}/store", "--name", "crash", "--local"]
+    job = subprocess.Popen([sys.executable, "-m", "cectl", *args], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "AWS_ENDPOINT_URL": proxy.url, SAMPLE_LOG: str(log)})
+    s3 = boto3.client("s3", endpoint_url=s3_env)
+    prefix = "store/runs/crash/checkpoints/"
+
+    def complete() -> set[str]:
+        found = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+        return {o["Key"][len(prefix):-len("/state.json")] for o in found
+                if o["Key"].endswith("/state.json")}
+
+    deadline = time.monotonic() + 120
+    while "step-000010" not in complete() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # Step 10 is stored, so step 20's upload is starting: wait until training goes on.
+    while (not log.exists() or len(log.read_text().splitlines()) < 23) and job.poll() is None:
+        time.sleep(0.05)
+    job.kill()
+    job.wait()
+    assert job.returncode == -signal.SIGKILL, job.stderr.read()
+    assert complete() == {"step-000010"}  # step 20 was still uploading: not visible
+    proxy.rate = None
+    result = cectl(*args, "--resume", env={SAMPLE_LOG: ""}, check=True)
+    assert "reached step 30" in result.stdout
+    lines = s3.get_object(Bucket=bucket, Key="store/runs/crash/metrics.jsonl")["Body"].read()
+    resumed = [m["step"] for m in map(json.loads, lines.decode().splitlines()) if "resumed" in m]
+    assert resumed == [10]
+
+
+def test_a_lost_node_shrinks_the_group_and_the_epoch_goes_on(facade_shards, tmp_path):
+    log, store = tmp_path / "samples.jsonl", tmp_path / "store"
+    with local_cluster(3, cpus=1) as (address, cluster_pid):
+        job = subprocess.Popen(
+            [sys.executable, "-m", "cectl", "train", *TINY, "train.steps=40",
+             "train.checkpoint_every=10", "--data", facade_shards, "--store", str(store),
+             "--name", "elastic", "--nodes", "2:3", "--cpu", "--address", address],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "COLUMNS": "200", SAMPLE_LOG: str(log)})
+        marker = store / "runs/elastic/checkpoints/step-000010/state.json"
+        deadline = time.monotonic() + 400
+        while not marker.exists() and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.2)
+        assert marker.exists(), "the run never reached step 10"
+        kill_a_training_node(cluster_pid)
+        out, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err
+    assert "2 to 3 CPU workers on 2 to 3 nodes (elastic)" in err
+    assert "resized from 3 to 2 workers" in err
+    assert "reached step 40 on 2 workers" in out and "1 resize(s)" in out
+    # Every position always held the same sample (steps after the last checkpoint were
+    # replayed by the smaller group), none was skipped, and the first epoch is every
+    # train sample once.
+    by_position: dict[int, str] = {}
+    for batch in map(json.loads, log.read_text().splitlines()):
+        for i, key in enumerate(batch["keys"]):
+            assert by_position.setdefault(batch["position"] + i, key) == key
+    assert sorted(by_position) == list(range(len(by_position)))
+    keys = train_keys(facade_shards)
+    assert sorted(by_position[p] for p in range(len(keys))) == sorted(keys)
+
+
+@pytest.mark.parametrize(("nodes", "message"), [("3:2", "MIN must not exceed MAX"),
+                                                ("two", "give a number of nodes N or bounds")])
+def test_bad_node_bounds_exit_2(nodes, message, facade_shards, tmp_path):
+    result = cectl("train", *TINY, "--data", facade_shards, "--store", tmp_path,
+                   "--nodes", nodes, "--cpu", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
