@@ -334,6 +334,7 @@ class TrainLoader:
         self.shards = train_shards(manifest)
         self.shares = batch_shares(cfg, world)
         self.samples = 0
+        self.positions = range(0)  # global positions of the batch handed out last
         self._iter: Iterator | None = None
 
     def state_dict(self) -> dict[str, int]:
@@ -373,9 +374,10 @@ class TrainLoader:
         if isinstance(item, CectlError):
             raise item
         batch, keys = item
+        first = self.samples + sum(self.shares[:self.rank])
+        self.positions = range(first, first + len(keys))
         if log := os.environ.get(SAMPLE_LOG):
             with open(log, "a") as f:
-                first = self.samples + sum(self.shares[:self.rank])
                 f.write(json.dumps({"rank": self.rank, "world": self.world,
                                     "position": first, "keys": keys}) + "\n")
         self.samples += sum(self.shares)

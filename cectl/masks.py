@@ -92,6 +92,16 @@ def draw_holes(kind: str, n: int, size: int, overlap: int, seed: int) -> torch.T
     return holes
 
 
+def sample_holes(kind: str, positions: range, size: int, overlap: int,
+                 seed: int) -> torch.Tensor:
+    """The holes of training samples, each drawn from the sample's global position: a
+    sample's hole does not depend on the batch, rank or world size it lands in."""
+    if kind == "center":
+        return draw_holes(kind, len(positions), size, overlap, seed)
+    return torch.cat([draw_holes(kind, 1, size, overlap, derive_seed(seed, "mask", p))
+                      for p in positions])
+
+
 def loss_weights(holes: torch.Tensor, window: Window, overlap_weight: float) -> torch.Tensor:
     """Weights over the output window: 1 in the hole, `overlap_weight` everywhere else."""
     inside = window.crop(holes)

@@ -39,7 +39,14 @@ from cectl.data import (
 )
 from cectl.evaluate import evaluate
 from cectl.losses import adversarial_loss, reconstruction_loss
-from cectl.masks import derive_seed, draw_holes, fill_holes, loss_weights, output_window
+from cectl.masks import (
+    derive_seed,
+    draw_holes,
+    fill_holes,
+    loss_weights,
+    output_window,
+    sample_holes,
+)
 from cectl.model import build_models, complete
 from cectl.storage import Store
 
@@ -300,8 +307,8 @@ def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | 
     metrics: dict[str, float] = {}
     for step in range(start + 1, cfg.train.steps + 1):
         images = to_float(next(loader))
-        holes = draw_holes(cfg.mask.kind, len(images), cfg.data.image_size,
-                           cfg.mask.overlap, derive_seed(cfg.train.seed, "mask", rank, step))
+        holes = sample_holes(cfg.mask.kind, loader.positions, cfg.data.image_size,
+                             cfg.mask.overlap, cfg.train.seed)
         losses = train_step(g_train, d_train, opt_g, opt_d, images, holes.to(device), cfg, scaler)
         if logger.should_log(step):
             metrics = logger.log_losses(step, losses)

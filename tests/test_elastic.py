@@ -80,6 +80,24 @@ def test_a_sample_gets_the_same_crop_whatever_the_world(facade_shards):
     assert torch.equal(next(pair[0]), first) and torch.equal(next(pair[1]), second)
 
 
+@pytest.mark.parametrize("kind", ["random-block", "random-region"])
+def test_a_sample_gets_the_same_hole_whatever_the_world(facade_shards, kind):
+    from cectl.masks import sample_holes
+
+    manifest = open_manifest(facade_shards)
+    cfg = tiny_job(facade_shards, "data.batch_policy=global", "data.batch_size=16")
+    alone = TrainLoader(facade_shards, manifest, cfg, 0, 1)
+    next(alone)
+    whole = sample_holes(kind, alone.positions, 32, 2, 0)
+    parts = []
+    for rank in range(3):
+        loader = TrainLoader(facade_shards, manifest, cfg, rank, 3)
+        next(loader)
+        parts.append(sample_holes(kind, loader.positions, 32, 2, 0))
+    assert torch.equal(torch.cat(parts), whole)
+    assert not torch.equal(whole[0], whole[1])
+
+
 def test_a_per_worker_position_converts_only_on_its_world(facade_shards):
     manifest, cfg = open_manifest(facade_shards), tiny_job(facade_shards)
     loader = TrainLoader(facade_shards, manifest, cfg, 0, 2)
