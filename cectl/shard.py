@@ -39,7 +39,7 @@ from rich.text import Text
 from cectl.errors import BadInput
 from cectl.images import Skip, prepare_sample
 from cectl.sources import Item, list_items
-from cectl.storage import LocalStore, Store, is_partial, open_store, safe_key
+from cectl.storage import Store, is_partial, open_store, safe_key
 
 if TYPE_CHECKING:
     import webdataset as wds
@@ -119,7 +119,7 @@ def _read_input(src: Store, key: str) -> bytes:
     try:
         return src.read_bytes(key)
     except FileNotFoundError:
-        if isinstance(src, LocalStore) and src.path(key).is_symlink():
+        if (path := src.local_path(key)) is not None and path.is_symlink():
             raise Skip("broken-symlink") from None
         raise Skip("unreadable", "vanished while sharding") from None
     except OSError as e:
@@ -187,8 +187,8 @@ def _load_records(dst: Store, existing: set[str]) -> dict[str, dict]:
 
 def _open_stores(src_uri: str, dst_uri: str) -> tuple[Store, Store]:
     src, dst = open_store(src_uri), open_store(dst_uri)
-    if isinstance(src, LocalStore) and not src.root.is_dir():
-        raise BadInput(f"source folder {src.root} does not exist: give the folder "
+    if (root := src.local_path("")) is not None and not root.is_dir():
+        raise BadInput(f"source folder {root} does not exist: give the folder "
                        "that holds the images")
     src.check()
     dst.check(create=True)

@@ -28,10 +28,10 @@ def test_ddp_on_two_nodes_checkpoints_to_s3_with_identical_weights(cluster, faca
     store = f"s3://{bucket}/store"
     result = cectl("train", *TINY, "train.steps=8", "train.checkpoint_every=4",
                    "--data", facade_shards, "--store", store, "--name", "ddp", *RAY_ARGS,
-                   "--address", cluster, timeout=400)
+                   "--address", cluster, "--json", timeout=400)
     assert result.returncode == 0, result.stderr
-    assert "effective batch 2 x 8 = 16" in result.stderr
-    assert "reached step 8 on 2 workers" in result.stdout
+    summary = json.loads(result.stdout)
+    assert (summary["step"], summary["workers"]) == (8, 2)
     s3 = boto3.client("s3", endpoint_url=s3_env)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="store/runs/ddp/")
             ["Contents"]}
@@ -54,7 +54,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(cluster, facade_shards
     job = subprocess.Popen(
         [sys.executable, "-m", "cectl", "train", *TINY, "train.steps=150",
          "train.checkpoint_every=20", "--data", facade_shards, "--store", str(store),
-         "--name", "ft", *RAY_ARGS, "--address", cluster],
+         "--name", "ft", *RAY_ARGS, "--address", cluster, "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "COLUMNS": "200"})
     marker = store / "runs/ft/checkpoints/step-000040/state.json"
@@ -67,7 +67,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(cluster, facade_shards
     os.kill(victims[-1], signal.SIGKILL)
     out, err = job.communicate(timeout=400)
     assert job.returncode == 0, err
-    assert "reached step 150 on 2 workers" in out
+    summary = json.loads(out)
+    assert (summary["step"], summary["workers"]) == (150, 2) and summary["resumes"] >= 1
     text = (store / "runs/ft/metrics.jsonl").read_text()
     lines = [json.loads(line) for line in text.splitlines()]
     resumed = [m["step"] for m in lines if "resumed" in m]

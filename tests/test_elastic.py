@@ -153,8 +153,8 @@ def test_a_crash_during_a_background_upload_resumes_from_the_last_complete_check
     assert job.returncode == -signal.SIGKILL, job.stderr.read()
     assert complete() == {"step-000010"}  # step 20 was still uploading: not visible
     proxy.rate = None
-    result = cectl(*args, "--resume", env={SAMPLE_LOG: ""}, check=True)
-    assert "reached step 30" in result.stdout
+    result = cectl(*args, "--resume", "--json", env={SAMPLE_LOG: ""}, check=True)
+    assert json.loads(result.stdout)["step"] == 30
     lines = s3.get_object(Bucket=bucket, Key="store/runs/crash/metrics.jsonl")["Body"].read()
     resumed = [m["step"] for m in map(json.loads, lines.decode().splitlines()) if "resumed" in m]
     assert resumed == [10]
@@ -166,7 +166,7 @@ def test_a_lost_node_shrinks_the_group_and_the_epoch_goes_on(facade_shards, tmp_
         job = subprocess.Popen(
             [sys.executable, "-m", "cectl", "train", *TINY, "train.steps=40",
              "train.checkpoint_every=10", "--data", facade_shards, "--store", str(store),
-             "--name", "elastic", "--nodes", "2:3", "--cpu", "--address", address],
+             "--name", "elastic", "--nodes", "2:3", "--cpu", "--address", address, "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "COLUMNS": "200", SAMPLE_LOG: str(log)})
         marker = store / "runs/elastic/checkpoints/step-000010/state.json"
@@ -179,7 +179,8 @@ def test_a_lost_node_shrinks_the_group_and_the_epoch_goes_on(facade_shards, tmp_
     assert job.returncode == 0, err
     assert "2 to 3 CPU workers on 2 to 3 nodes (elastic)" in err
     assert "resized from 3 to 2 workers" in err
-    assert "reached step 40 on 2 workers" in out and "1 resize(s)" in out
+    summary = json.loads(out)
+    assert (summary["step"], summary["workers"], summary["resizes"]) == (40, 2, 1)
     # Every position always held the same sample (steps after the last checkpoint were
     # replayed by the smaller group), none was skipped, and the first epoch is every
     # train sample once.
