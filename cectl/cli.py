@@ -147,7 +147,7 @@ def train_command(
                            "continue it, or pick another --name")
     if local and nodes is not None:
         raise BadInput("--local and --nodes exclude each other")
-    # Ray runs print their batch once the worker group's size is known.
+    # Ray runs print their batch with the worker count (a range, when elastic).
     batch = f"{describe_batch(cfg, 1)}, " if nodes is None else ""
     err.print(f"run {name}: {cfg.model.arch}, {cfg.mask.kind} masks, {cfg.loss.mode} loss, "
               f"{batch}{cfg.train.steps} steps")
@@ -212,7 +212,9 @@ def sweep(
         print(json.dumps(result, indent=2))
         return
     out.print(trials_table(result))
-    out.print(f"best config: {result['best']}  (cectl train {result['best']} --local)")
+    hint = (f"cectl train {result['best']} --local" if "://" not in result["best"]
+            else "-o BEST.yaml writes a local copy to train from")
+    out.print(f"best config: {result['best']}  ({hint})")
 
 
 @app.command()

@@ -36,6 +36,7 @@ import itertools
 import json
 import os
 import random
+import sys
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -46,7 +47,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cectl.errors import BadInput, CectlError
-from cectl.images import Skip, decode, resize_shorter
+from cectl.images import Skip, decode, open_image, resize_shorter
 from cectl.masks import derive_seed
 from cectl.shard import read_manifest, read_samples
 from cectl.storage import Store, open_store
@@ -132,7 +133,7 @@ def plan_crop(sample: dict, load_size: int, image_size: int, rng: random.Random)
     if "jpg" in sample:
         height, width = _jpeg_size(sample)
     elif "png" in sample:
-        width, height = _png_pixels(sample).shape[1::-1]
+        width, height = _png_size(sample)
     else:
         raise BadInput(f"{_where(sample)} has no .jpg or .png")
     reduce = 1
@@ -161,6 +162,14 @@ def _jpeg_size(sample: dict) -> tuple[int, int]:
         raise BadInput(f"{_where(sample)} is not a readable JPEG ({e}): run `cectl verify`"
                        ) from None
     return height, width
+
+
+def _png_size(sample: dict) -> tuple[int, int]:
+    try:
+        return open_image(sample["png"]).size  # the header alone
+    except Skip as e:
+        raise BadInput(f"{_where(sample)} is not a usable image ({e}): run `cectl verify`"
+                       ) from None
 
 
 def _png_pixels(sample: dict) -> np.ndarray:
@@ -272,7 +281,7 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
-class TrainStreams(IterableDataset):
+class TrainBatches(IterableDataset):
     """One rank's batches, as (images or encoded batch, sample keys); each loader process
     plays every `processes`-th batch from the global position `start` on."""
 
@@ -342,8 +351,9 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Restore a position. A per-rank one (`batches`, written before the position was
-        global) only on the world it was saved with; it becomes the same number of samples:
-        the same progress through the epoch, in the global order."""
+        global) only on the world it was saved with; it becomes the same number of samples,
+        the same progress through the epoch, but in the global order: not the same samples
+        the old per-rank streams would have read, so that one resume is approximate."""
         if "batches" in state:
             if state.get("world", 1) != self.world:
                 raise BadInput(f"this checkpoint's data position holds for {state.get('world', 1)}"
@@ -353,7 +363,7 @@ class TrainLoader:
 
     def _start(self) -> Iterator:
         cfg = self.cfg
-        dataset = TrainStreams(self.data_uri, self.shards, self.samples, self.shares,
+        dataset = TrainBatches(self.data_uri, self.shards, self.samples, self.shares,
                                self.rank, cfg.train.seed, cfg.data.load_size,
                                cfg.data.image_size, self.encoded)
         # Its own generator: every random draw of the pipeline is seeded from the data
@@ -386,9 +396,10 @@ class TrainLoader:
         return batch.to(self.device, non_blocking=True)
 
 
-def load_eval_images(data_uri: str, split: str, image_size: int,
-                     limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
-    """Every image of a split (or the first `limit`), center-cropped, in manifest order."""
+def split_batches(data_uri: str, split: str, image_size: int,
+                  batch_size: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """A split's images, center-cropped, in manifest order, as uint8 batches with their
+    keys: streamed, never the whole split in memory."""
     store = open_store(data_uri)
     manifest = read_manifest(store)
     if split not in manifest["splits"]:
@@ -399,11 +410,20 @@ def load_eval_images(data_uri: str, split: str, image_size: int,
         for sample in read_samples(store, shard["name"]):
             arrays.append(eval_crop(sample_pixels(sample), image_size))
             keys.append(sample["__key__"])
-            if limit and len(arrays) == limit:
-                return to_batch(arrays), keys
-    if not arrays:
+            if len(arrays) == batch_size:
+                yield to_batch(arrays), keys
+                arrays, keys = [], []
+    if arrays:
+        yield to_batch(arrays), keys
+
+
+def load_eval_images(data_uri: str, split: str, image_size: int,
+                     limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Every image of a split (or the first `limit`), center-cropped, in manifest order."""
+    batch = next(split_batches(data_uri, split, image_size, limit or sys.maxsize), None)
+    if batch is None:
         raise BadInput(f"the {split!r} split of {data_uri} is empty")
-    return to_batch(arrays), keys
+    return batch
 
 
 def open_manifest(data_uri: str) -> dict:

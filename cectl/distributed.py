@@ -9,10 +9,11 @@ resumes from the latest checkpoint in the store, data position included. With
 holds (at least MIN x G, at most MAX x G), restarts it smaller when a node is lost and
 larger when nodes come back (checked every RESIZE_CHECK_S seconds); each restart resumes
 from the latest checkpoint, and as the data position counts samples for the whole job,
-the new group goes on with the same epoch. BatchNorm: each worker
-normalises with its own batch's statistics (64 images are plenty; SyncBatchNorm would
-add two all-reduces per layer); DDP broadcasts rank 0's running statistics before every
-forward, and rank 0's are the ones a checkpoint holds.
+the new group goes on with the same epoch. BatchNorm: each worker normalises with its
+own batch's statistics (SyncBatchNorm would add two all-reduces per layer; with
+`data.batch_policy=global` over many workers the shares get small, and so do those
+statistics); DDP broadcasts rank 0's running statistics before every forward, and rank
+0's are the ones a checkpoint holds.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from cectl.train import Session, TrainProgress, describe_batch, train
 
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
-            "AWS_PROFILE")
+            "AWS_PROFILE", "AWS_MAX_ATTEMPTS", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
 MAX_FAILURES = 3
 RESIZE_CHECK_S = 30.0  # how often a running elastic group looks for more nodes
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -99,7 +100,13 @@ def join_cluster(nodes: tuple[int, int], gpus_per_node: int, cpu: bool,
     if low > high:
         raise BadInput(f"--nodes {low}:{high}: MIN must not exceed MAX")
     connect(address)  # first: it decides how Ray is imported
-    check_resources(low * gpus_per_node, low, cpu)
+    try:
+        check_resources(low * gpus_per_node, low, cpu)
+    except BadInput:
+        import ray
+
+        ray.shutdown()
+        raise
     return low * gpus_per_node, high * gpus_per_node
 
 
@@ -129,6 +136,8 @@ def local_session(cfg: DictConfig, device: torch.device,
         return
     import torch.distributed as dist
 
+    if device.index is None:  # NCCL's device_id needs an index
+        device = torch.device("cuda", torch.cuda.current_device())
     with socket.socket() as s:  # a free port for the one-process rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -175,6 +184,9 @@ def train_on_ray(cfg: DictConfig, store: Store, name: str, nodes: tuple[int, int
     """Run the job on N x G Ray Train workers, N within `nodes` (min, max); returns the
     run's summary."""
     low, high = nodes
+    if cpu and cfg.train.grad_reduce == "bf16":
+        raise BadInput("train.grad_reduce=bf16 is a comm hook for NCCL: GPU workers only "
+                       "(drop --cpu, or use train.grad_reduce=fp32)")
     workers, most = join_cluster(nodes, gpus_per_node, cpu, address)
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig

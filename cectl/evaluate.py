@@ -16,7 +16,6 @@ whose context, fed through the model's own encoder, is closest (cosine), pasted 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,7 @@ from omegaconf import DictConfig
 from rich.table import Table
 from torch import nn
 
-from cectl.data import eval_crop, load_eval_images, read_samples, sample_pixels, to_batch, to_float
+from cectl.data import load_eval_images, split_batches, to_float
 from cectl.masks import Window, check_window, derive_seed, draw_holes, fill_holes, output_window
 from cectl.model import complete
 from cectl.shard import read_manifest
@@ -88,21 +87,6 @@ def evaluate(generator: nn.Module, cfg: DictConfig, images: torch.Tensor, mask_k
             **{name: summarize(values) for name, values in per_image.items()}}
 
 
-def split_batches(data_uri: str, split: str, image_size: int,
-                  batch_size: int) -> Iterator[torch.Tensor]:
-    """A split's images, center-cropped, in uint8 batches, without holding the split."""
-    store = open_store(data_uri)
-    arrays = []
-    for shard in read_manifest(store)["splits"][split]["shards"]:
-        for sample in read_samples(store, shard["name"]):
-            arrays.append(eval_crop(sample_pixels(sample), image_size))
-            if len(arrays) == batch_size:
-                yield to_batch(arrays)
-                arrays = []
-    if arrays:
-        yield to_batch(arrays)
-
-
 @torch.no_grad()
 def nearest_neighbour(generator: nn.Module, cfg: DictConfig, images: torch.Tensor,
                       data_uri: str, batch_size: int = 32) -> dict[str, float]:
@@ -119,7 +103,7 @@ def nearest_neighbour(generator: nn.Module, cfg: DictConfig, images: torch.Tenso
                          for i in range(0, len(images), batch_size)])
     best = torch.full((len(images),), -2.0)
     matches = torch.zeros_like(images)
-    for candidates in split_batches(data_uri, "train", size, batch_size):
+    for candidates, _ in split_batches(data_uri, "train", size, batch_size):
         score, index = (queries @ features(candidates).T).max(dim=1)
         better = score > best
         best[better] = score[better]

@@ -33,11 +33,11 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from cectl.checkpoint import load_generator
-from cectl.data import eval_crop, read_samples, sample_pixels, to_batch, to_float
+from cectl.data import eval_crop, sample_pixels, split_batches, to_batch, to_float
 from cectl.errors import BadInput, CectlError
 from cectl.images import Skip, decode
 from cectl.masks import draw_holes, fill_holes
-from cectl.shard import make_progress, read_manifest
+from cectl.shard import make_progress, read_manifest, read_samples
 from cectl.storage import open_store
 
 FORMAT = "cectl-encoder/1"
@@ -217,7 +217,7 @@ def _digest(stack: nn.Sequential) -> str:
     h = hashlib.sha256()
     for key, value in stack.state_dict().items():
         h.update(key.encode())
-        h.update(value.numpy().tobytes())
+        h.update(value.detach().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -458,18 +458,14 @@ def find_neighbors(ckpt_uri: str, data_uri: str, queries: list[Path], k: int, sp
     best: list[list[tuple[float, str, np.ndarray]]] = [[] for _ in queries]
     with make_progress(console) as progress:
         bar = progress.add_task(f"neighbours: {split}", total=sum(s["samples"] for s in shards))
-        for shard in shards:
-            samples = read_samples(store, shard["name"])
-            for start in range(0, len(samples), BATCH):
-                batch = samples[start : start + BATCH]
-                arrays = [eval_crop(sample_pixels(s), size) for s in batch]
-                distances = torch.cdist(query_features,
-                                        _context_features(stack, cfg, arrays, layer))
-                for q, row in enumerate(distances.tolist()):
-                    candidates = best[q] + [(d, s["__key__"], a)
-                                            for d, s, a in zip(row, batch, arrays, strict=True)]
-                    best[q] = sorted(candidates, key=lambda c: c[0])[:k]
-                progress.advance(bar, len(batch))
+        for batch, keys in split_batches(data_uri, split, size, BATCH):
+            arrays = list(batch.permute(0, 2, 3, 1).numpy())
+            distances = torch.cdist(query_features,
+                                    _context_features(stack, cfg, arrays, layer))
+            for q, row in enumerate(distances.tolist()):
+                candidates = best[q] + list(zip(row, keys, arrays, strict=True))
+                best[q] = sorted(candidates, key=lambda c: c[0])[:k]
+            progress.advance(bar, len(keys))
     return {**origin, "layer": layer, "split": split, "image_size": size,
             "overlap": cfg.mask.overlap, "crops": crops, "best": best,
             "queries": [{"query": str(path),

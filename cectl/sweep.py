@@ -17,7 +17,7 @@ from rich.table import Table
 
 from cectl.checkpoint import Run
 from cectl.config import JobConfig, SweepConfig, load_config, to_yaml, validate_job
-from cectl.distributed import check_resources, connect
+from cectl.distributed import join_cluster
 from cectl.errors import BadInput, Failure
 from cectl.storage import open_store
 from cectl.train import Session, train
@@ -104,13 +104,12 @@ def run_sweep(args: list[str], data: str | None, store_uri: str, samples: int | 
 
     store = open_store(store_uri)
     store.check(create=True)
-    connect(None)
+    join_cluster((1, 1), 1, cpu, None)
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     try:
-        check_resources(1, 1, cpu)
         fs, root = store.arrow_fs()
         path = f"{root}/sweeps/{name}"
         trainable = tune.with_resources(

@@ -96,7 +96,7 @@ def test_loader_with_flips_resumes_exactly(facade_shards):
     straight = TrainLoader(facade_shards, manifest, cfg, 0, 1)
     batches = [next(straight) for _ in range(5)]
     resumed = TrainLoader(facade_shards, manifest, cfg, 0, 1)
-    resumed.load_state_dict({"batches": 3})
+    resumed.load_state_dict({"samples": 3 * cfg.data.batch_size})
     assert torch.equal(next(resumed), batches[3]) and torch.equal(next(resumed), batches[4])
 
 
