@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -23,6 +24,12 @@ out = Console()
 err = Console(stderr=True)
 DEFAULT_STORE = "cectl-store"
 StoreOption = Annotated[str, typer.Option("--store", help="runs live here (path or s3://)")]
+
+
+def ray_output_to_stderr() -> contextlib.AbstractContextManager:
+    """Ray and Tune print their own messages (tables, lost workers) on stdout: send them to
+    stderr with the progress, so that stdout holds cectl's report alone (JSON with --json)."""
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 def _mb(n: int) -> str:
@@ -162,8 +169,9 @@ def train_command(
     else:
         from cectl.distributed import train_on_ray
 
-        summary = train_on_ray(cfg, run_store, name, parse_nodes(nodes), gpus_per_node, cpu,
-                               address, resume, err)
+        with ray_output_to_stderr():
+            summary = train_on_ray(cfg, run_store, name, parse_nodes(nodes), gpus_per_node,
+                                   cpu, address, resume, err)
     summary["seconds"] = time.perf_counter() - start
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -207,7 +215,8 @@ def sweep(
     """Search job settings with Ray Tune (ASHA); stores the best trial's job config."""
     from cectl.sweep import run_sweep, trials_table
 
-    result = run_sweep(args or [], data, store, samples, cpu, name, output, err)
+    with ray_output_to_stderr():
+        result = run_sweep(args or [], data, store, samples, cpu, name, output, err)
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -346,14 +355,13 @@ def probe(
                                                 "else a local instance)")] = None,
 ) -> None:
     """Linear probe: top-1/top-5 on val of frozen features, next to a random encoder."""
-    import contextlib
-
     from cectl.features import local_results, ray_results, run_probe
 
     if epochs < 1:
         raise BadInput("--epochs must be at least 1")
-    with (contextlib.nullcontext(local_results) if nodes is None
-          else ray_results(nodes, gpus_per_node, cpu, address)) as results:
+    with (ray_output_to_stderr(),
+          contextlib.nullcontext(local_results) if nodes is None
+          else ray_results(nodes, gpus_per_node, cpu, address) as results):
         result = run_probe(ckpt, data, layer, epochs, cache_dir.expanduser(), err, results)
     if as_json:
         print(json.dumps(result, indent=2))

@@ -8,9 +8,7 @@ so the same command after Ctrl-C or a killed driver resumes where it stopped.
 
 from __future__ import annotations
 
-import contextlib
 import re
-import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -131,11 +129,8 @@ def run_sweep(args: list[str], data: str | None, store_uri: str, samples: int | 
                                             scheduler=scheduler, num_samples=sweep.samples),
                 run_config=tune.RunConfig(name=name, storage_path=f"{root}/sweeps",
                                           storage_filesystem=fs, verbose=0))
-        # Tune prints its own tables on stdout: they go with the progress to stderr, so
-        # stdout holds cectl's report alone (JSON with --json).
-        with (console.status(f"sweep {name}: {sweep.samples} trials over "
-                             f"{', '.join(space)}"),
-              contextlib.redirect_stdout(sys.stderr)):
+        with console.status(f"sweep {name}: {sweep.samples} trials over "
+                            f"{', '.join(space)}"):
             grid = tuner.fit()
         trials = []
         for result in grid:
