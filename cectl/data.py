@@ -115,11 +115,12 @@ class GlobalOrder:
 
 
 class Crop(NamedTuple):
-    """Where a training crop comes from: the JPEG decoded at 1/`reduce` scale, scaled to
-    `height` x `width` (shorter side loadSize), cut at (`x`, `y`), then mirrored left to
-    right if `flip` (p = 0.5, as donkey_folder.lua)."""
+    """Where a training crop comes from: the picture decoded at `decoded` (height, width;
+    a JPEG at 1/2, 1/4 or 1/8 scale when that still covers loadSize), scaled to `height` x
+    `width` (shorter side loadSize), cut at (`x`, `y`), then mirrored left to right if
+    `flip` (p = 0.5, as donkey_folder.lua)."""
 
-    reduce: int
+    decoded: tuple[int, int]
     height: int
     width: int
     x: int
@@ -136,19 +137,19 @@ def plan_crop(sample: dict, load_size: int, image_size: int, rng: random.Random)
         width, height = _png_size(sample)
     else:
         raise BadInput(f"{_where(sample)} has no .jpg or .png")
-    reduce = 1
     if "jpg" in sample and min(width, height) > load_size:
         # Pillow's `draft` rule: the smallest 1/2, 1/4 or 1/8 scale that still covers it.
         scale = load_size / min(width, height)
         fits = min(width // round(width * scale), height // round(height * scale))
         reduce = next(k for k in (8, 4, 2, 1) if fits >= k)
         height, width = -(-height // reduce), -(-width // reduce)
+    decoded = (height, width)
     if min(width, height) != side:  # `resize_shorter`'s arithmetic
         scale = side / min(width, height)
         height, width = max(side, round(height * scale)), max(side, round(width * scale))
     x = rng.randint(0, width - image_size)
     y = rng.randint(0, height - image_size)
-    return Crop(reduce, height, width, x, y, flip=rng.random() < 0.5)
+    return Crop(decoded, height, width, x, y, flip=rng.random() < 0.5)
 
 
 def _where(sample: dict) -> str:
@@ -180,19 +181,19 @@ def _png_pixels(sample: dict) -> np.ndarray:
                        ) from None
 
 
-def sample_pixels(sample: dict, reduce: int = 1) -> np.ndarray:
-    """A sample's picture as HWC uint8 RGB (a JPEG at 1/`reduce` scale).
+def sample_pixels(sample: dict, decoded: tuple[int, int] | None = None) -> np.ndarray:
+    """A sample's picture as HWC uint8 RGB: whole, or a JPEG at the DCT scale that gives
+    `decoded` (a crop plan's, so the header is not read again).
 
     Shard JPEGs are RGB and upright (`cectl shard` makes them so), so they skip Pillow's
     general path: simplejpeg runs the same libjpeg-turbo decoder, same pixels, faster.
     """
     if "png" in sample:
         return _png_pixels(sample)
-    height, width = _jpeg_size(sample)
+    height, width = decoded or (0, 0)  # 0: no reduction asked for
     try:
-        return simplejpeg.decode_jpeg(sample["jpg"], colorspace="RGB",
-                                      min_height=-(-height // reduce),
-                                      min_width=-(-width // reduce))
+        return simplejpeg.decode_jpeg(sample["jpg"], colorspace="RGB", min_height=height,
+                                      min_width=width)
     except ValueError as e:
         raise BadInput(f"{_where(sample)} is not a readable JPEG ({e}): run `cectl verify`"
                        ) from None
@@ -223,7 +224,7 @@ def train_sample(sample: dict, load_size: int, image_size: int,
                  rng: random.Random) -> np.ndarray:
     """Decode, loadSize, then a random fineSize crop, as the reference code does."""
     crop = plan_crop(sample, load_size, image_size, rng)
-    return cut(sample_pixels(sample, crop.reduce), crop, image_size)
+    return cut(sample_pixels(sample, crop.decoded), crop, image_size)
 
 
 class EncodedBatch(NamedTuple):
@@ -247,7 +248,7 @@ def decode_batch(batch: EncodedBatch, image_size: int, device: torch.device) -> 
     antialiased resize on the GPU), else through the loader's own CPU path."""
     if device.type != "cuda":
         crops = [cut(sample_pixels({"jpg" if jpeg else "png": data.numpy().tobytes()},
-                                   crop.reduce), crop, image_size)
+                                   crop.decoded), crop, image_size)
                  for data, jpeg, crop in zip(*batch, strict=True)]
         return to_batch(crops).to(device)
     from torchvision.io import ImageReadMode, decode_jpeg, decode_png

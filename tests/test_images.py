@@ -95,7 +95,7 @@ def test_the_loader_decodes_shard_jpegs_to_the_same_pixels_as_pillow(size, load_
     sample = {"jpg": encoded(img, "JPEG", quality=90)}
     pillow = np.asarray(decode(sample["jpg"], draft_to=load_size).image)
     crop = plan_crop(sample, load_size, 64, random.Random(0))
-    loader = sample_pixels(sample, crop.reduce)
+    loader = sample_pixels(sample, crop.decoded)
     assert loader.shape == pillow.shape and np.array_equal(loader, pillow)
 
 
