@@ -18,11 +18,9 @@ import json
 import os
 import re
 import socket
-import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -229,12 +227,11 @@ class Run:
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], state: dict) -> str:
         folder = step_dir(step)
-        # Through a local file: safetensors writes one without holding the GIL (building
-        # the bytes in memory holds it for a second), so a background save does not
-        # stall the training thread, and S3 gets a multipart upload.
-        with tempfile.TemporaryDirectory(prefix="cectl-ckpt-") as tmp:
-            save_file(tensors, Path(tmp, "model.safetensors"))
-            self.store.put_file(Path(tmp, "model.safetensors"), f"{folder}/model.safetensors")
+        # Through a file: safetensors writes one without holding the GIL (building the
+        # bytes in memory holds it for a second), so a background save does not stall the
+        # training thread, and S3 gets a multipart upload.
+        self.store.write_file(f"{folder}/model.safetensors",
+                              lambda path: save_file(tensors, path))
         self.store.write_bytes(f"{folder}/state.json",
                                json.dumps({"format": FORMAT, **state}, indent=2).encode())
         self._prune(keep=state.get("best_step"))

@@ -17,6 +17,7 @@ import io
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -106,6 +107,14 @@ class Store:
         """Copy a local file to `key` atomically (multipart on S3 for large files)."""
         raise NotImplementedError
 
+    def write_file(self, key: str, write: Callable[[Path], None]) -> None:
+        """Write `key` atomically through `write(path)`, which makes a local file: here, a
+        temporary one that is then uploaded; on local disk, the key's own partial file."""
+        with tempfile.TemporaryDirectory(prefix="cectl-") as folder:
+            path = Path(folder, key.rsplit("/", 1)[-1])
+            write(path)
+            self.put_file(path, key)
+
     def get_file(self, key: str, local_path: str | Path) -> None:
         """Copy `key` to a local file, atomically."""
         local_path = Path(local_path)
@@ -184,6 +193,9 @@ class LocalStore(Store):
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._atomic(key, lambda tmp: tmp.write_bytes(data))
+
+    def write_file(self, key: str, write: Callable[[Path], None]) -> None:
+        self._atomic(key, write)
 
     def create(self, key: str, data: bytes) -> bool:
         final = self.path(key)
