@@ -33,11 +33,18 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from cectl.checkpoint import load_generator
-from cectl.data import eval_crop, sample_pixels, split_batches, to_batch, to_float
+from cectl.data import (
+    eval_crop,
+    open_manifest,
+    sample_pixels,
+    split_batches,
+    to_batch,
+    to_float,
+)
 from cectl.errors import BadInput, CectlError
 from cectl.images import Skip, decode
 from cectl.masks import draw_holes, fill_holes
-from cectl.shard import make_progress, read_manifest, read_samples
+from cectl.shard import make_progress, read_samples
 from cectl.storage import open_store
 
 FORMAT = "cectl-encoder/1"
@@ -388,9 +395,7 @@ def run_probe(ckpt_uri: str, data_uri: str, layer: str | None, epochs: int, cach
     layer = layer or list(layer_outputs(model))[-1]
     check_layers(model, cfg.model.arch, layer)
     stacks = {"model": model, "random": random_encoder(cfg)}
-    store = open_store(data_uri)
-    store.check()
-    manifest = read_manifest(store)
+    manifest = open_manifest(data_uri)
     size = cfg.data.image_size
     split_data, timings = {}, []
     for split in ("train", "val"):
@@ -448,9 +453,7 @@ def find_neighbors(ckpt_uri: str, data_uri: str, queries: list[Path], k: int, sp
         except Skip as e:
             raise BadInput(f"query {path} cannot be read ({e}): give an image file") from None
     query_features = _context_features(stack, cfg, crops, layer)
-    store = open_store(data_uri)
-    store.check()
-    manifest = read_manifest(store)
+    manifest = open_manifest(data_uri)
     if split not in manifest["splits"]:
         raise BadInput(f"{data_uri} has no {split!r} split (it has "
                        f"{', '.join(manifest['splits'])})")
