@@ -23,6 +23,12 @@ def ray_cli(*args: str) -> None:
         raise Failure(f"`ray {' '.join(args)}` failed with exit code {code}")
 
 
+# Nodes on one machine answer health checks in microseconds: one silent for 3 s is dead.
+# (Ray's defaults, ~15 s, suit real networks; a resize waits for the death to be seen.)
+FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
+                   "health_check_failure_threshold": 3}
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -38,7 +44,8 @@ def run_local_cluster(nodes: int, cpus: int, out: Console, err: Console) -> None
         raise BadInput("--nodes and --cpus must be at least 1")
     with err.status(f"starting a local Ray cluster of {nodes} nodes"):
         node = {"num_cpus": cpus, "node_ip_address": "127.0.0.1"}
-        cluster = Cluster(initialize_head=True, head_node_args=node)
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={**node, "_system_config": FAST_NODE_DEATH})
         for _ in range(nodes - 1):
             cluster.add_node(**node)
         cluster.wait_for_nodes()

@@ -193,10 +193,12 @@ class TrainConfig:
     seed: int = 0
     precision: Precision = Precision.fp32
     grad_reduce: GradReduce = GradReduce.fp32  # how DDP all-reduces gradients
+    resize_check_s: float = 30.0  # `--nodes MIN:MAX`: how often a group looks for more nodes
 
     def __post_init__(self) -> None:
         for key in ("steps", "checkpoint_every", "eval_every", "log_every"):
             _require(getattr(self, key) >= 1, f"train.{key}", "at least 1")
+        _require(self.resize_check_s > 0, "train.resize_check_s", "above 0")
 
 
 @dataclass

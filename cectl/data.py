@@ -55,6 +55,13 @@ from cectl.storage import Store, open_store
 SAMPLE_LOG = "CECTL_SAMPLE_LOG"  # debug: a file each rank appends its batches' sample keys to
 
 
+def debug_log(record: dict) -> None:
+    """Append `record` to the CECTL_SAMPLE_LOG file, if set: one line, whole (O_APPEND)."""
+    if log := os.environ.get(SAMPLE_LOG):
+        with open(log, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def train_shards(manifest: dict) -> list[dict]:
     """The train shards that hold samples, in manifest order."""
     if "train" not in manifest["splits"]:
@@ -387,10 +394,7 @@ class TrainLoader:
         batch, keys = item
         first = self.samples + sum(self.shares[:self.rank])
         self.positions = range(first, first + len(keys))
-        if log := os.environ.get(SAMPLE_LOG):
-            with open(log, "a") as f:
-                f.write(json.dumps({"rank": self.rank, "world": self.world,
-                                    "position": first, "keys": keys}) + "\n")
+        debug_log({"rank": self.rank, "world": self.world, "position": first, "keys": keys})
         self.samples += sum(self.shares)
         if self.encoded:
             return decode_batch(batch, self.cfg.data.image_size, self.device)

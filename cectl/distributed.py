@@ -7,9 +7,9 @@ files. When a worker dies, Ray restarts the worker group (FailureConfig) and the
 resumes from the latest checkpoint in the store, data position included. With
 `--nodes MIN:MAX` the group is elastic: Ray starts it with as many workers as the cluster
 holds (at least MIN x G, at most MAX x G), restarts it smaller when a node is lost and
-larger when nodes come back (checked every RESIZE_CHECK_S seconds); each restart resumes
-from the latest checkpoint, and as the data position counts samples for the whole job,
-the new group goes on with the same epoch. BatchNorm: each worker normalises with its
+larger when nodes come back (looked for every `train.resize_check_s` seconds); each
+restart resumes from the latest checkpoint, and as the data position counts samples for
+the whole job, the new group goes on with the same epoch. BatchNorm: each worker normalises with its
 own batch's statistics (SyncBatchNorm would add two all-reduces per layer; with
 `data.batch_policy=global` over many workers the shares get small, and so do those
 statistics); DDP broadcasts rank 0's running statistics before every forward, and rank
@@ -40,7 +40,10 @@ AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
             "AWS_PROFILE", "AWS_MAX_ATTEMPTS", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
 MAX_FAILURES = 3
-RESIZE_CHECK_S = 30.0  # how often a running elastic group looks for more nodes
+# Ray Train waits this long for a new group's resources before it looks again. An elastic
+# group is sized to resources Ray saw a moment ago, so after a node's death they may be
+# gone: look again soon, not after Ray's default 60 s.
+ELASTIC_START_TIMEOUT = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -60,9 +63,10 @@ def connect(address: str | None) -> None:
         except (OSError, ValueError):
             raise BadInput(f"cannot reach a Ray cluster at {address}: check --address "
                            "(host:port of the head node) and that the cluster is up") from None
-    # Workers get the driver's S3 settings (on a cloud cluster, instance roles do instead)
-    # and its sample log, if any.
-    env = {key: os.environ[key] for key in (*AWS_VARS, SAMPLE_LOG) if key in os.environ}
+    # Workers get the driver's S3 settings (on a cloud cluster, instance roles do instead),
+    # its sample log, if any, and its Ray Train settings (read by Ray's controller actor).
+    env = {key: value for key, value in os.environ.items()
+           if key in (*AWS_VARS, SAMPLE_LOG) or key.startswith("RAY_TRAIN_")}
     # Worker logs stay in Ray's log folder: the driver shows progress from the queue, and
     # a failure surfaces as TrainingFailedError.
     ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING",
@@ -187,6 +191,8 @@ def train_on_ray(cfg: DictConfig, store: Store, name: str, nodes: tuple[int, int
     if cpu and cfg.train.grad_reduce == "bf16":
         raise BadInput("train.grad_reduce=bf16 is a comm hook for NCCL: GPU workers only "
                        "(drop --cpu, or use train.grad_reduce=fp32)")
+    if high > low:
+        os.environ.setdefault(*ELASTIC_START_TIMEOUT)
     workers, most = join_cluster(nodes, gpus_per_node, cpu, address)
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -217,7 +223,7 @@ def train_on_ray(cfg: DictConfig, store: Store, name: str, nodes: tuple[int, int
                 num_workers=workers if most == workers else (workers, most), use_gpu=not cpu,
                 resources_per_worker={"CPU": 1} if cpu else {"GPU": 1},
                 placement_strategy="SPREAD" if high > 1 else "PACK",
-                elastic_resize_monitor_interval_s=RESIZE_CHECK_S),
+                elastic_resize_monitor_interval_s=cfg.train.resize_check_s),
             run_config=RunConfig(name=name, storage_path=f"{root}/ray", storage_filesystem=fs,
                                  failure_config=FailureConfig(max_failures=MAX_FAILURES)),
         )

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -173,6 +174,19 @@ def build_models(cfg: DictConfig) -> tuple[nn.Module, nn.Module | None]:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def weights_digest(*modules: nn.Module) -> str:
+    """A hash of the modules' parameters: equal on DDP ranks that stayed in step.
+
+    BatchNorm's running statistics are left out: each rank updates its own in every
+    forward, after DDP has broadcast rank 0's.
+    """
+    digest = hashlib.sha256()
+    for module in modules:
+        for param in module.parameters():
+            digest.update(param.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def complete(generator: nn.Module, images: torch.Tensor, holes: torch.Tensor,

@@ -32,6 +32,7 @@ from cectl.config import to_yaml
 from cectl.data import (
     TrainLoader,
     batch_shares,
+    debug_log,
     gpu_decoding,
     load_eval_images,
     open_manifest,
@@ -47,7 +48,7 @@ from cectl.masks import (
     output_window,
     sample_holes,
 )
-from cectl.model import build_models, complete
+from cectl.model import build_models, complete, weights_digest
 from cectl.storage import Store
 
 SAMPLE_COLUMNS = 8
@@ -324,6 +325,9 @@ def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | 
                 session.on_checkpoint(step, metrics)
     checkpointer.wait()
     logger.close()
+    networks = [m for m in (generator, discriminator) if m is not None]
+    debug_log({"rank": rank, "world": session.world, "step": cfg.train.steps,
+               "weights": weights_digest(*networks)})
     return run.summary() if rank == 0 else None
 
 
