@@ -3,9 +3,11 @@
 dcgan128 with the joint loss (both networks, both Adam states: ~880 MB of safetensors) in
 one process, saving to a local folder. Per round and mode, interleaved so that drift hits
 both: a plain step, then a step that saves, then `--after` steps while a background
-upload may still run; each compared with its round's plain step. `blocking` waits for
+write may still run; each compared with its round's plain step. `blocking` waits for
 the write inside the saving step (what cectl did before); `background` is what
-`Checkpointer.save` does now.
+`Checkpointer.save` does now (the copy to CPU buffers and the write in a thread; the
+next step's optimizer updates wait for the copy). `cycle` is what a save adds to
+training in all: the saving step's and the steps after's time over the plain step's.
 
     .venv/bin/python bench/checkpoint.py --rounds 3
 """
@@ -84,14 +86,16 @@ def main() -> None:
     # Ratios within a round, against that round's plain step: the load of a shared
     # machine drifts between rounds.
     print(f"| mode (batch {args.batch}) | plain step s | saving step s | saving / plain | "
-          f"{args.after} steps after / plain |")
-    print("|---|---|---|---|---|")
+          f"{args.after} steps after / plain | cycle +s |")
+    print("|---|---|---|---|---|---|")
     for mode, timed in rounds.items():
         plain = statistics.median(p for p, _, _ in timed)
         saving = statistics.median(s for _, s, _ in timed)
         ratio = statistics.median(s / p for p, s, _ in timed)
         after = statistics.median(sum(a) / (p * len(a)) for p, _, a in timed)
-        print(f"| {mode} | {plain:.2f} | {saving:.2f} | {ratio:.2f}x | {after:.2f}x |")
+        cycle = statistics.median(s + sum(a) - p * (1 + len(a)) for p, s, a in timed)
+        print(f"| {mode} | {plain:.2f} | {saving:.2f} | {ratio:.2f}x | {after:.2f}x | "
+              f"{cycle:+.2f} |")
     print(json.dumps({mode: [(round(p, 3), round(s, 3), [round(x, 3) for x in a])
                              for p, s, a in timed] for mode, timed in rounds.items()}))
 

@@ -1,10 +1,13 @@
-"""The cost of a resize: seconds from a node's death to the first step of the smaller group.
+"""The cost of a resize: seconds from a node's death to the first step of the smaller
+group, and from a node's return to the first step of the larger one.
 
 A local cluster of three one-CPU nodes (`cectl cluster local`) runs `cectl train --nodes
 2:3 --cpu` on a tiny model, checkpointing every 10 steps. Once step 10 is stored, one
 node dies as a preempted machine does (SIGKILL of its raylet and everything it started;
-the test suite's helper). Measured from the kill: the first batch the 2-worker group
-draws (from the sample log), and the end of the run; also how many steps were redone.
+the test suite's helper). Once the 2-worker group trains, a node joins (`cectl cluster
+local --join`). Measured from the kill: the first batch the 2-worker group draws (from
+the sample log); from the join: the first batch of the 3-worker group (Ray looks for
+nodes every `train.resize_check_s`, 30 s by default); also how many steps were redone.
 
     .venv/bin/python bench/elastic.py
 """
@@ -27,9 +30,9 @@ from cectl.demo import make_facades
 from cectl.shard import run_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import TINY, kill_a_training_node, local_cluster  # noqa: E402
+from helpers import TINY, joined_nodes, kill_a_training_node, local_cluster  # noqa: E402
 
-STEPS = 40
+STEPS = 3000  # long enough for the 2-worker group to outlast a resize check
 
 
 def batches(log: Path) -> list[dict]:
@@ -59,19 +62,27 @@ def main() -> None:
         killed = time.monotonic()
         # Steps the 3-worker group had drawn (global batches of 3 x 8 samples).
         done_before = max(b["position"] for b in batches(log)) // 24 + 1
-        while not any(b["world"] == 2 for b in batches(log)):
-            if job.poll() is not None:
-                sys.exit(f"the run ended without shrinking:\n{job.stderr.read()}")
-            time.sleep(0.05)
-        first_step = time.monotonic() - killed
-        _, err = job.communicate()
-        finished = time.monotonic() - killed
+        shrunk = wait_for_world(job, log, 2) - killed
+        with joined_nodes(address, 1):
+            joined = time.monotonic()
+            grown = wait_for_world(job, log, 3) - joined
+            _, err = job.communicate()
     if job.returncode:
         sys.exit(f"the run failed:\n{err}")
-    print(json.dumps({"kill_to_first_step_of_2_workers_s": round(first_step, 1),
-                      "kill_to_end_of_run_s": round(finished, 1),
-                      "steps_drawn_by_3_workers": done_before,
-                      "steps_redone": done_before - 10}))
+    print(json.dumps({"kill_to_first_step_of_2_workers_s": round(shrunk, 1),
+                      "join_to_first_step_of_3_workers_s": round(grown, 1),
+                      "steps_drawn_by_3_workers_before_the_kill": done_before,
+                      "steps_redone_after_the_kill": done_before - 10}))
+
+
+def wait_for_world(job: subprocess.Popen, log: Path, world: int) -> float:
+    """When the sample log first shows a batch of a group of `world` after the last one."""
+    seen = len(batches(log))
+    while not any(b["world"] == world for b in batches(log)[seen:]):
+        if job.poll() is not None:
+            sys.exit(f"the run ended before a group of {world}:\n{job.stderr.read()}")
+        time.sleep(0.05)
+    return time.monotonic()
 
 
 if __name__ == "__main__":

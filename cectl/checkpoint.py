@@ -58,20 +58,38 @@ Optimizers = dict[str, torch.optim.Optimizer | None]
 
 
 def collect_tensors(modules: Modules, optimizers: Optimizers) -> dict[str, torch.Tensor]:
-    """Flat name -> tensor for networks, optimizer states (by parameter name) and the RNG."""
+    """Flat name -> tensor (copies on the CPU) for networks, optimizer states (by
+    parameter name) and the RNG."""
+    stepped = {key: value.to("cpu", copy=True)
+               for key, value in _stepped_tensors(modules, optimizers).items()}
+    return {**_moving_tensors(modules), **stepped}
+
+
+def _moving_tensors(modules: Modules) -> dict[str, torch.Tensor]:
+    """Copies of what changes outside an optimizer step: buffers (BatchNorm's running
+    statistics move in every forward) and the RNG."""
+    tensors = {f"{name}.{key}": value.detach().to("cpu", copy=True).contiguous()
+               for name, module in modules.items() if module is not None
+               for key, value in module.state_dict(keep_vars=True).items()
+               if not isinstance(value, nn.Parameter)}
+    tensors["rng.torch"] = torch.get_rng_state()
+    return tensors
+
+
+def _stepped_tensors(modules: Modules, optimizers: Optimizers) -> dict[str, torch.Tensor]:
+    """What only an optimizer step changes, the live tensors: parameters and optimizer
+    states."""
     tensors = {}
     for name, module in modules.items():
         if module is None:
             continue
-        for key, value in module.state_dict().items():
-            # A copy even on a CPU: training goes on updating the module in place.
-            tensors[f"{name}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+        for key, value in module.named_parameters():
+            tensors[f"{name}.{key}"] = value.detach()
         if optimizers.get(name) is not None:
             state = get_optimizer_state_dict(module, optimizers[name], options=FLAT)
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):  # param_groups come from the config
-                    tensors[f"optim.{name}.{key}"] = value.detach().cpu().clone()
-    tensors["rng.torch"] = torch.get_rng_state()
+                    tensors[f"optim.{name}.{key}"] = value.detach()
     return tensors
 
 
@@ -138,7 +156,9 @@ class Checkpointer:
 
     Rank 0 writes (DDP keeps the replicas identical), in the background: one save at a
     time, the next waits for the previous; `wait()` before reading what was saved. Every
-    rank restores.
+    rank restores. Saving costs the training thread a copy of the buffers alone: a
+    background thread copies parameters and optimizer states while the next step runs
+    its forward and backward passes, and that step's optimizer updates wait for the copy.
     """
 
     def __init__(self, run: Run, cfg: DictConfig, modules: Modules, optimizers: Optimizers,
@@ -150,10 +170,19 @@ class Checkpointer:
         self.best_val = float("inf")
         self._upload: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._copied = threading.Event()  # clear while the snapshot is being copied
+        self._staging: dict[str, torch.Tensor] | None = None
+        self._copied.set()
+        for optimizer in optimizers.values():
+            if optimizer is not None:
+                optimizer.register_step_pre_hook(self._before_update)
         self.restored_world: int | None = None  # the world the restored checkpoint ran on
 
     def should_save(self, step: int) -> bool:
         return step % self.every == 0 or step == self.final
+
+    def _before_update(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self._copied.wait()  # the snapshot being copied holds the weights before this update
 
     def track(self, step: int, val_l2_pct: float) -> None:
         """Remember the step with the lowest validation error (`best`, never pruned)."""
@@ -161,23 +190,42 @@ class Checkpointer:
             self.best_step, self.best_val = step, val_l2_pct
 
     def save(self, step: int, metrics: dict[str, float]) -> None:
-        """Snapshot this step to CPU memory and write it to storage in the background."""
+        """Snapshot this step and write it to storage, both in the background."""
         if self.rank != 0:
             return
         self.wait()
         state = {"step": step, "world": self.world, "data_position": self.loader.state_dict(),
                  "config": OmegaConf.to_container(self.cfg), "metrics": dict(metrics),
                  "best_step": self.best_step, "best_val": self.best_val}
-        tensors = collect_tensors(self.modules, self.optimizers)
-        self._upload = threading.Thread(target=self._write, args=(step, tensors, state),
+        moving = _moving_tensors(self.modules)
+        self._copied.clear()
+        self._upload = threading.Thread(target=self._write, args=(step, moving, state),
                                         name=f"checkpoint-{step}")
         self._upload.start()
 
-    def _write(self, step: int, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    def _write(self, step: int, moving: dict[str, torch.Tensor], state: dict) -> None:
         try:
+            try:
+                tensors = {**moving, **self._stage(_stepped_tensors(self.modules,
+                                                                     self.optimizers))}
+            finally:
+                self._copied.set()
             self.run.save(step, tensors, state)
         except BaseException as e:  # raised on the training thread by wait()
             self._error = e
+
+    def _stage(self, live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Copy `live` into CPU buffers allocated at the first save (pinned under CUDA) and
+        kept: fresh ones would cost page faults every save (for dcgan128's 880 MB, 0.15 -
+        0.9 s against 0.05 s). Safe to reuse: a save starts after the previous one is
+        written."""
+        if self._staging is None:
+            self._staging = {key: torch.empty(value.shape, dtype=value.dtype,
+                                              pin_memory=value.is_cuda)
+                             for key, value in live.items()}
+        for key, value in live.items():
+            self._staging[key].copy_(value)
+        return dict(self._staging)
 
     def wait(self) -> None:
         """Block until the last save is on storage; raise its error if it failed."""

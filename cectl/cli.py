@@ -456,11 +456,13 @@ def cluster_status(config: Annotated[str | None, typer.Argument()] = None) -> No
 def cluster_local(
     nodes: Annotated[int, typer.Option(help="raylets (nodes) to start")] = 2,
     cpus: Annotated[int, typer.Option(help="CPUs each node offers")] = 2,
+    join: Annotated[str | None, typer.Option(
+        help="add the nodes to the local cluster at this address instead")] = None,
 ) -> None:
-    """A multi-node Ray cluster on this machine, until Ctrl-C."""
+    """A multi-node Ray cluster on this machine, or more nodes for one, until Ctrl-C."""
     from cectl.cluster import run_local_cluster
 
-    run_local_cluster(nodes, cpus, out, err)
+    run_local_cluster(nodes, cpus, out, err, join)
 
 
 def main() -> None:

@@ -33,15 +33,21 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_local_cluster(nodes: int, cpus: int, out: Console, err: Console) -> None:
-    """Start a head and nodes-1 worker raylets here, print the address, wait for Ctrl-C."""
+def run_local_cluster(nodes: int, cpus: int, out: Console, err: Console,
+                      join: str | None = None) -> None:
+    """Start a head and nodes-1 worker raylets here (or, with `join`, `nodes` raylets that
+    join the local cluster at that address), print the address, wait for Ctrl-C."""
     from cectl.distributed import use_loopback
 
     use_loopback()
-    from ray.cluster_utils import Cluster
-
     if nodes < 1 or cpus < 1:
         raise BadInput("--nodes and --cpus must be at least 1")
+    signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: the raylets are shut down
+    if join:
+        _join(join, nodes, cpus, err)
+        return
+    from ray.cluster_utils import Cluster
+
     with err.status(f"starting a local Ray cluster of {nodes} nodes"):
         node = {"num_cpus": cpus, "node_ip_address": "127.0.0.1"}
         cluster = Cluster(initialize_head=True,
@@ -49,12 +55,13 @@ def run_local_cluster(nodes: int, cpus: int, out: Console, err: Console) -> None
         for _ in range(nodes - 1):
             cluster.add_node(**node)
         cluster.wait_for_nodes()
-    signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: the raylets are shut down
     try:
         out.print(f"RAY_ADDRESS={cluster.address}", highlight=False)
         err.print(f"{nodes} nodes x {cpus} CPUs up. In another shell:\n"
                   f"  cectl train jobs/demo.yaml --data SHARDS --nodes {nodes} --cpu "
-                  f"--address {cluster.address}\nCtrl-C stops the cluster.")
+                  f"--address {cluster.address}\n"
+                  f"More nodes: cectl cluster local --join {cluster.address} --nodes N\n"
+                  "Ctrl-C stops the cluster.")
         sys.stdout.flush()
         while True:
             time.sleep(1)
@@ -63,3 +70,37 @@ def run_local_cluster(nodes: int, cpus: int, out: Console, err: Console) -> None
     finally:
         cluster.shutdown()
         err.print("local cluster stopped")
+
+
+def _join(address: str, nodes: int, cpus: int, err: Console) -> None:
+    """`nodes` raylets join the local cluster at `address` until Ctrl-C, as machines that
+    come back do. (`ray start --address` would swap 127.0.0.1 for this machine's outward
+    address, where a local cluster does not listen: these start as `Cluster.add_node`
+    starts its nodes.)"""
+    from ray._private.node import Node
+    from ray._private.parameter import RayParams
+
+    started = []
+    try:
+        with err.status(f"starting {nodes} nodes for {address}"):
+            for _ in range(nodes):
+                params = RayParams(gcs_address=address, num_cpus=cpus, num_gpus=0,
+                                   node_ip_address="127.0.0.1", node_manager_port=0,
+                                   object_store_memory=150 * 2**20, min_worker_port=0,
+                                   max_worker_port=0, include_log_monitor=False)
+                params.dashboard_agent_listen_port = None  # not the head's port
+                started.append(Node(params, head=False, shutdown_at_exit=True,
+                                    spawn_reaper=True))
+        err.print(f"{nodes} nodes x {cpus} CPUs joined {address}; Ctrl-C takes them away.")
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:  # Ray's own error when the address holds no cluster
+        raise Failure(f"nodes could not join {address} ({e}): is `cectl cluster local` "
+                      "running there?") from None
+    finally:
+        for node in started:
+            node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
+        if started:
+            err.print("joined nodes stopped")

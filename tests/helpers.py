@@ -47,6 +47,20 @@ def local_cluster(nodes: int, cpus: int = 2):
         proc.wait(timeout=60)
 
 
+@contextlib.contextmanager
+def joined_nodes(address: str, count: int, cpus: int = 1):
+    """`cectl cluster local --join`: `count` more nodes in the cluster at `address`, as
+    machines coming back; they leave when the block ends."""
+    proc = subprocess.Popen([sys.executable, "-m", "cectl", "cluster", "local", "--join",
+                             address, "--nodes", str(count), "--cpus", str(cpus)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
 def kill_a_training_node(cluster_pid: int) -> None:
     """SIGKILL a node of a local cluster, as a preempted machine dies: the raylet and all
     it started at once. A node with a Ray Train worker, but not the head and not the one

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -18,12 +19,20 @@ from helpers import (
     TINY,
     FlakyProxy,
     cectl,
+    joined_nodes,
     kill_a_training_node,
     local_cluster,
     tiny_job,
 )
 
-from cectl.data import SAMPLE_LOG, TrainLoader, open_manifest, read_samples
+from cectl.data import (
+    SAMPLE_LOG,
+    GlobalOrder,
+    TrainLoader,
+    open_manifest,
+    read_samples,
+    train_shards,
+)
 from cectl.errors import BadInput
 from cectl.storage import open_store
 
@@ -160,37 +169,72 @@ def test_a_crash_during_a_background_upload_resumes_from_the_last_complete_check
     assert resumed == [10]
 
 
-def test_a_lost_node_shrinks_the_group_and_the_epoch_goes_on(facade_shards, tmp_path):
+def test_a_group_going_2_1_3_as_nodes_die_and_join_sees_each_sample_once(
+        facade_shards, s3_env, bucket, tmp_path):
+    # The shards are read from S3 through a slow link (100 KB/s per connection, a shard a
+    # second), which paces the run at about a step a second whatever the CPU: each world
+    # size lasts long enough to be seen. A global batch of 12 keeps the batches the same
+    # whatever the world.
+    s3 = boto3.client("s3", endpoint_url=s3_env)
+    for path in Path(facade_shards).rglob("*"):
+        if path.is_file() and ".cectl-records" not in path.parts:
+            s3.upload_file(str(path), bucket, f"shards/{path.relative_to(facade_shards)}")
+    proxy = FlakyProxy(int(s3_env.rsplit(":", 1)[1]), rate=100_000)
     log, store = tmp_path / "samples.jsonl", tmp_path / "store"
-    with local_cluster(3, cpus=1) as (address, cluster_pid):
-        job = subprocess.Popen(
-            [sys.executable, "-m", "cectl", "train", *TINY, "train.steps=40",
-             "train.checkpoint_every=10", "--data", facade_shards, "--store", str(store),
-             "--name", "elastic", "--nodes", "2:3", "--cpu", "--address", address, "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "COLUMNS": "200", SAMPLE_LOG: str(log)})
-        marker = store / "runs/elastic/checkpoints/step-000010/state.json"
-        deadline = time.monotonic() + 400
-        while not marker.exists() and time.monotonic() < deadline and job.poll() is None:
+
+    def worlds() -> list[int]:
+        seen = [b["world"] for b in map(json.loads, log.read_text().splitlines())
+                if "keys" in b] if log.exists() else []
+        return [w for i, w in enumerate(seen) if i == 0 or seen[i - 1] != w]
+
+    def wait_for(done, what: str) -> None:
+        deadline = time.monotonic() + 180
+        while not done():
+            assert job.poll() is None, f"the run ended before {what}: {job.stderr.read()}"
+            assert time.monotonic() < deadline, f"no {what} in 180 s"
             time.sleep(0.2)
-        assert marker.exists(), "the run never reached step 10"
+
+    with local_cluster(2, cpus=1) as (address, cluster_pid):
+        job = subprocess.Popen(
+            [sys.executable, "-m", "cectl", "train", *TINY, "train.steps=80",
+             "data.batch_policy=global", "data.batch_size=12", "train.checkpoint_every=5",
+             "train.resize_check_s=2", "--data",
+             f"s3://{bucket}/shards", "--store", str(store), "--name", "elastic",
+             "--nodes", "1:3", "--cpu", "--address", address, "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "COLUMNS": "200", "AWS_ENDPOINT_URL": proxy.url,
+                 SAMPLE_LOG: str(log)})
+        wait_for((store / "runs/elastic/checkpoints/step-000005/state.json").exists,
+                 "step 5")
         kill_a_training_node(cluster_pid)
-        out, err = job.communicate(timeout=600)
+        wait_for(lambda: worlds()[-1] == 1, "a group of 1")
+        with joined_nodes(address, 2):
+            wait_for(lambda: worlds()[-1] == 3, "a group of 3")
+            out, err = job.communicate(timeout=300)
     assert job.returncode == 0, err
-    assert "2 to 3 CPU workers on 2 to 3 nodes (elastic)" in err
-    assert "resized from 3 to 2 workers" in err
+    assert "1 to 3 CPU workers on 1 to 3 nodes (elastic)" in err
+    assert "resized from 2 to 1 workers" in err and "resized from 1 to 3 workers" in err
     summary = json.loads(out)
-    assert (summary["step"], summary["workers"], summary["resizes"]) == (40, 2, 1)
-    # Every position always held the same sample (steps after the last checkpoint were
-    # replayed by the smaller group), none was skipped, and the first epoch is every
-    # train sample once.
+    assert (summary["step"], summary["workers"], summary["resizes"]) == (80, 3, 2)
+    assert worlds() == [2, 1, 3]
+    # Every position always held the same sample, the one the seed's global order puts
+    # there (steps after a checkpoint were redone by the next group), none was skipped,
+    # and each epoch is every train sample once.
     by_position: dict[int, str] = {}
-    for batch in map(json.loads, log.read_text().splitlines()):
+    batches = [b for b in map(json.loads, log.read_text().splitlines()) if "keys" in b]
+    for batch in batches:
         for i, key in enumerate(batch["keys"]):
             assert by_position.setdefault(batch["position"] + i, key) == key
     assert sorted(by_position) == list(range(len(by_position)))
+    order = GlobalOrder(open_store(facade_shards), train_shards(open_manifest(facade_shards)), 0)
+    assert all(key == order.sample(p)["__key__"] for p, key in sorted(by_position.items()))
     keys = train_keys(facade_shards)
-    assert sorted(by_position[p] for p in range(len(keys))) == sorted(keys)
+    for epoch in range(len(by_position) // len(keys)):
+        assert sorted(by_position[epoch * len(keys) + i] for i in range(len(keys))) == sorted(keys)
+    # The group that finished kept its three replicas in step.
+    ends = [r for r in map(json.loads, log.read_text().splitlines()) if "weights" in r]
+    assert sorted((r["world"], r["rank"]) for r in ends) == [(3, 0), (3, 1), (3, 2)]
+    assert len({r["weights"] for r in ends}) == 1
 
 
 @pytest.mark.parametrize(("nodes", "message"), [("3:2", "MIN must not exceed MAX"),

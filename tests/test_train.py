@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -128,6 +129,47 @@ def test_a_version_1_checkpoint_restores_the_same_optimizer_state(facade_shards,
         if key.startswith("optim."):
             assert torch.equal(again[key], value), key
     assert loader.state_dict() == {"samples": 2 * 8}
+
+
+def test_a_background_save_holds_its_step_while_the_next_step_runs(facade_shards, tmp_path,
+                                                                  monkeypatch):
+    from cectl import checkpoint
+    from cectl.data import to_float
+    from cectl.masks import draw_holes
+    from cectl.train import make_optimizer, train_step
+
+    copy = checkpoint._stepped_tensors
+
+    def slow_copy(*args):  # as 880 MB would be: the next step starts before it is done
+        time.sleep(0.5)
+        return copy(*args)
+
+    monkeypatch.setattr(checkpoint, "_stepped_tensors", slow_copy)
+    cfg = tiny_job(facade_shards)
+    generator, discriminator = build_models(cfg)
+    modules = {"G": generator, "D": discriminator}
+    optimizers = {name: make_optimizer(m, 1e-3, 0.5) for name, m in modules.items()}
+    loader = TrainLoader(facade_shards, open_manifest(facade_shards), cfg, 0, 1)
+    checkpointer = Checkpointer(Run(open_store(str(tmp_path)), "bg"), cfg, modules,
+                                optimizers, loader)
+    images = to_float(next(loader))
+    holes = draw_holes("center", len(images), 32, 2, 0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def step() -> None:
+        train_step(generator, discriminator, optimizers["G"], optimizers["D"], images, holes,
+                   cfg, scaler)
+
+    step()
+    expected = collect_tensors(modules, optimizers)
+    checkpointer.save(1, {})
+    step()  # its updates wait for the copy
+    checkpointer.wait()
+    saved, _ = load_checkpoint(str(tmp_path / "runs/bg/checkpoints/step-000001"))
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], v) for k, v in expected.items())
+    assert not torch.equal(collect_tensors(modules, optimizers)["G.encoder.0.weight"],
+                           expected["G.encoder.0.weight"])  # the second step did update
 
 
 def _ddp_rank(rank: int, world: int, port: int, shards: str, store: str, log: str) -> None:
