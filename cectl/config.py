@@ -198,7 +198,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("steps", "checkpoint_every", "eval_every", "log_every"):
             _require(getattr(self, key) >= 1, f"train.{key}", "at least 1")
-        _require(self.resize_check_s > 0, "train.resize_check_s", "above 0")
+        _require(_rate(self.resize_check_s), "train.resize_check_s", "a finite number above 0")
 
 
 @dataclass

@@ -71,6 +71,8 @@ def test_missing_recipe_is_bad_input():
     ("optim.beta1=1", "optim.beta1"),
     ("train.steps=0", "train.steps"),
     ("train.log_every=0", "train.log_every"),
+    ("train.resize_check_s=0", "train.resize_check_s"),
+    ("train.resize_check_s=inf", "train.resize_check_s"),
     ("model.width=wide", "model.width"),
     ("model.colour=red", "model.colour"),
 ])
