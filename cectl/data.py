@@ -31,14 +31,18 @@ restored, so they cannot resume mid-epoch at an exact sample, let alone on anoth
 from __future__ import annotations
 
 import bisect
+import contextlib
+import fcntl
 import importlib.util
 import itertools
 import json
 import os
 import random
 import sys
+import tempfile
 from collections.abc import Iterator
-from typing import NamedTuple
+from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import simplejpeg
@@ -84,6 +88,45 @@ def batch_shares(cfg, world: int) -> list[int]:
     return [size // world + (rank < size % world) for rank in range(world)]
 
 
+class ShardCache:
+    """Shards of a remote store, fetched once per machine into a folder that every loader
+    process here shares.
+
+    Each loader process reads every shard it takes a share of (see the module docstring),
+    about 16 times per shard with the defaults: from S3 that would be 16x the traffic. A
+    shard is stored by its manifest sha256, so a rebuilt shard is never taken for the
+    old one; one lock file per shard keeps two processes from fetching it twice; beyond
+    KEEP shards the oldest are dropped, unless a process holds their lock.
+    """
+
+    KEEP = 32  # ~3.5 GB of ImageNet shards; loader processes work within a few of them
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.folder = Path(tempfile.gettempdir(), "cectl-shard-cache")
+
+    def open(self, shard: dict) -> BinaryIO:
+        """The shard's bytes on this machine, fetched if no process here has yet."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        local = self.folder / f"{shard['sha256']}.tar"
+        with open(local.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not local.exists():
+                self.store.get_file(shard["name"], local)
+                self._drop_old()
+            return open(local, "rb")  # open under the lock: dropping it later is harmless
+
+    def _drop_old(self) -> None:
+        held = []
+        for path in self.folder.glob("*.tar"):
+            with contextlib.suppress(FileNotFoundError):  # another process dropped it
+                held.append((path.stat().st_mtime, path))
+        for _, old in sorted(held)[:-self.KEEP]:
+            with contextlib.suppress(OSError), open(old.with_suffix(".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # in use: keep it
+                old.unlink()
+
+
 class GlobalOrder:
     """The seed-determined order of all train samples, epoch after epoch, by position.
 
@@ -93,6 +136,7 @@ class GlobalOrder:
 
     def __init__(self, store: Store, shards: list[dict], seed: int):
         self.store, self.shards, self.seed = store, shards, seed
+        self.cache = ShardCache(store)
         self.epoch_len = sum(s["samples"] for s in shards)
         self._epoch: tuple[int, list[dict], list[int]] | None = None  # epoch, order, starts
         self._shard: tuple[int, str, list[dict]] | None = None  # epoch, name, samples
@@ -112,7 +156,8 @@ class GlobalOrder:
         i = bisect.bisect_right(starts, offset) - 1
         shard = order[i]
         if self._shard is None or self._shard[:2] != (epoch, shard["name"]):
-            samples = read_samples(self.store, shard["name"])
+            copy = None if self.store.local_path(shard["name"]) else self.cache.open(shard)
+            samples = read_samples(self.store, shard["name"], copy)
             if len(samples) != shard["samples"]:
                 raise BadInput(f"{shard['name']} holds {len(samples)} samples, the manifest "
                                f"says {shard['samples']}: run `cectl verify`")

@@ -15,6 +15,7 @@ import hashlib
 import json
 import multiprocessing
 import random
+import re
 import tarfile
 import tempfile
 import time
@@ -103,10 +104,11 @@ def tar_samples(stream: IO[bytes], name: str) -> Iterator[dict]:
     return wds.tariterators.group_by_keys(files)
 
 
-def read_samples(store: Store, name: str) -> list[dict]:
-    """All samples of one shard (training and evaluation read through this)."""
+def read_samples(store: Store, name: str, copy: IO[bytes] | None = None) -> list[dict]:
+    """All samples of one shard (training and evaluation read through this), read from
+    `copy` when given (a copy on this machine)."""
     try:
-        with store.open(name) as f:
+        with copy or store.open(name) as f:
             return list(tar_samples(f, name))
     except FileNotFoundError:
         raise BadInput(f"shard {store.url(name)} is missing: run `cectl verify`") from None
@@ -302,6 +304,9 @@ def read_manifest(store: Store) -> dict:
     return manifest
 
 
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def _count(value: object) -> bool:
     return type(value) is int and value >= 0
 
@@ -324,6 +329,8 @@ def manifest_problem(manifest: dict) -> str | None:
             name = shard.get("name")
             if not (isinstance(name, str) and name.startswith(f"{split}/") and safe_key(name)):
                 return f"{split} shard name {name!r} is not a path inside {split}/"
+            if not SHA256.fullmatch(shard["sha256"]):  # it names the shard's cached copy
+                return f"{split} shard {name} has a sha256 that is not 64 hex digits"
         for key in ("samples", "bytes"):
             if info[key] != sum(shard[key] for shard in info["shards"]):
                 return f"the {split} {key} do not add up"

@@ -83,7 +83,7 @@ def kill_a_training_node(cluster_pid: int) -> None:
 
 class FlakyProxy:
     """A TCP proxy to 127.0.0.1:`target` that can drop every connection for a while, or
-    pass bytes at `rate` bytes/s, as a slow link does.
+    pass bytes at `rate` bytes/s, as a slow link does; it counts the bytes it passes.
 
     While dropping, new connections are reset at once and open ones are cut, as a
     flaky network or a restarting load balancer would do.
@@ -93,6 +93,7 @@ class FlakyProxy:
         self.target, self.port, self.rate = target, free_port(), rate
         self.drop_until = 0.0
         self.dropped = 0
+        self.passed = 0  # bytes, both ways
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", self.port))
@@ -139,6 +140,8 @@ class FlakyProxy:
                 if self.rate:
                     time.sleep(len(data) / self.rate)
                 dst.sendall(data)
+                with self._lock:
+                    self.passed += len(data)
         except OSError:
             pass
         with self._lock:

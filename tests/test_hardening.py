@@ -181,7 +181,8 @@ def test_s3_manifest_with_escaping_shard_names_is_refused(s3_env, bucket):
 # 8. The manifest is validated as data.
 
 @pytest.mark.parametrize("case", ["array", "splits-string", "samples-string", "samples-inf",
-                                  "samples-negative", "totals-wrong", "shards-not-list"])
+                                  "samples-negative", "totals-wrong", "shards-not-list",
+                                  "sha256-a-path"])
 def test_malformed_manifests_are_bad_input(case, tmp_path):
     root = Path(write_shards(tmp_path / "shards", tar_bytes({"a.png": png_bytes()}), 1))
     manifest = json.loads((root / "manifest.json").read_text())
@@ -201,6 +202,8 @@ def test_malformed_manifests_are_bad_input(case, tmp_path):
         manifest["totals"]["samples"] = 7
     elif case == "shards-not-list":
         train["shards"] = "train/shard-000000.tar"
+    elif case == "sha256-a-path":
+        train["shards"][0]["sha256"] = "../../../home/user/.bashrc"
     (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BadInput, match="manifest.json"):
         read_manifest(open_store(str(root)))

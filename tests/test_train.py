@@ -215,6 +215,32 @@ def test_the_encoded_loader_path_gives_the_same_batches_and_resumes(facade_shard
     assert all(torch.equal(a, next(resumed)) for a in later)
 
 
+def test_loader_processes_on_one_machine_fetch_each_s3_shard_once(facade_shards, s3_env,
+                                                                  bucket, tmp_path, monkeypatch):
+    import tempfile
+
+    import boto3
+    from helpers import FlakyProxy
+
+    s3 = boto3.client("s3", endpoint_url=s3_env)
+    for path in filter(Path.is_file, Path(facade_shards).rglob("*")):
+        s3.upload_file(str(path), bucket, f"shards/{path.relative_to(facade_shards)}")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # a cache of this test's own
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    proxy = FlakyProxy(int(s3_env.rsplit(":", 1)[1]))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    uri = f"s3://{bucket}/shards"
+    manifest = open_manifest(uri)
+    # Two loader processes, batches of 8 and shards of 16: each process takes a share of
+    # every shard, and without a shared cache each would fetch all of them.
+    loader = TrainLoader(uri, manifest, tiny_job(uri, "data.workers=2"), 0, 1)
+    train_bytes = manifest["splits"]["train"]["bytes"]
+    for _ in range(-(-manifest["splits"]["train"]["samples"] // 8)):  # one epoch
+        next(loader)
+    assert train_bytes < proxy.passed < 1.2 * train_bytes
+    assert len(list((tmp_path / "cectl-shard-cache").glob("*.tar"))) == 6
+
+
 def test_losses_are_the_same_whether_read_every_step_or_not(facade_shards, tmp_path):
     store = open_store(str(tmp_path))
     for name, every in (("each", 1), ("third", 3)):
