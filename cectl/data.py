@@ -16,9 +16,10 @@ Reading stays sequential: positions only grow, so each loader process streams th
 it meets in order and keeps the current one in memory, reading each shard at most once
 per epoch and decoding only its own samples. The price of world independence: a shard is
 read by every loader process that takes a share of it, about min(ranks x processes,
-shard size / per-rank batch) of them (1000 / 64: ~16 with the defaults), so the job reads
-the tar bytes that many times; the JPEG decoding, which dominates, is still split.
-Smaller shards (`cectl shard --shard-size`) bring the factor down.
+shard size / per-rank batch) of them (1000 / 64: ~16 with the defaults); the JPEG
+decoding, which dominates, is still split. From local disk those reads hit the page
+cache; shards on S3 are fetched once per machine into a `ShardCache` that the loader
+processes there share, so the network carries each shard once per machine and epoch.
 
 Random crops (and flips) are seeded per sample from its global position, so a sample's
 crop does not depend on the world size either.

@@ -42,7 +42,8 @@ AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
 MAX_FAILURES = 3
 # Ray Train waits this long for a new group's resources before it looks again. An elastic
 # group is sized to resources Ray saw a moment ago, so after a node's death they may be
-# gone: look again soon, not after Ray's default 60 s.
+# gone: look again soon, not after Ray's default 60 s. (Ray Train hands the driver's value
+# to its controller.)
 ELASTIC_START_TIMEOUT = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -63,10 +64,9 @@ def connect(address: str | None) -> None:
         except (OSError, ValueError):
             raise BadInput(f"cannot reach a Ray cluster at {address}: check --address "
                            "(host:port of the head node) and that the cluster is up") from None
-    # Workers get the driver's S3 settings (on a cloud cluster, instance roles do instead),
-    # its sample log, if any, and its Ray Train settings (read by Ray's controller actor).
-    env = {key: value for key, value in os.environ.items()
-           if key in (*AWS_VARS, SAMPLE_LOG) or key.startswith("RAY_TRAIN_")}
+    # Workers get the driver's S3 settings (on a cloud cluster, instance roles do instead)
+    # and its sample log, if any.
+    env = {key: os.environ[key] for key in (*AWS_VARS, SAMPLE_LOG) if key in os.environ}
     # Worker logs stay in Ray's log folder: the driver shows progress from the queue, and
     # a failure surfaces as TrainingFailedError.
     ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING",

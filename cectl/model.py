@@ -185,7 +185,7 @@ def weights_digest(*modules: nn.Module) -> str:
     digest = hashlib.sha256()
     for module in modules:
         for param in module.parameters():
-            digest.update(param.detach().cpu().numpy().tobytes())
+            digest.update(param.detach().cpu().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import tempfile
 import time
 import warnings
@@ -30,6 +31,7 @@ from torch import nn
 from cectl.checkpoint import Checkpointer, Run
 from cectl.config import to_yaml
 from cectl.data import (
+    SAMPLE_LOG,
     TrainLoader,
     batch_shares,
     debug_log,
@@ -323,11 +325,12 @@ def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | 
             logger.flush()
             if session.on_checkpoint:
                 session.on_checkpoint(step, metrics)
-    checkpointer.wait()
+    checkpointer.close()
     logger.close()
-    networks = [m for m in (generator, discriminator) if m is not None]
-    debug_log({"rank": rank, "world": session.world, "step": cfg.train.steps,
-               "weights": weights_digest(*networks)})
+    if os.environ.get(SAMPLE_LOG):
+        networks = [m for m in (generator, discriminator) if m is not None]
+        debug_log({"rank": rank, "world": session.world, "step": cfg.train.steps,
+                   "weights": weights_digest(*networks)})
     return run.summary() if rank == 0 else None
 
 
