@@ -80,6 +80,11 @@ def _join(address: str, nodes: int, cpus: int, err: Console) -> None:
     from ray._private.node import Node
     from ray._private.parameter import RayParams
 
+    from cectl.distributed import LOOPBACK
+
+    if address.rsplit(":", 1)[0] not in LOOPBACK:
+        raise BadInput(f"--join takes the address `cectl cluster local` printed "
+                       f"(127.0.0.1:PORT), not {address}")
     started = []
     try:
         with err.status(f"starting {nodes} nodes for {address}"):

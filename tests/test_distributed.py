@@ -100,3 +100,9 @@ def test_unreachable_address_exits_2(facade_shards, tmp_path):
     assert result.returncode == 2
     assert "cannot reach a Ray cluster" in result.stderr
 
+
+
+def test_joining_a_cluster_that_is_not_local_exits_2():
+    result = cectl("cluster", "local", "--join", "10.1.2.3:6379", "--nodes", "1", timeout=60)
+    assert result.returncode == 2
+    assert "127.0.0.1:PORT" in result.stderr and "Traceback" not in result.stderr
