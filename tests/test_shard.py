@@ -141,8 +141,12 @@ def test_shard_job_to_s3_survives_dropped_connections(paris, tmp_path, s3_env, b
     flapper.start()
     dst = f"s3://{bucket}/flaky"
     try:
+        # The link is down 44% of the time: on a machine this loaded, a request can fail
+        # the default 10 attempts (it did once in a full run), so ask for 20, as a user
+        # on such a network would.
         result = cectl("shard", many_inputs(paris, tmp_path / "src", 2), dst,
-                       "--shard-size", "4", "--workers", "2", env={"AWS_ENDPOINT_URL": proxy.url})
+                       "--shard-size", "4", "--workers", "2",
+                       env={"AWS_ENDPOINT_URL": proxy.url, "AWS_MAX_ATTEMPTS": "20"})
     finally:
         stop.set()
         flapper.join()
