@@ -137,7 +137,8 @@ class GlobalOrder:
 
     def __init__(self, store: Store, shards: list[dict], seed: int):
         self.store, self.shards, self.seed = store, shards, seed
-        self.cache = ShardCache(store)
+        # On local disk the page cache serves the repeated reads; S3 needs a copy here.
+        self.cache = None if store.local_path("") else ShardCache(store)
         self.epoch_len = sum(s["samples"] for s in shards)
         self._epoch: tuple[int, list[dict], list[int]] | None = None  # epoch, order, starts
         self._shard: tuple[int, str, list[dict]] | None = None  # epoch, name, samples
@@ -157,7 +158,7 @@ class GlobalOrder:
         i = bisect.bisect_right(starts, offset) - 1
         shard = order[i]
         if self._shard is None or self._shard[:2] != (epoch, shard["name"]):
-            copy = None if self.store.local_path(shard["name"]) else self.cache.open(shard)
+            copy = self.cache.open(shard) if self.cache else None
             samples = read_samples(self.store, shard["name"], copy)
             if len(samples) != shard["samples"]:
                 raise BadInput(f"{shard['name']} holds {len(samples)} samples, the manifest "
