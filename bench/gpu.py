@@ -1,20 +1,29 @@
-"""GPU figures for issue 10: the step alone, the loader alone, the whole `--local` run.
+"""GPU figures: the step alone, GPU JPEG decoding, the loader alone, the whole `--local` run.
 
-1. The dcgan128 joint-loss step on synthetic batches already on the device, batch 64 and
-   256: the plain eager-fp32 baseline (bench/train_step.py's reference layers, default
-   Adam), cectl fp32, bf16 autocast, bf16 + channels_last, bf16 + torch.compile, and
-   cectl bf16 through a world-of-one NCCL DDP with bf16 gradient all-reduce (the path of
-   Ray workers). images/s, peak GPU memory, and the model FLOPs utilisation against this
-   GPU's measured bf16 matmul rate.
-2. The loader alone on Paris-like 350 px shards (bench/loader.py's): images/s with 1, 4,
-   8 and 16 loader processes (CPU decoding).
-3. `cectl train --local` on the same shards (the real loop, loader, logging and
-   checkpointing): images/s, and its ratio to the step alone.
+Runs on a bare GPU host with the repo and a wheel bundle (`../shared/gpu/wheels.sh`); it
+makes its own images and finds `cectl` without PYTHONPATH. Parts, in order, the JSON
+rewritten after each so a late failure loses nothing:
 
-Needs a CUDA GPU; `--quick` runs every part small on any device, to check the script.
-The GPU image lacks webdataset, omegaconf, boto3 and simplejpeg: carry their wheels.
+1. `step`: the dcgan128 joint-loss step on synthetic batches already on the device, batch
+   64 and 256: the plain eager-fp32 baseline (bench/train_step.py's reference layers,
+   default Adam), cectl fp32, bf16 autocast, a world-of-one NCCL DDP (the `--local` path
+   today), then with cudnn.benchmark + TF32: fp32, bf16, bf16 + channels_last.
+   images/s, peak GPU memory, MFU against this GPU's measured bf16 matmul rate.
+2. `syncs`: the training loop's body (batch copy, holes, step) for steady-state steps
+   under `torch.cuda.set_sync_debug_mode("warn")`: every host sync it makes.
+3. `decode`: torchvision's batched nvJPEG decode while queued kernels still write blocks
+   the caching allocator has freed: iterations whose output differs from a clean decode,
+   for the decode as cectl calls it today, on a side stream (`wait_stream` +
+   `record_stream`), and after a host barrier; and each one's images/s.
+4. `loader`: the loader alone on 467x350 JPEG shards, 1, 4, 8, 16 processes, CPU decode
+   and GPU decode.
+5. `whole_run`: `cectl train --local` at batch 256 (the real loop, loader, logging),
+   images/s and its share of the step alone.
+6. `compile`: bf16 + torch.compile, batch 64 and 256 (last: compilation is slow).
 
-    python bench/gpu.py [--quick] [--steps 30] [--json OUT.json]
+    python3 bench/gpu.py [--quick] [--steps 30] [--json OUT.json]
+
+`--quick` runs every part small on any device, to check the script (GPU-only parts skip).
 """
 
 from __future__ import annotations
@@ -22,22 +31,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import random
+import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
-import torch
-from loader import make_shards
-from omegaconf import DictConfig
-from train_step import baseline_step, reference_layers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # cectl, without PYTHONPATH
 
-from cectl.config import JobConfig, load_config, validate_job
-from cectl.data import TrainLoader, open_manifest, to_float
-from cectl.distributed import ddp_wrapper, local_session
-from cectl.masks import derive_seed, draw_holes
-from cectl.model import build_models
-from cectl.storage import open_store
-from cectl.train import make_optimizer, train, train_step
+import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from rich.console import Console  # noqa: E402
+from train_step import baseline_step, reference_layers  # noqa: E402
+
+from cectl.config import JobConfig, ShardConfig, load_config, validate_job  # noqa: E402
+from cectl.data import TrainLoader, open_manifest, to_float  # noqa: E402
+from cectl.demo import facade  # noqa: E402
+from cectl.distributed import ddp_wrapper, local_session  # noqa: E402
+from cectl.masks import derive_seed, draw_holes, sample_holes  # noqa: E402
+from cectl.model import build_models  # noqa: E402
+from cectl.shard import run_shard  # noqa: E402
+from cectl.storage import open_store  # noqa: E402
+from cectl.train import make_optimizer, train, train_step  # noqa: E402
 
 
 def job(batch: int, precision: str, quick: bool, **data) -> DictConfig:
@@ -54,8 +70,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_rate(cfg, device: torch.device, steps: int, variant: str) -> dict:
-    """images/s and peak memory of `steps` steps of one contender on synthetic data."""
+def make_shards(root: Path, count: int) -> str:
+    """`count` generated 500x375 facade JPEGs sharded at 350 px (stored 467x350, as Paris
+    StreetView or ImageNet shards are), 100 per shard."""
+    images = root / "images"
+    images.mkdir(parents=True)
+    rng = random.Random(0)
+    for i in range(count):
+        facade(rng, 375).resize((500, 375)).save(images / f"{i:05d}.jpg", quality=90)
+    run_shard(str(images), str(root / "shards"),
+              load_config(ShardConfig, flags={"shard_size": 100, "workers": 8,
+                                              "val_fraction": 0.0}),
+              Console(quiet=True))
+    return str(root / "shards")
+
+
+def models(cfg, device: torch.device, variant: str):
     torch.manual_seed(0)
     g, d = (m.to(device) for m in build_models(cfg))
     if variant == "baseline":
@@ -72,6 +102,12 @@ def step_rate(cfg, device: torch.device, steps: int, variant: str) -> dict:
     if variant == "ddp":
         wrap = ddp_wrapper(device, "bf16")
         g, d = wrap(g), wrap(d)
+    return g, d, opt_g, opt_d
+
+
+def step_rate(cfg, device: torch.device, steps: int, variant: str) -> dict:
+    """images/s and peak memory of `steps` steps of one contender on synthetic data."""
+    g, d, opt_g, opt_d = models(cfg, device, variant)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     n = cfg.data.batch_size
     images = torch.randint(0, 256, (n, 3, cfg.data.image_size, cfg.data.image_size),
@@ -88,7 +124,7 @@ def step_rate(cfg, device: torch.device, steps: int, variant: str) -> dict:
         else:
             train_step(g, d, opt_g, opt_d, x, holes, cfg, scaler)
 
-    for _ in range(3):  # warm-up (and compilation)
+    for _ in range(3):  # warm-up (and compilation, and cudnn.benchmark's search)
         one()
     sync(device)
     if device.type == "cuda":
@@ -99,22 +135,21 @@ def step_rate(cfg, device: torch.device, steps: int, variant: str) -> dict:
     sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"images_per_s": steps * n / seconds, "peak_gib": peak}
+    return {"images_per_s": steps * n / seconds, "ms_per_step": 1000 * seconds / steps,
+            "peak_gib": peak}
 
 
 def flops_per_step(cfg, device: torch.device) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    torch.manual_seed(0)
-    g, d = (m.to(device) for m in build_models(cfg))
+    g, d, opt_g, opt_d = models(cfg, device, "cectl")
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     n, size = cfg.data.batch_size, cfg.data.image_size
     images = to_float(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8,
                                     device=device))
     holes = draw_holes(cfg.mask.kind, n, size, cfg.mask.overlap, 0).to(device)
     with FlopCounterMode(display=False) as counter:
-        train_step(g, d, make_optimizer(g, 1e-3, 0.5), make_optimizer(d, 1e-3, 0.5),
-                   images, holes, cfg, scaler)
+        train_step(g, d, opt_g, opt_d, images, holes, cfg, scaler)
     return counter.get_total_flops()
 
 
@@ -132,25 +167,145 @@ def matmul_tflops(device: torch.device, n: int) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
 
 
-def loader_rate(shards: str, processes: int, batches: int) -> float:
+def loop_syncs(cfg, device: torch.device, steps: int) -> dict:
+    """Host syncs in steady-state iterations of the training loop's body, as train runs it."""
+    g, d, opt_g, opt_d = models(cfg, device, "cectl")
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    n, size = cfg.data.batch_size, cfg.data.image_size
+    batch = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8).pin_memory()
+
+    def one(step: int) -> None:
+        images = to_float(batch.to(device, non_blocking=True))
+        holes = sample_holes(cfg.mask.kind, range(step * n, (step + 1) * n), size,
+                             cfg.mask.overlap, cfg.train.seed)
+        train_step(g, d, opt_g, opt_d, images, holes.to(device), cfg, scaler)
+
+    for step in range(3):
+        one(step)
+    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for step in range(3, 3 + steps):
+                one(step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    messages = sorted({str(w.message).splitlines()[0] for w in caught})
+    return {"steps": steps, "syncs": len(caught), "kinds": messages}
+
+
+def decode_check(device: torch.device, jpegs: list[torch.Tensor], iterations: int) -> dict:
+    """Corrupted iterations and images/s of three ways to call the batched nvJPEG decode."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def plain() -> list[torch.Tensor]:
+        return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+
+    side = torch.cuda.Stream(device)
+
+    def side_stream() -> list[torch.Tensor]:
+        main = torch.cuda.current_stream(device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            out = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+        main.wait_stream(side)
+        for t in out:
+            t.record_stream(main)
+        return out
+
+    def barrier() -> list[torch.Tensor]:
+        torch.cuda.current_stream(device).synchronize()
+        return plain()
+
+    clean = [t.clone() for t in plain()]
+    sync(device)
+    sizes = [t.numel() for t in clean]
+    source = torch.full((max(sizes),), 7, dtype=torch.uint8, device=device)
+    slow = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    report = {}
+    for name, decode in (("plain", plain), ("side_stream", side_stream),
+                         ("barrier", barrier)):
+        bad = 0
+        for _ in range(iterations):
+            # Kernels queued behind slow work write blocks sized like the decoder's
+            # outputs; the blocks are freed before those writes run.
+            for _ in range(4):
+                slow @ slow
+            blocks = [torch.empty(n, dtype=torch.uint8, device=device) for n in sizes]
+            for block in blocks:
+                block.copy_(source[: block.numel()])
+            del blocks
+            out = decode()
+            sync(device)
+            bad += any(not torch.equal(a.flatten(), b.flatten())
+                       for a, b in zip(out, clean, strict=True))
+        sync(device)
+        start, reps = time.perf_counter(), 10
+        for _ in range(reps):
+            decode()
+        sync(device)
+        rate = reps * len(jpegs) / (time.perf_counter() - start)
+        report[name] = {"corrupted": bad, "iterations": iterations, "images_per_s": rate}
+        print(f"  decode {name:12s} corrupted {bad:3d}/{iterations}  {rate:8.0f} images/s",
+              flush=True)
+    return report
+
+
+def shard_jpegs(shards: str, count: int) -> list[torch.Tensor]:
+    from cectl.shard import read_manifest, read_samples
+
+    store = open_store(shards)
+    out = []
+    for shard in read_manifest(store)["splits"]["train"]["shards"]:
+        for sample in read_samples(store, shard["name"]):
+            out.append(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8))
+            if len(out) == count:
+                return out
+    return out
+
+
+def loader_rate(shards: str, processes: int, batches: int, device: torch.device,
+                gpu_decode: bool) -> float:
     cfg = job(64, "fp32", False, uri=shards, workers=processes)
-    loader = TrainLoader(shards, open_manifest(shards), cfg, 0, 1)
+    loader = TrainLoader(shards, open_manifest(shards), cfg, 0, 1, device, encoded=gpu_decode)
     for _ in range(max(2, processes)):  # every process started and busy
         next(loader)
+    sync(device)
     start = time.perf_counter()
     for _ in range(batches):
         next(loader)
+    sync(device)
     return 64 * batches / (time.perf_counter() - start)
 
 
-def whole_run(shards: str, device: torch.device, batch: int, steps: int, quick: bool) -> float:
+def whole_run(shards: str, device: torch.device, batch: int, steps: int, quick: bool,
+              decode: str) -> float:
     cfg = job(batch, "bf16" if device.type == "cuda" else "fp32", quick, uri=shards,
-              workers=8 if not quick else 1)
+              workers=8 if not quick else 1, decode=decode)
     cfg.train.steps = steps
     store = open_store(tempfile.mkdtemp(prefix="cectl-bench-gpu-"))
     with local_session(cfg, device, lambda step, metrics: None) as session:
         summary = train(cfg, store, "bench", session)
     return summary["metrics"]["images_per_s"]  # the last log window: past the warm-up
+
+
+class Report:
+    """The figures so far, rewritten to the JSON file after each part."""
+
+    def __init__(self, path: Path | None, **head):
+        self.path, self.data = path, dict(head)
+
+    def part(self, key: str, value) -> None:
+        self.data[key] = value
+        if self.path:
+            self.path.write_text(json.dumps(self.data, indent=2))
+
+
+def step_line(name: str, result: dict) -> None:
+    peak = f"{result['peak_gib']:.2f} GiB" if result["peak_gib"] is not None else "-"
+    print(f"  {name:40s} {result['images_per_s']:9.0f} images/s {result['ms_per_step']:8.2f}"
+          f" ms  peak {peak:>10s}  MFU {100 * result['mfu']:.1f}%", flush=True)
 
 
 def main() -> None:
@@ -160,50 +315,93 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
     steps = 2 if args.quick else args.steps
-    report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                    else "cpu", "torch": torch.__version__}
-    print(f"device: {report['device']}")
+    report = Report(args.json, device=torch.cuda.get_device_name(device) if cuda else "cpu",
+                    torch=torch.__version__)
+    print(f"device: {report.data['device']}, torch {torch.__version__}", flush=True)
+    t0 = time.perf_counter()
+    report.part("matmul_tflops", matmul_tflops(device, 1024 if args.quick else 8192))
+    print(f"measured bf16 matmul rate: {report.data['matmul_tflops']:.1f} TFLOP/s", flush=True)
 
-    report["matmul_tflops"] = matmul_tflops(device, 1024 if args.quick else 8192)
-    print(f"measured matmul rate: {report['matmul_tflops']:.1f} TFLOP/s")
-    report["step"] = {}
-    for batch in (8,) if args.quick else (64, 256):
-        flops = flops_per_step(job(batch, "fp32", args.quick), device)
-        for variant, precision in (("baseline", "fp32"), ("cectl", "fp32"), ("cectl", "bf16"),
-                                   ("channels_last", "bf16"), ("compile", "bf16"),
-                                   ("ddp", "bf16")):
-            if variant == "ddp" and device.type != "cuda":
+    batches = (8,) if args.quick else (64, 256)
+    flops = {b: flops_per_step(job(b, "fp32", args.quick), device) for b in batches}
+    report.part("gflop_per_image", {b: flops[b] / b / 1e9 for b in batches})
+    steps_report: dict = {}
+
+    def measure(batch: int, variant: str, precision: str, label: str) -> None:
+        cfg = job(batch, precision, args.quick)
+        with (local_session(cfg, device, lambda *a: None) if variant == "ddp"
+              else contextlib.nullcontext()):
+            result = step_rate(cfg, device, steps, variant)
+        result["mfu"] = flops[batch] * result["images_per_s"] / batch / 1e12 / report.data[
+            "matmul_tflops"]
+        name = f"batch {batch} {label}"
+        steps_report[name] = result
+        step_line(name, result)
+        report.part("step", steps_report)
+
+    print("step alone (synthetic batches on the device):", flush=True)
+    plain = (("baseline", "fp32", "baseline eager fp32"), ("cectl", "fp32", "cectl fp32"),
+             ("cectl", "bf16", "cectl bf16"), ("ddp", "bf16", "cectl bf16 DDP world of 1"))
+    tuned = (("cectl", "fp32", "cectl fp32 tf32+benchmark"),
+             ("cectl", "bf16", "cectl bf16 benchmark"),
+             ("channels_last", "bf16", "cectl bf16 channels_last benchmark"))
+    for batch in batches:
+        for variant, precision, label in plain:
+            if variant == "ddp" and not cuda:
                 continue  # the NCCL path
-            cfg = job(batch, precision, args.quick)
-            with (local_session(cfg, device, lambda *a: None) if variant == "ddp"
-                  else contextlib.nullcontext()):
-                result = step_rate(cfg, device, steps, variant)
-            result["mfu"] = flops * result["images_per_s"] / batch / 1e12 / report[
-                "matmul_tflops"]
-            name = f"batch {batch} {variant} {precision}"
-            report["step"][name] = result
-            peak = f"{result['peak_gib']:.1f} GiB" if result["peak_gib"] is not None else "-"
-            print(f"{name:32s} {result['images_per_s']:9.0f} images/s  peak {peak:>9s}  "
-                  f"MFU {100 * result['mfu']:.1f}%")
+            measure(batch, variant, precision, label)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    for batch in batches:
+        for variant, precision, label in tuned:
+            measure(batch, variant, precision, label)
 
-    shards = make_shards(Path(tempfile.mkdtemp(prefix="cectl-bench-gpu-")),
-                         1 if args.quick else 16)
-    report["loader"] = {}
-    for processes in (1, 2) if args.quick else (1, 4, 8, 16):
-        rate = loader_rate(shards, processes, 4 if args.quick else 100)
-        report["loader"][f"cpu x{processes}"] = rate
-        print(f"loader, {processes:2d} CPU decoding processes: {rate:9.0f} images/s")
+    if cuda:
+        report.part("syncs", loop_syncs(job(batches[-1], "bf16", args.quick), device, 5))
+        print(f"host syncs in 5 loop iterations: {report.data['syncs']}", flush=True)
 
-    batch = 8 if args.quick else 256
-    report["whole_run"] = whole_run(shards, device, batch, 20 if args.quick else 300,
-                                    args.quick)
-    step_alone = report["step"][f"batch {batch} cectl {'fp32' if args.quick else 'bf16'}"]
-    ratio = report["whole_run"] / step_alone["images_per_s"]
-    print(f"cectl train --local, batch {batch}: {report['whole_run']:.0f} images/s = "
-          f"{100 * ratio:.0f}% of the step alone")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    root = Path(tempfile.mkdtemp(prefix="cectl-bench-gpu-"))
+    start = time.perf_counter()
+    shards = make_shards(root, 100 if args.quick else 1600)
+    print(f"generated and sharded images in {time.perf_counter() - start:.0f} s", flush=True)
+
+    if cuda:
+        import importlib.util
+
+        if importlib.util.find_spec("torchvision"):
+            print("GPU decode of 256 JPEGs while freed blocks are still being written:")
+            report.part("decode", decode_check(device, shard_jpegs(shards, 256),
+                                               10 if args.quick else 50))
+
+    loader: dict = {}
+    for gpu_decode in (False, True) if cuda else (False,):
+        mode = "gpu" if gpu_decode else "cpu"
+        for processes in (1, 2) if args.quick else (1, 4, 8, 16):
+            rate = loader_rate(shards, processes, 4 if args.quick else 100, device, gpu_decode)
+            loader[f"{mode} decode x{processes}"] = rate
+            report.part("loader", loader)
+            print(f"loader, {mode} decode, {processes:2d} processes: {rate:9.0f} images/s",
+                  flush=True)
+
+    batch = batches[-1]
+    runs = {}
+    for decode in ("auto", "cpu") if cuda else ("cpu",):
+        rate = whole_run(shards, device, batch, 20 if args.quick else 200, args.quick, decode)
+        alone = steps_report[f"batch {batch} cectl "
+                             f"{'bf16 benchmark' if cuda else 'fp32 tf32+benchmark'}"]
+        runs[f"decode {decode}"] = {"images_per_s": rate,
+                                    "share_of_step": rate / alone["images_per_s"]}
+        report.part("whole_run", runs)
+        print(f"cectl train --local, batch {batch}, data.decode={decode}: {rate:.0f} images/s"
+              f" = {100 * rate / alone['images_per_s']:.0f}% of the step alone", flush=True)
+
+    print("bf16 + torch.compile:", flush=True)
+    for batch in batches:
+        measure(batch, "compile", "bf16", "cectl bf16 compile benchmark")
+    report.part("seconds", time.perf_counter() - t0)
+    print(f"done in {report.data['seconds']:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
