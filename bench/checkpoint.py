@@ -22,11 +22,12 @@ import time
 
 import torch
 
-from cectl.checkpoint import Checkpointer, Run
+from cectl.checkpoint import Checkpointer
 from cectl.config import JobConfig, load_config
-from cectl.data import to_float
 from cectl.masks import derive_seed, draw_holes
 from cectl.model import build_models
+from cectl.pixels import to_float
+from cectl.runs import Run
 from cectl.storage import open_store
 from cectl.train import make_optimizer, train_step
 

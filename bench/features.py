@@ -22,10 +22,11 @@ from rich.console import Console
 
 from cectl.config import JobConfig, ShardConfig, load_config, validate_job
 from cectl.demo import make_shapes
-from cectl.features import run_probe
+from cectl.probe import run_probe
+from cectl.render import TrainProgress
 from cectl.shard import run_shard
 from cectl.storage import open_store
-from cectl.train import Session, TrainProgress, train
+from cectl.train import Session, train
 
 PRETRAIN = ["mask.kind=random-region", "loss.mode=rec", "optim.lr_d=1e-5", "optim.lr_ratio=10",
             "data.image_size=227", "data.load_size=227", "data.batch_size=16", "data.workers=1",

@@ -23,9 +23,9 @@ import torch
 
 from cectl.checkpoint import load_generator
 from cectl.config import JobConfig, load_config, validate_job
-from cectl.data import load_eval_images, to_float
 from cectl.evaluate import evaluate_checkpoint
 from cectl.masks import derive_seed, draw_holes, fill_holes, output_window
+from cectl.pixels import load_eval_images, to_float
 from cectl.storage import open_store
 from cectl.train import train
 

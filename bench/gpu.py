@@ -46,12 +46,14 @@ from rich.console import Console  # noqa: E402
 from train_step import baseline_step, reference_layers  # noqa: E402
 
 from cectl.config import JobConfig, ShardConfig, load_config, validate_job  # noqa: E402
-from cectl.data import TrainLoader, open_manifest, to_float  # noqa: E402
+from cectl.data import TrainLoader  # noqa: E402
 from cectl.demo import facade  # noqa: E402
 from cectl.distributed import ddp_wrapper, local_session  # noqa: E402
 from cectl.masks import derive_seed, draw_holes, sample_holes  # noqa: E402
 from cectl.model import build_models  # noqa: E402
+from cectl.pixels import to_float  # noqa: E402
 from cectl.shard import run_shard  # noqa: E402
+from cectl.shard_format import open_manifest  # noqa: E402
 from cectl.storage import open_store  # noqa: E402
 from cectl.train import make_optimizer, train, train_step  # noqa: E402
 
@@ -253,7 +255,7 @@ def decode_check(device: torch.device, jpegs: list[torch.Tensor], iterations: in
 
 
 def shard_jpegs(shards: str, count: int) -> list[torch.Tensor]:
-    from cectl.shard import read_manifest, read_samples
+    from cectl.shard_format import read_manifest, read_samples
 
     store = open_store(shards)
     out = []

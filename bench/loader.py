@@ -26,9 +26,10 @@ from rich.console import Console
 
 from cectl import data
 from cectl.config import JobConfig, ShardConfig, load_config
-from cectl.data import TrainLoader, open_manifest
+from cectl.data import TrainLoader
 from cectl.images import decode, resize_shorter
-from cectl.shard import read_manifest, read_samples, run_shard
+from cectl.shard import run_shard
+from cectl.shard_format import open_manifest, read_manifest, read_samples
 from cectl.storage import open_store
 
 PARIS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "paris-streetview-eval"

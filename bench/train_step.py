@@ -29,11 +29,13 @@ from rich.console import Console
 from torch import nn
 
 from cectl.config import JobConfig, ShardConfig, load_config
-from cectl.data import TrainLoader, open_manifest, to_float
+from cectl.data import TrainLoader
 from cectl.losses import adversarial_loss, reconstruction_loss
 from cectl.masks import derive_seed, draw_holes, fill_holes, loss_weights, output_window
 from cectl.model import build_models
+from cectl.pixels import to_float
 from cectl.shard import run_shard
+from cectl.shard_format import open_manifest
 from cectl.train import make_optimizer, train_step
 
 PARIS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "paris-streetview-eval"
@@ -128,7 +130,7 @@ def paris_images() -> torch.Tensor:
     if not _PARIS_128:
         from PIL import Image
 
-        from cectl.data import to_batch
+        from cectl.pixels import to_batch
 
         arrays = [np.asarray(Image.open(p).convert("RGB").resize((160, 160), Image.BICUBIC))
                   for p in sorted(PARIS.glob("*.png"))]

@@ -1,27 +1,16 @@
-"""Checkpoints and runs on storage.
+"""Checkpoint tensors: saved in the background, restored, upgraded from older formats.
 
-STORE/runs/RUN/config.yaml, metrics.jsonl, samples/step-NNNNNN.png and
-checkpoints/step-NNNNNN/{model.safetensors,state.json}; claim.json while a process trains
-the run (created atomically, so a second training of it is refused). Tensors (both
-networks, both optimizers keyed by parameter name, the RNG) go in safetensors; everything
-else (step, the loader's data position, config, metrics, best step) in JSON. state.json
-is written last, so a checkpoint without it is incomplete and ignored. Nothing is ever
-unpickled, and state.json is checked as data (its config like any loaded config).
-Saving is off the training loop's critical path: the loop copies only buffers and the
-RNG; a background thread copies the weights and optimizer states, then serialises and
-uploads them while training goes on (see `Checkpointer`).
+A checkpoint is `model.safetensors` (both networks, both optimizers keyed by parameter
+name, the RNG) and `state.json` (the rest; its format and the run folders are
+`cectl.runs`'). Nothing is ever unpickled. Saving is off the training loop's critical
+path: the loop copies only buffers and the RNG; a background thread copies the weights
+and optimizer states, then serialises and uploads them while training goes on (see
+`Checkpointer`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import re
-import socket
 import threading
-import time
-import uuid
 from typing import Any, Protocol
 
 import torch
@@ -36,22 +25,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from cectl.config import JobConfig, load_config
 from cectl.errors import BadInput
-from cectl.storage import Store, check_name, open_store
+from cectl.runs import FORMATS, Run, read_state, state_bytes, step_dir
+from cectl.storage import Store, open_store
 
-FORMAT = "cectl-checkpoint/2"
-FORMATS = ("cectl-checkpoint/1", FORMAT)  # /1 keyed optimizer states by parameter index
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
-STEP_DIR = re.compile(r"checkpoints/step-(\d+)/state\.json$")
-KEEP_LAST = 3  # older checkpoints are deleted, except the best one
-CLAIM = "claim.json"  # who is training the run now
-HEARTBEAT_S = 10.0  # the holder rewrites its claim this often
-STALE_S = 60.0  # a claim not rewritten for this long is a dead process's
-
-
-def step_dir(step: int) -> str:
-    return f"checkpoints/step-{step:06d}"
 
 
 Modules = dict[str, nn.Module | None]
@@ -138,6 +116,18 @@ def upgrade_v1(tensors: dict[str, torch.Tensor], modules: Modules) -> dict[str, 
     return upgraded
 
 
+def write_checkpoint(run: Run, step: int, tensors: dict[str, torch.Tensor], state: dict) -> str:
+    """Tensors, then state.json (which makes the checkpoint complete); old ones pruned."""
+    folder = step_dir(step)
+    # Through a file: safetensors writes one without holding the GIL (building the
+    # bytes in memory holds it for a second), so a background save does not stall the
+    # training thread, and S3 gets a multipart upload.
+    run.store.write_file(f"{folder}/model.safetensors", lambda path: save_file(tensors, path))
+    run.store.write_bytes(f"{folder}/state.json", state_bytes(state))
+    run.prune(keep=state.get("best_step"))
+    return run.store.url(folder)
+
+
 class DataPosition(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -166,8 +156,8 @@ class Checkpointer:
         self.restored_world: int | None = None  # the world the restored checkpoint ran on
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._no_copy_pending = threading.Event()
-        self._no_copy_pending.set()
+        self._copy_done = threading.Event()
+        self._copy_done.set()
         self._staging: dict[str, torch.Tensor] = {}
         self._hooks = [optimizer.register_step_pre_hook(self._before_update)
                        for optimizer in optimizers.values() if optimizer is not None]
@@ -181,7 +171,8 @@ class Checkpointer:
             self.best_step, self.best_val = step, val_l2_pct
 
     def save(self, step: int, metrics: dict[str, float]) -> None:
-        """Snapshot this step and write it to storage, both in the background."""
+        """Snapshot this step: buffers and the RNG now, weights and optimizer states in the
+        background, which then writes the checkpoint to storage."""
         if self.rank != 0:
             return
         self.wait()
@@ -195,14 +186,14 @@ class Checkpointer:
         if device.type == "cuda":  # this step's updates, queued on the training stream
             ready = torch.cuda.Event()
             ready.record()
-        self._no_copy_pending.clear()
+        self._copy_done.clear()
         self._writer = threading.Thread(target=self._write,
                                         args=(step, state, buffers, live, ready),
                                         name=f"checkpoint-{step}")
         self._writer.start()
 
     def _before_update(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        self._no_copy_pending.wait()  # the copy in progress holds the weights before this
+        self._copy_done.wait()  # the copy in progress holds the weights before this
 
     def _write(self, step: int, state: dict, buffers: dict[str, torch.Tensor],
                live: dict[str, torch.Tensor], ready: torch.cuda.Event | None) -> None:
@@ -210,8 +201,8 @@ class Checkpointer:
             try:
                 tensors = {**buffers, **self._stage(live, ready)}
             finally:
-                self._no_copy_pending.set()
-            self.run.save(step, tensors, state)
+                self._copy_done.set()
+            write_checkpoint(self.run, step, tensors, state)
         except BaseException as e:  # raised on the training thread by wait()
             self._error = e
 
@@ -274,179 +265,6 @@ class Checkpointer:
         return {"resumed": 1, "resized_from": self.restored_world, "world": self.world}
 
 
-class Run:
-    """One training run's folder in a store."""
-
-    def __init__(self, store: Store, name: str):
-        self.name = check_name(name, "run name")
-        self.store = store.child(f"runs/{name}")
-
-    def exists(self) -> bool:
-        """Whether the run holds anything but a claim."""
-        return any(key != CLAIM for key in self.store.list())
-
-    def steps(self) -> list[int]:
-        """Steps of the complete checkpoints, ascending."""
-        return sorted(int(m.group(1)) for key in self.store.list("checkpoints/")
-                      if (m := STEP_DIR.match(key)))
-
-    def save(self, step: int, tensors: dict[str, torch.Tensor], state: dict) -> str:
-        folder = step_dir(step)
-        # Through a file: safetensors writes one without holding the GIL (building the
-        # bytes in memory holds it for a second), so a background save does not stall the
-        # training thread, and S3 gets a multipart upload.
-        self.store.write_file(f"{folder}/model.safetensors",
-                              lambda path: save_file(tensors, path))
-        self.store.write_bytes(f"{folder}/state.json",
-                               json.dumps({"format": FORMAT, **state}, indent=2).encode())
-        self._prune(keep=state.get("best_step"))
-        return self.store.url(folder)
-
-    def _prune(self, keep: int | None) -> None:
-        for step in self.steps()[:-KEEP_LAST]:
-            if step != keep:
-                for key in self.store.list(f"{step_dir(step)}/"):
-                    self.store.delete(key)
-
-    def summary(self) -> dict:
-        """The run at its latest checkpoint: step reached, workers, resumes and resizes
-        (resumes on another number of workers), last metrics."""
-        state = read_state(self.checkpoint("latest"))
-        lines = (self.store.read_bytes("metrics.jsonl").decode().splitlines()
-                 if self.store.exists("metrics.jsonl") else [])
-        return {"run": self.name, "step": state["step"],
-                "target_steps": state["config"]["train"]["steps"],
-                "workers": state.get("world", 1),
-                "resumes": sum('"resumed"' in line for line in lines),
-                "resizes": sum('"resized_from"' in line for line in lines),
-                "metrics": state.get("metrics", {}), "checkpoints": self.store.url("checkpoints")}
-
-    def claim(self, resume: bool) -> Claim:
-        """Hold the run for this process, or raise BadInput: two trainings of one run would
-        interleave their checkpoints. With `resume`, a dead holder's claim (its process is
-        gone from this host, or its heartbeat stopped) is taken over."""
-        record = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
-        for _ in range(2):
-            if self.store.create(CLAIM, _claim_bytes(record)):
-                return Claim(self, record)
-            holder = self._holder()
-            if holder is None:
-                continue  # released meanwhile
-            if holder.get("token") == record["token"]:
-                return Claim(self, record)  # our create got through; its reply did not
-            # Without `resume`, only a dead holder's claim on an empty run (it died before
-            # writing anything) is taken over: there is nothing to continue.
-            if _alive(holder) or (not resume and self.exists()):
-                raise BadInput(
-                    f"run {self.name!r} in {self.store.uri} is being trained by process "
-                    f"{holder.get('pid')} on {holder.get('host')}: pick another --name, or "
-                    f"once that process is gone, add --resume (after {STALE_S:.0f} s if it "
-                    "ran on another machine)")
-            self.store.delete(CLAIM)
-        raise BadInput(f"run {self.name!r} was claimed by another process just now: "
-                       "only one training of a run may run at a time")
-
-    def _holder(self) -> dict | None:
-        """The current claim (empty if unreadable: cut short by a crash), or None."""
-        if not self.store.exists(CLAIM):
-            return None
-        try:
-            holder = json.loads(self.store.read_bytes(CLAIM))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return {}
-        return holder if isinstance(holder, dict) else {}
-
-    def checkpoint(self, which: str = "latest") -> Store:
-        """The store of a checkpoint: latest, best or a step number."""
-        steps = self.steps()
-        if not steps:
-            raise BadInput(f"run {self.name!r} has no checkpoint in {self.store.uri}")
-        if which == "latest":
-            step = steps[-1]
-        elif which == "best":
-            state = read_state(self.store.child(step_dir(steps[-1])))
-            step = state.get("best_step") or steps[-1]
-        elif which.isdigit() and int(which) in steps:
-            step = int(which)
-        else:
-            raise BadInput(f"run {self.name!r} has no checkpoint {which!r}; it has steps "
-                           f"{', '.join(map(str, steps))}, latest and best")
-        return self.store.child(step_dir(step))
-
-
-def _claim_bytes(record: dict) -> bytes:
-    return json.dumps({**record, "heartbeat": time.time()}).encode()
-
-
-def _alive(holder: dict) -> bool:
-    """Whether a claim's holder may still be training."""
-    try:
-        if not time.time() - float(holder.get("heartbeat", 0)) < STALE_S:
-            return False
-    except (TypeError, ValueError):
-        return False
-    if holder.get("host") != socket.gethostname():
-        return True
-    try:
-        os.kill(int(holder.get("pid", 0)), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        pass  # someone else's process, or a pid we cannot test: assume it lives
-    return True
-
-
-class Claim:
-    """A process's hold on a run, kept fresh by a heartbeat until `release()`."""
-
-    def __init__(self, run: Run, record: dict):
-        self.run, self.record = run, record
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-        self._thread.start()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            with contextlib.suppress(Exception):  # a missed beat only ages the claim
-                self.run.store.write_bytes(CLAIM, _claim_bytes(self.record))
-
-    def release(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        holder = self.run._holder()
-        if holder and holder.get("token") == self.record["token"]:
-            self.run.store.delete(CLAIM)
-
-
-def read_state(ckpt: Store) -> dict:
-    """A checkpoint's state.json, checked as data; its `config` a checked JobConfig."""
-    where = ckpt.url("state.json")
-    try:
-        state = json.loads(ckpt.read_bytes("state.json"))
-    except FileNotFoundError:
-        raise BadInput(f"{ckpt.uri} is not a checkpoint: state.json is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadInput(f"{where} is corrupt") from None
-    if not isinstance(state, dict) or state.get("format") not in FORMATS:
-        raise BadInput(f"{ckpt.uri} is not a checkpoint this cectl reads (it reads "
-                       f"{', '.join(FORMATS)})")
-    metrics = state.get("metrics", {})
-    best = state.get("best_step")
-    if not (_count(state.get("step")) and (best is None or _count(best))
-            and isinstance(state.get("config"), dict) and isinstance(metrics, dict)
-            and all(type(v) in (int, float) for v in metrics.values())):
-        raise BadInput(f"{where} is damaged: it needs step numbers, a config mapping and "
-                       "numeric metrics")
-    state["config"] = load_config(JobConfig, stored=state["config"], source=where)
-    return state
-
-
-def _count(value: object) -> bool:
-    return type(value) is int and value >= 0
-
-
 def load_checkpoint(uri: str | Store) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, state) of a checkpoint folder, local or on S3."""
     ckpt = open_store(uri) if isinstance(uri, str) else uri
@@ -459,7 +277,4 @@ def load_checkpoint(uri: str | Store) -> tuple[dict[str, torch.Tensor], dict]:
         raise BadInput(f"{ckpt.url('model.safetensors')} is corrupt") from None
     return tensors, state
 
-
-def list_runs(store: Store) -> list[str]:
-    return sorted({key.split("/")[1] for key in store.list("runs/") if key.count("/") >= 2})
 

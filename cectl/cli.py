@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import time
@@ -11,17 +10,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
+from cectl import render
 from cectl.config import JobConfig, ShardConfig, load_config, validate_job
 from cectl.errors import BadInput, CectlError
+from cectl.render import err, out
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train Context Encoders at scale: shard, train, sweep, evaluate, inpaint.")
-out = Console()
-err = Console(stderr=True)
 DEFAULT_STORE = "cectl-store"
 StoreOption = Annotated[str, typer.Option("--store", help="runs live here (path or s3://)")]
 
@@ -30,28 +26,6 @@ def ray_output_to_stderr() -> contextlib.AbstractContextManager:
     """Ray and Tune print their own messages (tables, lost workers) on stdout: send them to
     stderr with the progress, so that stdout holds cectl's report alone (JSON with --json)."""
     return contextlib.redirect_stdout(sys.stderr)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
-
-
-def print_shard_summary(manifest: dict) -> None:
-    table = Table(title=f"shards in {manifest.get('dst', '')}".strip())
-    for column in ("split", "images", "shards", "bytes"):
-        table.add_column(column, justify="left" if column == "split" else "right")
-    for split, info in manifest["splits"].items():
-        table.add_row(split, f"{info['samples']:,}", str(len(info["shards"])), _mb(info["bytes"]))
-    totals = manifest["totals"]
-    table.add_row("total", f"{totals['samples']:,}", str(totals["shards"]), _mb(totals["bytes"]),
-                  style="bold")
-    out.print(table)
-    skipped = ", ".join(f"{n} {reason}" for reason, n in manifest["skipped"].items()) or "none"
-    out.print(f"skipped: {skipped}")
-    stats = manifest["stats"]
-    out.print(f"{stats['processed']:,} images processed in {stats['seconds']:.1f} s "
-              f"({stats['images_per_s']:,.0f} images/s); {stats['kept_shards']} shards kept "
-              "from an earlier run")
 
 
 @app.command()
@@ -79,8 +53,7 @@ def shard(
         label_from=label_from,
     ), recipe_folder="shards")
     manifest = run_shard(src, dst, cfg, err)
-    manifest["dst"] = dst
-    print_shard_summary(manifest)
+    render.shard_summary(out, manifest, dst)
 
 
 @app.command()
@@ -91,7 +64,7 @@ def verify(dst: Annotated[str, typer.Argument(help="shard location with a manife
     bad = run_verify(dst, err)
     if bad:
         for name, problems in bad.items():
-            err.print(f"[red]bad shard[/] {escape(name)}: {escape('; '.join(problems))}")
+            render.warning(err, "bad shard", f"{name}: {'; '.join(problems)}")
         raise CectlError(f"{len(bad)} shard(s) failed verification in {dst}")
     out.print(f"all shards in {dst} verified")
 
@@ -131,27 +104,17 @@ def train_command(
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Train a context encoder: in this process (--local) or on Ray workers (--nodes N)."""
-    import torch
-
-    from cectl.checkpoint import Run
+    from cectl.runs import best_device, default_run_name, new_run, run_to_resume
     from cectl.storage import open_store
-    from cectl.train import TrainProgress, describe_batch, train
+    from cectl.train import describe_batch, train
 
     run_store = open_store(store)
     run_store.check(create=True)
     if resume:
-        if not name:
-            raise BadInput("--resume needs --name RUN (see `cectl runs`)")
-        run = Run(run_store, name)
-        if not run.store.exists("config.yaml"):
-            raise BadInput(f"no run {name!r} in {run_store.uri} to resume")
-        cfg, _ = job_config(args or [], data, run)
+        cfg, _ = job_config(args or [], data, run_to_resume(run_store, name))
     else:
         cfg, job = job_config(args or [], data)
-        name = name or f"{Path(job).stem if job else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if Run(run_store, name).exists():
-            raise BadInput(f"run {name!r} already exists in {run_store.uri}: add --resume to "
-                           "continue it, or pick another --name")
+        name = new_run(run_store, name or default_run_name(job)).name
     if local and nodes is not None:
         raise BadInput("--local and --nodes exclude each other")
     # Ray runs print their batch with the worker count (a range, when elastic).
@@ -162,9 +125,8 @@ def train_command(
     if nodes is None:
         from cectl.distributed import local_session
 
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        with (TrainProgress(err, cfg.train.steps) as progress,
-              local_session(cfg, device, progress.update) as session):
+        with (render.TrainProgress(err, cfg.train.steps) as progress,
+              local_session(cfg, best_device(), progress.update) as session):
             summary = train(cfg, run_store, name, session, resume)
     else:
         from cectl.distributed import train_on_ray
@@ -174,9 +136,9 @@ def train_command(
                                    cpu, address, resume, err)
     summary["seconds"] = time.perf_counter() - start
     if as_json:
-        print(json.dumps(summary, indent=2))
+        render.print_json(summary)
     else:
-        print_train_summary(summary)
+        render.train_summary(out, summary)
 
 
 def parse_nodes(text: str) -> tuple[int, int]:
@@ -186,17 +148,6 @@ def parse_nodes(text: str) -> tuple[int, int]:
         return int(low), int(high or low)
     except ValueError:
         raise BadInput(f"--nodes {text}: give a number of nodes N or bounds MIN:MAX") from None
-
-
-def print_train_summary(summary: dict) -> None:
-    metrics = "  ".join(f"{k} {v:.4g}" for k, v in summary["metrics"].items())
-    workers = summary["workers"]
-    out.print(f"run {summary['run']} reached step {summary['step']} on {workers} "
-              f"worker{'s' if workers > 1 else ''} in {summary['seconds']:.1f} s "
-              f"({summary['resumes']} resume(s) from a checkpoint, "
-              f"{summary['resizes']} resize(s))")
-    out.print(f"last metrics: {metrics}")
-    out.print(f"checkpoints: {summary['checkpoints']}")
 
 
 @app.command()
@@ -213,14 +164,14 @@ def sweep(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
 ) -> None:
     """Search job settings with Ray Tune (ASHA); stores the best trial's job config."""
-    from cectl.sweep import run_sweep, trials_table
+    from cectl.sweep import run_sweep
 
     with ray_output_to_stderr():
         result = run_sweep(args or [], data, store, samples, cpu, name, output, err)
     if as_json:
-        print(json.dumps(result, indent=2))
+        render.print_json(result)
         return
-    out.print(trials_table(result))
+    out.print(render.trials_table(result))
     hint = (f"cectl train {result['best']} --local" if "://" not in result["best"]
             else "-o BEST.yaml writes a local copy to train from")
     out.print(f"best config: {result['best']}  ({hint})")
@@ -231,32 +182,16 @@ def runs(store: StoreOption = DEFAULT_STORE,
          as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
          ) -> None:
     """List the runs in a store: steps, last metrics, state."""
-    from cectl.checkpoint import Run, list_runs
+    from cectl.runs import run_summaries
     from cectl.storage import open_store
 
     run_store = open_store(store)
     run_store.check()
-    summaries = []
-    for name in list_runs(run_store):
-        run = Run(run_store, name)
-        summaries.append(run.summary() if run.steps() else {"run": name, "step": None})
+    summaries = run_summaries(run_store)
     if as_json:
-        print(json.dumps(summaries, indent=2))
+        render.print_json(summaries)
         return
-    table = Table(title=f"runs in {run_store.uri}")
-    for column in ("run", "step", "of", "state", "loss_rec", "val_psnr_db"):
-        table.add_column(column)
-    for summary in summaries:
-        if summary["step"] is None:
-            table.add_row(summary["run"], "-", "-", "no checkpoint yet", "", "")
-            continue
-        metrics = summary["metrics"]
-        table.add_row(summary["run"], str(summary["step"]), str(summary["target_steps"]),
-                      "finished" if summary["step"] >= summary["target_steps"]
-                      else "stopped or running",
-                      f"{metrics.get('loss_rec', float('nan')):.4f}",
-                      f"{metrics.get('val_psnr_db', float('nan')):.2f}")
-    out.print(table)
+    out.print(render.runs_table(summaries, run_store.uri))
 
 
 @app.command()
@@ -267,16 +202,13 @@ def pull(
     checkpoint: Annotated[str, typer.Option(help="latest | best | STEP")] = "latest",
 ) -> None:
     """Copy a checkpoint from the store to a local folder."""
-    from cectl.checkpoint import Run
+    from cectl.runs import pull_checkpoint
     from cectl.storage import open_store
 
     run_store = open_store(store)
     run_store.check()
-    source = Run(run_store, run).checkpoint(checkpoint)
-    target = dest / run / source.uri.rstrip("/").rsplit("/", 1)[-1]
-    for key in source.list():
-        source.get_file(key, target / key)
-    out.print(f"{source.uri} -> {target}")
+    source, target = pull_checkpoint(run_store, run, checkpoint, dest)
+    out.print(f"{source} -> {target}")
 
 
 @app.command(name="eval")
@@ -289,7 +221,7 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
 ) -> None:
     """Score a checkpoint on held-out images: L1 %, L2 %, PSNR dB on the hole."""
-    from cectl.evaluate import evaluate_checkpoint, score_table
+    from cectl.evaluate import evaluate_checkpoint
     from cectl.masks import KINDS
     from cectl.storage import open_store
 
@@ -298,9 +230,9 @@ def eval_command(
     with err.status(f"scoring the {split} split of {data}"):
         result = evaluate_checkpoint(open_store(ckpt), data, split, mask)
     if as_json:
-        print(json.dumps(result, indent=2))
+        render.print_json(result)
         return
-    out.print(score_table(result, f"{ckpt} (step {result['step']}) on {result['images']} "
+    out.print(render.score_table(result, f"{ckpt} (step {result['step']}) on {result['images']} "
                                   f"{split} images, {result['mask']} mask"))
 
 
@@ -330,7 +262,7 @@ def export_command(
                                                "(default: all)")] = None,
 ) -> None:
     """Write the encoder alone, BatchNorm folded, as safetensors with plain key names."""
-    from cectl.features import export_encoder
+    from cectl.export import export_encoder
 
     meta = export_encoder(ckpt, output, layers)
     out.print(f"wrote {meta['out']}: {meta['arch']} layers {meta['layers']} "
@@ -355,27 +287,19 @@ def probe(
                                                 "else a local instance)")] = None,
 ) -> None:
     """Linear probe: top-1/top-5 on val of frozen features, next to a random encoder."""
-    from cectl.features import local_results, ray_results, run_probe
+    from cectl.probe import local_extractor, ray_extractor, run_probe
 
     if epochs < 1:
         raise BadInput("--epochs must be at least 1")
     with (ray_output_to_stderr(),
-          contextlib.nullcontext(local_results) if nodes is None
-          else ray_results(nodes, gpus_per_node, cpu, address) as results):
-        result = run_probe(ckpt, data, layer, epochs, cache_dir.expanduser(), err, results)
+          contextlib.nullcontext(local_extractor) if nodes is None
+          else ray_extractor(nodes, gpus_per_node, cpu, address) as extractor):
+        result = run_probe(ckpt, data, layer, epochs, cache_dir.expanduser(), err,
+                           extractor)
     if as_json:
-        print(json.dumps(result, indent=2))
+        render.print_json(result)
         return
-    out.print(f"linear probe of {result['layer']} ({result['dims']:,} dims): "
-              f"{result['classes']} classes, {result['train_images']:,} train / "
-              f"{result['val_images']:,} val images, {result['epochs']} epochs")
-    table = Table()
-    for column in ("encoder", "top-1 %", "top-5 %"):
-        table.add_column(column, justify="right")
-    for label, key in ((f"{result['arch']} step {result['step']}", "model"),
-                       ("random init", "random")):
-        table.add_row(label, f"{result[key]['top1_pct']:.1f}", f"{result[key]['top5_pct']:.1f}")
-    out.print(table)
+    render.probe_report(out, result)
 
 
 @app.command()
@@ -390,7 +314,7 @@ def neighbors(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
 ) -> None:
     """Nearest neighbours by context features (hole dropped, Fig. 8), as a PNG grid."""
-    from cectl.features import find_neighbors, neighbor_grid
+    from cectl.neighbors import find_neighbors, neighbor_grid
 
     if k < 1:
         raise BadInput("-k must be at least 1")
@@ -402,13 +326,10 @@ def neighbors(
     output.parent.mkdir(parents=True, exist_ok=True)
     grid.save(output)
     if as_json:
-        print(json.dumps({"grid": str(output), **{key: result[key] for key in (
-            "checkpoint", "step", "layer", "split", "queries")}}, indent=2))
+        render.print_json({"grid": str(output), **{key: result[key] for key in (
+            "checkpoint", "step", "layer", "split", "queries")}})
         return
-    for item in result["queries"]:
-        found = ", ".join(f"{n['key']} ({n['distance']:.3f})" for n in item["neighbors"])
-        out.print(f"{item['query']}: {found}")
-    out.print(f"grid (query with its hole | neighbours): {output}")
+    render.neighbors_report(out, result, str(output))
 
 
 @app.command()
@@ -482,9 +403,7 @@ def main() -> None:
 
 
 def _print_error(message: str) -> None:
-    """The one way errors reach the user: credentials in URLs masked, user text kept
-    literal (a run name such as `[/x]` is not rich markup)."""
+    """The one way errors reach the user: credentials in URLs masked."""
     from cectl.storage import mask_userinfo
 
-    err.print(f"[red]error:[/] {escape(mask_userinfo(message))}", highlight=False,
-              soft_wrap=True)
+    render.error(err, mask_userinfo(message))

@@ -95,6 +95,11 @@ def _rate(value: float) -> bool:
     return math.isfinite(value) and value > 0
 
 
+def is_count(value: object) -> bool:
+    """Whether a value read from JSON is a whole number of things: an int (not a bool) >= 0."""
+    return type(value) is int and value >= 0
+
+
 @dataclass
 class ShardConfig:
     layout: Layout = Layout.auto

@@ -24,7 +24,7 @@ processes there share, so the network carries each shard once per machine and ep
 Random crops (and flips) are seeded per sample from its global position, so a sample's
 crop does not depend on the world size either.
 
-Samples come from webdataset's tar reader (`cectl.shard.read_samples`), but the read order
+Samples come from webdataset's tar reader (`cectl.shard_format.read_samples`), but the read order
 is cectl's own: webdataset's shuffles and shard lists keep no state that can be saved and
 restored, so they cannot resume mid-epoch at an exact sample, let alone on another world.
 """
@@ -39,22 +39,18 @@ import itertools
 import json
 import os
 import random
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO
 
-import numpy as np
-import simplejpeg
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cectl.errors import BadInput, CectlError
-from cectl.images import Skip, decode, open_image, resize_shorter
 from cectl.masks import derive_seed
-from cectl.shard import read_manifest, read_samples
+from cectl.pixels import EncodedBatch, decode_batch, encoded_sample, to_batch, train_sample
+from cectl.shard_format import read_samples
 from cectl.storage import Store, open_store
 
 SAMPLE_LOG = "CECTL_SAMPLE_LOG"  # debug: a file each rank appends its batches' sample keys to
@@ -168,174 +164,6 @@ class GlobalOrder:
         return self._shard[2][offset - starts[i]]
 
 
-class Crop(NamedTuple):
-    """Where a training crop comes from: the picture decoded at `decoded` (height, width;
-    a JPEG at 1/2, 1/4 or 1/8 scale when that still covers loadSize), scaled to `height` x
-    `width` (shorter side loadSize), cut at (`x`, `y`), then mirrored left to right if
-    `flip` (p = 0.5, as donkey_folder.lua)."""
-
-    decoded: tuple[int, int]
-    height: int
-    width: int
-    x: int
-    y: int
-    flip: bool
-
-
-def plan_crop(sample: dict, load_size: int, image_size: int, rng: random.Random) -> Crop:
-    """The crop of a sample from its header alone: no pixel is decoded."""
-    side = max(load_size, image_size)
-    if "jpg" in sample:
-        height, width = _jpeg_size(sample)
-    elif "png" in sample:
-        width, height = _png_size(sample)
-    else:
-        raise BadInput(f"{_where(sample)} has no .jpg or .png")
-    if "jpg" in sample and min(width, height) > load_size:
-        # Pillow's `draft` rule: the smallest 1/2, 1/4 or 1/8 scale that still covers it.
-        scale = load_size / min(width, height)
-        fits = min(width // round(width * scale), height // round(height * scale))
-        reduce = next(k for k in (8, 4, 2, 1) if fits >= k)
-        height, width = -(-height // reduce), -(-width // reduce)
-    decoded = (height, width)
-    if min(width, height) != side:  # `resize_shorter`'s arithmetic
-        scale = side / min(width, height)
-        height, width = max(side, round(height * scale)), max(side, round(width * scale))
-    x = rng.randint(0, width - image_size)
-    y = rng.randint(0, height - image_size)
-    return Crop(decoded, height, width, x, y, flip=rng.random() < 0.5)
-
-
-def _where(sample: dict) -> str:
-    return f"sample {sample.get('__key__')} of shard {sample.get('__url__')}"
-
-
-def _jpeg_size(sample: dict) -> tuple[int, int]:
-    try:
-        height, width, _, _ = simplejpeg.decode_jpeg_header(sample["jpg"])
-    except ValueError as e:
-        raise BadInput(f"{_where(sample)} is not a readable JPEG ({e}): run `cectl verify`"
-                       ) from None
-    return height, width
-
-
-def _png_size(sample: dict) -> tuple[int, int]:
-    try:
-        return open_image(sample["png"]).size  # the header alone
-    except Skip as e:
-        raise BadInput(f"{_where(sample)} is not a usable image ({e}): run `cectl verify`"
-                       ) from None
-
-
-def _png_pixels(sample: dict) -> np.ndarray:
-    try:
-        return np.asarray(decode(sample["png"]).image)
-    except Skip as e:
-        raise BadInput(f"{_where(sample)} is not a usable image ({e}): run `cectl verify`"
-                       ) from None
-
-
-def sample_pixels(sample: dict, decoded: tuple[int, int] | None = None) -> np.ndarray:
-    """A sample's picture as HWC uint8 RGB: whole, or a JPEG at the DCT scale that gives
-    `decoded` (a crop plan's, so the header is not read again).
-
-    Shard JPEGs are RGB and upright (`cectl shard` makes them so), so they skip Pillow's
-    general path: simplejpeg runs the same libjpeg-turbo decoder, same pixels, faster.
-    """
-    if "png" in sample:
-        return _png_pixels(sample)
-    height, width = decoded or (0, 0)  # 0: no reduction asked for
-    try:
-        return simplejpeg.decode_jpeg(sample["jpg"], colorspace="RGB", min_height=height,
-                                      min_width=width)
-    except ValueError as e:
-        raise BadInput(f"{_where(sample)} is not a readable JPEG ({e}): run `cectl verify`"
-                       ) from None
-
-
-def scale_shorter(pixels: np.ndarray, size: int) -> np.ndarray:
-    """Shorter side to `size` (bicubic, as shards are resized); as it is if it already fits."""
-    if min(pixels.shape[:2]) == size:
-        return pixels
-    return np.asarray(resize_shorter(Image.fromarray(pixels), size, upscale=True))
-
-
-def cut(pixels: np.ndarray, crop: Crop, image_size: int) -> np.ndarray:
-    if pixels.shape[:2] != (crop.height, crop.width):
-        pixels = scale_shorter(pixels, min(crop.height, crop.width))
-    pixels = pixels[crop.y : crop.y + image_size, crop.x : crop.x + image_size]
-    return pixels[:, ::-1] if crop.flip else pixels
-
-
-def eval_crop(pixels: np.ndarray, image_size: int) -> np.ndarray:
-    """The whole image, shorter side to fineSize, center crop: deterministic."""
-    pixels = scale_shorter(pixels, image_size)
-    y, x = (pixels.shape[0] - image_size) // 2, (pixels.shape[1] - image_size) // 2
-    return pixels[y : y + image_size, x : x + image_size]
-
-
-def train_sample(sample: dict, load_size: int, image_size: int,
-                 rng: random.Random) -> np.ndarray:
-    """Decode, loadSize, then a random fineSize crop, as the reference code does."""
-    crop = plan_crop(sample, load_size, image_size, rng)
-    return cut(sample_pixels(sample, crop.decoded), crop, image_size)
-
-
-class EncodedBatch(NamedTuple):
-    """A batch as the loader processes leave it for a GPU decoder: bytes and crops."""
-
-    data: list[torch.Tensor]  # encoded JPEG/PNG, uint8
-    jpeg: list[bool]
-    crops: list[Crop]
-
-
-def encoded_sample(sample: dict, load_size: int, image_size: int,
-                   rng: random.Random) -> tuple[torch.Tensor, bool, Crop]:
-    """The sample's bytes and its crop: tar parsing and a header read, no pixel work."""
-    crop = plan_crop(sample, load_size, image_size, rng)
-    data = sample["jpg"] if "jpg" in sample else sample["png"]
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8), "jpg" in sample, crop
-
-
-def decode_batch(batch: EncodedBatch, image_size: int, device: torch.device) -> torch.Tensor:
-    """NCHW uint8 crops on `device`: JPEGs through nvJPEG on a GPU (then a bicubic,
-    antialiased resize on the GPU), else through the loader's own CPU path."""
-    if device.type != "cuda":
-        crops = [cut(sample_pixels({"jpg" if jpeg else "png": data.numpy().tobytes()},
-                                   crop.decoded), crop, image_size)
-                 for data, jpeg, crop in zip(*batch, strict=True)]
-        return to_batch(crops).to(device)
-    from torchvision.io import ImageReadMode, decode_jpeg, decode_png
-
-    jpegs = [data for data, jpeg in zip(batch.data, batch.jpeg, strict=True) if jpeg]
-    decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
-    out = []
-    for data, jpeg, crop in zip(*batch, strict=True):
-        img = next(decoded) if jpeg else decode_png(data, ImageReadMode.RGB).to(device)
-        if img.shape[1:] != (crop.height, crop.width):
-            img = torch.nn.functional.interpolate(
-                img[None].float(), size=(crop.height, crop.width), mode="bicubic",
-                antialias=True)[0].round_().clamp_(0, 255).byte()
-        img = img[:, crop.y : crop.y + image_size, crop.x : crop.x + image_size]
-        out.append(img.flip(-1) if crop.flip else img)
-    return torch.stack(out)
-
-
-def to_batch(arrays: list[np.ndarray]) -> torch.Tensor:
-    """HWC uint8 arrays (views of the decoded pictures) to one NCHW uint8 tensor, in one
-    copy; it becomes float on the device."""
-    height, width, channels = arrays[0].shape
-    batch = np.empty((len(arrays), channels, height, width), dtype=np.uint8)
-    for out, array in zip(batch, arrays, strict=True):
-        out[...] = array.transpose(2, 0, 1)
-    return torch.from_numpy(batch)
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] to float [-1, 1]."""
-    return images.float().div_(127.5).sub_(1.0)
-
-
 class TrainBatches(IterableDataset):
     """One rank's batches, as (images or encoded batch, sample keys); each loader process
     plays every `processes`-th batch from the global position `start` on."""
@@ -446,39 +274,3 @@ class TrainLoader:
         if self.encoded:
             return decode_batch(batch, self.cfg.data.image_size, self.device)
         return batch.to(self.device, non_blocking=True)
-
-
-def split_batches(data_uri: str, split: str, image_size: int,
-                  batch_size: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """A split's images, center-cropped, in manifest order, as uint8 batches with their
-    keys: streamed, never the whole split in memory."""
-    store = open_store(data_uri)
-    manifest = read_manifest(store)
-    if split not in manifest["splits"]:
-        raise BadInput(f"{data_uri} has no {split!r} split (it has "
-                       f"{', '.join(manifest['splits'])})")
-    arrays, keys = [], []
-    for shard in manifest["splits"][split]["shards"]:
-        for sample in read_samples(store, shard["name"]):
-            arrays.append(eval_crop(sample_pixels(sample), image_size))
-            keys.append(sample["__key__"])
-            if len(arrays) == batch_size:
-                yield to_batch(arrays), keys
-                arrays, keys = [], []
-    if arrays:
-        yield to_batch(arrays), keys
-
-
-def load_eval_images(data_uri: str, split: str, image_size: int,
-                     limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
-    """Every image of a split (or the first `limit`), center-cropped, in manifest order."""
-    batch = next(split_batches(data_uri, split, image_size, limit or sys.maxsize), None)
-    if batch is None:
-        raise BadInput(f"the {split!r} split of {data_uri} is empty")
-    return batch
-
-
-def open_manifest(data_uri: str) -> dict:
-    store = open_store(data_uri)
-    store.check()
-    return read_manifest(store)

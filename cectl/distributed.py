@@ -30,11 +30,12 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch import nn
 
-from cectl.checkpoint import Run
 from cectl.data import SAMPLE_LOG
 from cectl.errors import BadInput, Failure
+from cectl.render import TrainProgress
+from cectl.runs import Run
 from cectl.storage import Store, open_store
-from cectl.train import Session, TrainProgress, describe_batch, train
+from cectl.train import Session, describe_batch, train
 
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",

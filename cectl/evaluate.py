@@ -20,18 +20,15 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from rich.table import Table
 from torch import nn
 
-from cectl.data import load_eval_images, split_batches, to_float
 from cectl.masks import Window, check_window, derive_seed, draw_holes, fill_holes, output_window
 from cectl.model import complete
-from cectl.shard import read_manifest
+from cectl.pixels import load_eval_images, split_batches, to_float
+from cectl.shard_format import read_manifest
 from cectl.storage import Store, open_store
 
 EVAL_SEED = 1234  # random masks in evaluation are the same for every checkpoint
-ROWS = (("model", "context encoder"), ("mean_fill", "mean-colour fill"),
-        ("nearest_neighbour", "NN inpainting (model features)"))
 
 
 def hole_metrics(completed: torch.Tensor, truth: torch.Tensor, holes: torch.Tensor,
@@ -127,16 +124,3 @@ def evaluate_checkpoint(ckpt: Store, data_uri: str, split: str = "val",
     if result["mask"] == "center" and split != "train" and "train" in splits:
         result["nearest_neighbour"] = nearest_neighbour(generator, cfg, images, data_uri)
     return {**result, "checkpoint": ckpt.uri, "step": state["step"], "split": split}
-
-
-def score_table(result: dict, title: str) -> Table:
-    """The model's scores next to the baselines', for the terminal."""
-    table = Table(title=title)
-    for column in ("", "mean L1 %", "mean L2 %", "PSNR dB"):
-        table.add_column(column, justify="right")
-    for key, label in ROWS:
-        if key in result:
-            m = result[key]
-            table.add_row(label, f"{m['l1_pct']:.2f}", f"{m['l2_pct']:.2f}",
-                          f"{m['psnr_db']:.2f}")
-    return table

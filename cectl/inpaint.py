@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from cectl.checkpoint import load_generator
-from cectl.data import to_batch, to_float
 from cectl.errors import BadInput
 from cectl.images import Skip, decode, open_image, to_8bit_grey
 from cectl.masks import (
@@ -35,6 +34,7 @@ from cectl.masks import (
     fill_holes,
     output_window,
 )
+from cectl.pixels import to_batch, to_float
 
 KEEP_MODES = ("RGB", "RGBA", "L", "LA")
 

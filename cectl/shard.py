@@ -3,10 +3,8 @@
 The plan is fixed before any work starts: inputs are listed, split, shuffled with the
 seed and cut into chunks of `shard_size`; shard i of a split holds chunk i (minus skipped
 inputs). So every shard can be built independently, by any worker, in any order, and a
-re-run rebuilds exactly the shards that have no finished record.
-
-Shards are written with webdataset's TarWriter and read back with its tar iterator, so
-cectl, `cectl verify` and any WebDataset pipeline agree on what a sample is.
+re-run rebuilds exactly the shards that have no finished record. The format itself (tar
+members, manifest) is `cectl.shard_format`'s.
 """
 
 from __future__ import annotations
@@ -15,40 +13,23 @@ import hashlib
 import json
 import multiprocessing
 import random
-import re
-import tarfile
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from omegaconf import DictConfig
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
 from cectl.errors import BadInput
 from cectl.images import Skip, prepare_sample
+from cectl.render import item_progress, warning
+from cectl.shard_format import FORMAT, MANIFEST, SPLITS, tar_writer
 from cectl.sources import Item, list_items
-from cectl.storage import Store, is_partial, open_store, safe_key
+from cectl.storage import Store, is_partial, open_store
 
-if TYPE_CHECKING:
-    import webdataset as wds
-
-FORMAT = "cectl-shards/1"
-MANIFEST = "manifest.json"
 RECORDS = ".cectl-records"  # one JSON per finished shard: what a re-run may keep
-SPLITS = ("train", "val")
 
 
 @dataclass
@@ -83,40 +64,6 @@ def plan(items: list[Item], params: dict[str, Any]) -> list[ShardTask]:
     return tasks
 
 
-def tar_writer(stream: IO[bytes]) -> wds.TarWriter:
-    """A webdataset TarWriter whose output depends only on the samples written.
-
-    Entries get fixed metadata (mtime 0, mode 0644, no user or group, ids 0) and PAX
-    headers for long or non-ASCII keys; values are written as the bytes given (no encoder).
-    """
-    # Imported here: webdataset pulls in torch, which only the workers that write need.
-    import webdataset as wds
-
-    return wds.TarWriter(stream, encoder=False, mtime=0, mode=0o644, user="", group="",
-                         format="PAX_FORMAT")
-
-
-def tar_samples(stream: IO[bytes], name: str) -> Iterator[dict]:
-    """The samples of one shard, raw bytes by extension, by webdataset's key rule."""
-    import webdataset as wds
-
-    files = ({**member, "__url__": name} for member in wds.tariterators.tar_file_iterator(stream))
-    return wds.tariterators.group_by_keys(files)
-
-
-def read_samples(store: Store, name: str, copy: IO[bytes] | None = None) -> list[dict]:
-    """All samples of one shard (training and evaluation read through this), read from
-    `copy` when given (a copy on this machine)."""
-    try:
-        with copy or store.open(name) as f:
-            return list(tar_samples(f, name))
-    except FileNotFoundError:
-        raise BadInput(f"shard {store.url(name)} is missing: run `cectl verify`") from None
-    except (tarfile.TarError, ValueError) as e:
-        raise BadInput(f"shard {store.url(name)} is not a readable tar ({e}): run "
-                       "`cectl verify`") from None
-
-
 def _read_input(src: Store, key: str) -> bytes:
     try:
         return src.read_bytes(key)
@@ -136,45 +83,52 @@ def _init_worker(queue) -> None:
     _progress_queue = queue
 
 
+class _HashingWriter:
+    """A write-only stream over a file that counts and hashes what passes through it."""
+
+    def __init__(self, raw: IO[bytes]):
+        self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
 def write_shard(src_uri: str, dst_uri: str, task: ShardTask, params: dict[str, Any]) -> dict:
-    """Build one shard in a local temp file, then publish it atomically; returns its record."""
+    """Build one shard and publish it atomically (hashed as it is written); its record."""
     src, dst = open_store(src_uri), open_store(dst_uri)
     skipped, samples = [], 0
-    with tempfile.NamedTemporaryFile(suffix=".tar") as tmp:
-        with tar_writer(tmp) as tar:
-            for item in task.items:
-                try:
-                    data = _read_input(src, item.source)
-                    payload, ext, size = prepare_sample(
-                        data, params["resize"], params["quality"], params["min_size"])
-                except Skip as e:
-                    skipped.append({"path": item.source, "reason": e.reason, "detail": str(e)})
-                else:
-                    meta = {"source": item.source, **size, "label": item.label}
-                    tar.write({"__key__": item.key, ext: payload,
-                               "json": json.dumps(meta, sort_keys=True).encode()})
-                    samples += 1
-                if _progress_queue is not None:
-                    _progress_queue.put(1)
-        tmp.flush()
-        sha, size_bytes = hashlib.sha256(), 0
-        with open(tmp.name, "rb") as f:
-            while block := f.read(2**20):
-                sha.update(block)
-                size_bytes += len(block)
-        dst.put_file(tmp.name, task.name)
-    return {"name": task.name, "samples": samples, "bytes": size_bytes,
-            "sha256": sha.hexdigest(), "fingerprint": task.fingerprint, "skipped": skipped}
+    stream: _HashingWriter | None = None
 
+    def write(path) -> None:
+        nonlocal stream, samples
+        with open(path, "wb") as f:
+            stream = _HashingWriter(f)
+            with tar_writer(stream) as tar:
+                for item in task.items:
+                    try:
+                        data = _read_input(src, item.source)
+                        payload, ext, size = prepare_sample(
+                            data, params["resize"], params["quality"], params["min_size"])
+                    except Skip as e:
+                        skipped.append({"path": item.source, "reason": e.reason,
+                                        "detail": str(e)})
+                    else:
+                        meta = {"source": item.source, **size, "label": item.label}
+                        tar.write({"__key__": item.key, ext: payload,
+                                   "json": json.dumps(meta, sort_keys=True).encode()})
+                        samples += 1
+                    if _progress_queue is not None:
+                        _progress_queue.put(1)
 
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{task.speed or 0:,.0f} img/s", style="progress.data.speed")
-
-
-def make_progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    _RateColumn(), TimeRemainingColumn(), console=console)
+    dst.write_file(task.name, write)
+    return {"name": task.name, "samples": samples, "bytes": stream.size,
+            "sha256": stream.sha.hexdigest(), "fingerprint": task.fingerprint,
+            "skipped": skipped}
 
 
 def _load_records(dst: Store, existing: set[str]) -> dict[str, dict]:
@@ -247,7 +201,7 @@ def run_shard(src_uri: str, dst_uri: str, cfg: DictConfig, console: Console) -> 
     queue = ctx.Queue()
     todo_names = {t.name for t in todo}
     done_images = sum(len(t.items) for t in tasks if t.name not in todo_names)
-    with make_progress(console) as progress, ProcessPoolExecutor(
+    with item_progress(console) as progress, ProcessPoolExecutor(
         max_workers=max(1, min(cfg.workers, len(todo))), mp_context=ctx,
         initializer=_init_worker, initargs=(queue,),
     ) as pool:
@@ -265,7 +219,7 @@ def run_shard(src_uri: str, dst_uri: str, cfg: DictConfig, console: Console) -> 
                     dst.write_bytes(record_key, json.dumps(record, sort_keys=True).encode())
                     records[record["name"]] = record
                     for s in record["skipped"]:
-                        console.print(f"[yellow]skipped[/] {s['path']}: {s['detail']}")
+                        warning(console, "skipped", f"{s['path']}: {s['detail']}")
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -283,60 +237,3 @@ def run_shard(src_uri: str, dst_uri: str, cfg: DictConfig, console: Console) -> 
     return manifest
 
 
-def shard_names(manifest: dict) -> list[tuple[str, dict]]:
-    """(split, shard entry) for every shard of a manifest."""
-    return [(split, s) for split, info in manifest["splits"].items() for s in info["shards"]]
-
-
-def read_manifest(store: Store) -> dict:
-    """DST's manifest, checked as data: the rest of cectl may trust its shape and names."""
-    where = store.url(MANIFEST)
-    if not store.exists(MANIFEST):
-        raise BadInput(f"{where} not found: run `cectl shard` into this location first")
-    try:
-        manifest = json.loads(store.read_bytes(MANIFEST))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadInput(f"{where} is not valid JSON") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BadInput(f"{where} is not a cectl shard manifest")
-    if problem := manifest_problem(manifest):
-        raise BadInput(f"{where} is damaged ({problem}): shard the images again")
-    return manifest
-
-
-SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def _count(value: object) -> bool:
-    return type(value) is int and value >= 0
-
-
-def manifest_problem(manifest: dict) -> str | None:
-    """What makes a manifest unusable, or None: shapes, counts, shard names under DST."""
-    splits, totals = manifest.get("splits"), manifest.get("totals")
-    if not isinstance(splits, dict) or not isinstance(totals, dict):
-        return "splits and totals must be mappings"
-    for split, info in splits.items():
-        if split not in SPLITS:
-            return f"unknown split {split!r}"
-        if not (isinstance(info, dict) and isinstance(info.get("shards"), list)
-                and _count(info.get("samples")) and _count(info.get("bytes"))):
-            return f"split {split} needs a list of shards and sample and byte counts"
-        for shard in info["shards"]:
-            if not (isinstance(shard, dict) and _count(shard.get("samples"))
-                    and _count(shard.get("bytes")) and isinstance(shard.get("sha256"), str)):
-                return f"a {split} shard needs a name, sample and byte counts and a sha256"
-            name = shard.get("name")
-            if not (isinstance(name, str) and name.startswith(f"{split}/") and safe_key(name)):
-                return f"{split} shard name {name!r} is not a path inside {split}/"
-            if not SHA256.fullmatch(shard["sha256"]):  # it names the shard's cached copy
-                return f"{split} shard {name} has a sha256 that is not 64 hex digits"
-        for key in ("samples", "bytes"):
-            if info[key] != sum(shard[key] for shard in info["shards"]):
-                return f"the {split} {key} do not add up"
-    counts = {"samples": sum(info["samples"] for info in splits.values()),
-              "shards": sum(len(info["shards"]) for info in splits.values()),
-              "bytes": sum(info["bytes"] for info in splits.values())}
-    if any(totals.get(key) != value for key, value in counts.items()):
-        return "the totals do not add up"
-    return None

@@ -13,12 +13,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from rich.table import Table
 
-from cectl.checkpoint import Run
 from cectl.config import JobConfig, SweepConfig, load_config, to_yaml, validate_job
 from cectl.distributed import join_cluster
 from cectl.errors import BadInput, Failure
+from cectl.runs import Run, best_device
 from cectl.storage import open_store
 from cectl.train import Session, train
 
@@ -70,7 +69,6 @@ def trial_config(base: dict, params: dict) -> DictConfig:
 
 def _trial(params: dict, base: dict, store: str, sweep: str) -> None:
     """One trial: the training loop, reporting validation metrics to Tune."""
-    import torch
     from ray import tune
 
     name = f"{sweep}-{tune.get_context().get_trial_id()}"
@@ -80,8 +78,7 @@ def _trial(params: dict, base: dict, store: str, sweep: str) -> None:
             tune.report({"step": step, **metrics})
 
     run_store = open_store(store)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train(trial_config(base, params), run_store, name, Session(device=device, on_log=on_log),
+    train(trial_config(base, params), run_store, name, Session(device=best_device(), on_log=on_log),
           resume=bool(Run(run_store, name).steps()))
 
 
@@ -153,14 +150,3 @@ def run_sweep(args: list[str], data: str | None, store_uri: str, samples: int | 
                 "best": str(output) if output else store.url(f"sweeps/{name}-best.yaml")}
     finally:
         ray.shutdown()
-
-
-def trials_table(result: dict) -> Table:
-    table = Table(title=f"sweep {result['name']}: trials by {result['metric']}")
-    for column in ("trial", *result["space"], "step", result["metric"]):
-        table.add_column(column)
-    for t in result["trials"]:
-        metric = "error" if t["error"] else ("-" if t["metric"] is None else f"{t['metric']:.4f}")
-        table.add_row(t["trial"], *(f"{v:.4g}" for v in t["params"].values()),
-                      str(t["step"] or "-"), metric)
-    return table

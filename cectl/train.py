@@ -24,22 +24,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 from PIL import Image
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from cectl.checkpoint import Checkpointer, Run
+from cectl.checkpoint import Checkpointer
 from cectl.config import to_yaml
-from cectl.data import (
-    SAMPLE_LOG,
-    TrainLoader,
-    batch_shares,
-    debug_log,
-    gpu_decoding,
-    load_eval_images,
-    open_manifest,
-    to_float,
-)
+from cectl.data import SAMPLE_LOG, TrainLoader, batch_shares, debug_log, gpu_decoding
 from cectl.evaluate import evaluate
 from cectl.losses import adversarial_loss, reconstruction_loss
 from cectl.masks import (
@@ -51,6 +40,9 @@ from cectl.masks import (
     sample_holes,
 )
 from cectl.model import build_models, complete, weights_digest
+from cectl.pixels import load_eval_images, to_float
+from cectl.runs import Run
+from cectl.shard_format import open_manifest
 from cectl.storage import Store
 
 SAMPLE_COLUMNS = 8
@@ -66,37 +58,6 @@ class Session:
     wrap: Callable[[nn.Module], nn.Module] = lambda module: module  # DDP in Ray workers
     on_log: Callable[[int, dict], None] | None = None  # (step, metrics), each log_every
     on_checkpoint: Callable[[int, dict], None] | None = None  # every rank, after a save
-
-
-class TrainProgress:
-    """A live display of step, images/s, losses and ETA, fed with `update(step, metrics)`."""
-
-    def __init__(self, console: Console, total: int):
-        self.progress = Progress(
-            TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-            TextColumn("{task.fields[rate]} img/s  {task.fields[losses]}"),
-            TimeRemainingColumn(), console=console)
-        self.task = self.progress.add_task("train", total=total, rate="-", losses="")
-
-    def __enter__(self) -> TrainProgress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
-
-    def update(self, step: int, metrics: dict) -> None:
-        if "resized_from" in metrics:
-            self.progress.console.print(f"resized from {metrics['resized_from']} to "
-                                        f"{metrics['world']} workers at step {step}")
-        if "resumed" in metrics:
-            self.progress.console.print(f"resuming from step {step}")
-        fields = {}
-        if "images_per_s" in metrics:
-            fields["rate"] = f"{metrics['images_per_s']:,.1f}"
-            fields["losses"] = "  ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()
-                                         if k.startswith("loss_"))
-        self.progress.update(self.task, completed=step, **fields)
 
 
 def autocast(precision: str, device: torch.device):

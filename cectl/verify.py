@@ -14,7 +14,8 @@ from typing import IO
 from rich.console import Console
 
 from cectl.images import MAX_PIXELS, Skip, decode, open_image
-from cectl.shard import make_progress, read_manifest, shard_names, tar_samples
+from cectl.render import item_progress
+from cectl.shard_format import read_manifest, shard_names, tar_samples
 from cectl.storage import Store, open_store
 
 IMAGE_EXTS = ("jpg", "png")
@@ -119,7 +120,7 @@ def run_verify(dst_uri: str, console: Console, threads: int = 4) -> dict[str, li
     manifest = read_manifest(store)
     entries = [entry for _, entry in shard_names(manifest)]
     bad = {}
-    with make_progress(console) as progress, ThreadPoolExecutor(threads) as pool:
+    with item_progress(console) as progress, ThreadPoolExecutor(threads) as pool:
         bar = progress.add_task("verifying", total=manifest["totals"]["samples"])
         for entry, problems in zip(entries, pool.map(lambda e: check_shard(store, e), entries),
                                    strict=True):

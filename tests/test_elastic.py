@@ -24,15 +24,9 @@ from helpers import (
     tiny_job,
 )
 
-from cectl.data import (
-    SAMPLE_LOG,
-    GlobalOrder,
-    TrainLoader,
-    open_manifest,
-    read_samples,
-    train_shards,
-)
+from cectl.data import SAMPLE_LOG, GlobalOrder, TrainLoader, train_shards
 from cectl.errors import BadInput
+from cectl.shard_format import open_manifest, read_samples
 from cectl.storage import open_store
 
 

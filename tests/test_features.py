@@ -114,7 +114,7 @@ def test_export_folds_batchnorm_so_a_plain_alexnet_gives_the_same_features(alexn
 
 
 def test_folding_keeps_pool_free_alexnet_features_under_strong_batchnorm_statistics():
-    from cectl.features import feature_stack, layer_outputs
+    from cectl.encoder import feature_stack, layer_outputs
     from cectl.model import AlexNetGenerator
 
     torch.manual_seed(0)
@@ -187,7 +187,7 @@ def test_neighbors_finds_the_query_itself_first(tmp_path, tiny_checkpoint):
 
 
 def test_shard_label_from_folder_labels_by_top_level_folder(tmp_path):
-    from cectl.data import read_samples
+    from cectl.shard_format import read_samples
     from cectl.storage import open_store
 
     for kind in ("cats", "dogs"):

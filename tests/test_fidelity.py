@@ -14,19 +14,14 @@ from helpers import tiny_job
 from PIL import Image
 
 from cectl.checkpoint import load_generator
-from cectl.data import (
-    TrainLoader,
-    load_eval_images,
-    open_manifest,
-    to_batch,
-    to_float,
-    train_sample,
-)
+from cectl.data import TrainLoader
 from cectl.evaluate import evaluate_checkpoint, nearest_neighbour
 from cectl.inpaint import inpaint
 from cectl.losses import reconstruction_loss
 from cectl.masks import derive_seed, draw_holes, fill_holes, loss_weights, output_window
 from cectl.model import build_models
+from cectl.pixels import load_eval_images, to_batch, to_float, train_sample
+from cectl.shard_format import open_manifest
 from cectl.storage import open_store
 from cectl.train import describe_batch, train
 

@@ -87,7 +87,7 @@ def test_bad_bytes_are_skipped_with_a_reason(data, reason):
 def test_the_loader_decodes_shard_jpegs_to_the_same_pixels_as_pillow(size, load_size):
     import random
 
-    from cectl.data import plan_crop, sample_pixels
+    from cectl.pixels import plan_crop, sample_pixels
 
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
@@ -103,8 +103,8 @@ def test_the_loader_decodes_shard_jpegs_to_the_same_pixels_as_pillow(size, load_
 def test_training_crops_are_those_of_a_plain_pillow_pipeline_with_flips(size):
     import random
 
-    from cectl.data import train_sample
     from cectl.images import resize_shorter
+    from cectl.pixels import train_sample
 
     rng = np.random.default_rng(1)
     noise = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)

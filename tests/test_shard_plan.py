@@ -12,15 +12,8 @@ import pytest
 from PIL import Image
 
 from cectl.config import ShardConfig, load_config
-from cectl.shard import (
-    RECORDS,
-    _load_records,
-    build_manifest,
-    plan,
-    read_samples,
-    recipe_params,
-    write_shard,
-)
+from cectl.shard import RECORDS, _load_records, build_manifest, plan, recipe_params, write_shard
+from cectl.shard_format import read_samples
 from cectl.sources import Item
 from cectl.storage import open_store
 

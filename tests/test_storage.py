@@ -7,7 +7,7 @@ import os
 import pytest
 from helpers import FlakyProxy
 
-from cectl import storage
+from cectl import s3
 from cectl.errors import BadInput
 from cectl.storage import open_store
 
@@ -31,14 +31,14 @@ def test_write_read_list_delete(store):
 
 
 def test_large_file_goes_up_in_parts_and_comes_back_whole(store, tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 6 * 2**20)
-    monkeypatch.setattr(storage, "PART_SIZE", 5 * 2**20)
+    monkeypatch.setattr(s3, "MULTIPART_THRESHOLD", 6 * 2**20)
+    monkeypatch.setattr(s3, "PART_SIZE", 5 * 2**20)
     data = os.urandom(13 * 2**20)
     (tmp_path / "big").write_bytes(data)
     store.put_file(tmp_path / "big", "big.bin")
     store.get_file("big.bin", tmp_path / "back")
     assert (tmp_path / "back").read_bytes() == data
-    if isinstance(store, storage.S3Store):  # a multipart ETag ends in the number of parts
+    if isinstance(store, s3.S3Store):  # a multipart ETag ends in the number of parts
         head = store.client.head_object(Bucket=store.bucket, Key=store._key("big.bin"))
         assert head["ETag"].strip('"').endswith("-3")
 
@@ -62,7 +62,7 @@ def test_s3_stream_resumes_when_the_connection_drops(s3_env, bucket, monkeypatch
     open_store(f"s3://{bucket}").write_bytes("blob", data)
     proxy = FlakyProxy(int(s3_env.rsplit(":", 1)[1]))
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-    monkeypatch.setattr(storage, "_clients", {})
+    monkeypatch.setattr(s3, "_clients", {})
     reader = open_store(f"s3://{bucket}").open("blob")
     first = reader.read(2**20)
     proxy.drop_for(0.3)  # mid-body: the reader must reopen at its offset
@@ -75,7 +75,7 @@ def test_s3_stream_resumes_when_the_connection_drops(s3_env, bucket, monkeypatch
 def test_boto_client_and_arrow_filesystem_share_one_configuration(s3_env, bucket, monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "4")
-    monkeypatch.setattr(storage, "_clients", {})
+    monkeypatch.setattr(s3, "_clients", {})
     store = open_store(f"s3://{bucket}/x")
     fs, _ = store.arrow_fs()
     assert store.client.meta.region_name == fs.region == "eu-west-3"

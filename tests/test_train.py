@@ -10,15 +10,11 @@ import torch
 from helpers import tiny_job
 from safetensors.torch import load_file, save_file
 
-from cectl.checkpoint import (
-    FORMATS,
-    Checkpointer,
-    Run,
-    load_checkpoint,
-    restore_tensors,
-)
-from cectl.data import TrainLoader, open_manifest
+from cectl.checkpoint import Checkpointer, load_checkpoint, restore_tensors, write_checkpoint
+from cectl.data import TrainLoader
 from cectl.model import build_models
+from cectl.runs import FORMATS, Run
+from cectl.shard_format import open_manifest
 from cectl.storage import open_store
 from cectl.train import train
 
@@ -108,12 +104,15 @@ def test_loader_resumes_mid_epoch_with_the_same_batches(facade_shards):
     assert not torch.equal(batches[0], batches[1])
 
 
-def test_pruning_keeps_the_last_checkpoints_and_the_best(tmp_path):
+def test_pruning_keeps_the_last_checkpoints_and_the_best_and_no_empty_folders(tmp_path):
     run = Run(open_store(str(tmp_path)), "r")
     for step in range(1, 7):
-        run.save(step, {"x": torch.zeros(1)}, {"step": step, "best_step": 2, "config": {}})
+        state = {"step": step, "best_step": 2, "config": {}}
+        write_checkpoint(run, step, {"x": torch.zeros(1)}, state)
     assert run.steps() == [2, 4, 5, 6]
     assert run.checkpoint("best").uri.endswith("step-000002")
+    folders = sorted(p.name for p in (tmp_path / "runs" / "r" / "checkpoints").iterdir())
+    assert folders == ["step-000002", "step-000004", "step-000005", "step-000006"]
 
 
 def test_a_version_1_checkpoint_restores_the_same_optimizer_state(facade_shards, tmp_path):
@@ -151,8 +150,8 @@ def test_a_version_1_checkpoint_restores_the_same_optimizer_state(facade_shards,
 def test_a_background_save_holds_its_step_while_the_next_step_runs(facade_shards, tmp_path,
                                                                   monkeypatch):
     from cectl import checkpoint
-    from cectl.data import to_float
     from cectl.masks import draw_holes
+    from cectl.pixels import to_float
     from cectl.train import make_optimizer, train_step
 
     copy = checkpoint.Checkpointer._stage

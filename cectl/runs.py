@@ -1,0 +1,257 @@
+"""Runs in a store: their folders, who trains them, their checkpoints' state files.
+
+STORE/runs/RUN/ holds config.yaml, metrics.jsonl, samples/step-NNNNNN.png, tensorboard/
+and checkpoints/step-NNNNNN/{model.safetensors,state.json}; claim.json while a process
+trains the run. The claim is created atomically, so a second training of a run is
+refused; its holder rewrites it every HEARTBEAT_S, and a claim left for STALE_S (or
+whose process is gone from this host) belongs to a dead process and may be taken over.
+
+state.json is a checkpoint's last file: a checkpoint without it is incomplete and
+ignored. It holds everything but tensors (step, data position, config, metrics, best
+step) and is checked as data when read. The tensors are `cectl.checkpoint`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from cectl.config import JobConfig, is_count, load_config
+from cectl.errors import BadInput
+from cectl.storage import Store, check_name
+
+FORMAT = "cectl-checkpoint/2"
+FORMATS = ("cectl-checkpoint/1", FORMAT)  # /1 keyed optimizer states by parameter index
+STEP_DIR = re.compile(r"checkpoints/step-(\d+)/state\.json$")
+KEEP_LAST = 3  # older checkpoints are deleted, except the best one
+CLAIM = "claim.json"  # who is training the run now
+HEARTBEAT_S = 10.0  # the holder rewrites its claim this often
+STALE_S = 60.0  # a claim not rewritten for this long is a dead process's
+
+
+def step_dir(step: int) -> str:
+    return f"checkpoints/step-{step:06d}"
+
+
+def state_bytes(state: dict) -> bytes:
+    """A checkpoint's state.json."""
+    return json.dumps({"format": FORMAT, **state}, indent=2).encode()
+
+
+class Run:
+    """One training run's folder in a store."""
+
+    def __init__(self, store: Store, name: str):
+        self.name = check_name(name, "run name")
+        self.store = store.child(f"runs/{name}")
+
+    def exists(self) -> bool:
+        """Whether the run holds anything but a claim."""
+        return any(key != CLAIM for key in self.store.list())
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints, ascending."""
+        return sorted(int(m.group(1)) for key in self.store.list("checkpoints/")
+                      if (m := STEP_DIR.match(key)))
+
+    def prune(self, keep: int | None) -> None:
+        """Delete all but the last KEEP_LAST checkpoints, and `keep` (the best step)."""
+        for step in self.steps()[:-KEEP_LAST]:
+            if step != keep:
+                for key in self.store.list(f"{step_dir(step)}/"):
+                    self.store.delete(key)
+
+    def summary(self) -> dict:
+        """The run at its latest checkpoint: step reached, workers, resumes and resizes
+        (resumes on another number of workers), last metrics."""
+        state = read_state(self.checkpoint("latest"))
+        lines = (self.store.read_bytes("metrics.jsonl").decode().splitlines()
+                 if self.store.exists("metrics.jsonl") else [])
+        return {"run": self.name, "step": state["step"],
+                "target_steps": state["config"]["train"]["steps"],
+                "workers": state.get("world", 1),
+                "resumes": sum('"resumed"' in line for line in lines),
+                "resizes": sum('"resized_from"' in line for line in lines),
+                "metrics": state.get("metrics", {}), "checkpoints": self.store.url("checkpoints")}
+
+    def claim(self, resume: bool) -> Claim:
+        """Hold the run for this process, or raise BadInput: two trainings of one run would
+        interleave their checkpoints. With `resume`, a dead holder's claim (its process is
+        gone from this host, or its heartbeat stopped) is taken over."""
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+        for _ in range(2):
+            if self.store.create(CLAIM, _claim_bytes(record)):
+                return Claim(self, record)
+            holder = self._holder()
+            if holder is None:
+                continue  # released meanwhile
+            if holder.get("token") == record["token"]:
+                return Claim(self, record)  # our create got through; its reply did not
+            # Without `resume`, only a dead holder's claim on an empty run (it died before
+            # writing anything) is taken over: there is nothing to continue.
+            if _alive(holder) or (not resume and self.exists()):
+                raise BadInput(
+                    f"run {self.name!r} in {self.store.uri} is being trained by process "
+                    f"{holder.get('pid')} on {holder.get('host')}: pick another --name, or "
+                    f"once that process is gone, add --resume (after {STALE_S:.0f} s if it "
+                    "ran on another machine)")
+            self.store.delete(CLAIM)
+        raise BadInput(f"run {self.name!r} was claimed by another process just now: "
+                       "only one training of a run may run at a time")
+
+    def _holder(self) -> dict | None:
+        """The current claim (empty if unreadable: cut short by a crash), or None."""
+        if not self.store.exists(CLAIM):
+            return None
+        try:
+            holder = json.loads(self.store.read_bytes(CLAIM))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def checkpoint(self, which: str = "latest") -> Store:
+        """The store of a checkpoint: latest, best or a step number."""
+        steps = self.steps()
+        if not steps:
+            raise BadInput(f"run {self.name!r} has no checkpoint in {self.store.uri}")
+        if which == "latest":
+            step = steps[-1]
+        elif which == "best":
+            state = read_state(self.store.child(step_dir(steps[-1])))
+            step = state.get("best_step") or steps[-1]
+        elif which.isdigit() and int(which) in steps:
+            step = int(which)
+        else:
+            raise BadInput(f"run {self.name!r} has no checkpoint {which!r}; it has steps "
+                           f"{', '.join(map(str, steps))}, latest and best")
+        return self.store.child(step_dir(step))
+
+
+def _claim_bytes(record: dict) -> bytes:
+    return json.dumps({**record, "heartbeat": time.time()}).encode()
+
+
+def _alive(holder: dict) -> bool:
+    """Whether a claim's holder may still be training."""
+    try:
+        if not time.time() - float(holder.get("heartbeat", 0)) < STALE_S:
+            return False
+    except (TypeError, ValueError):
+        return False
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder.get("pid", 0)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        pass  # someone else's process, or a pid we cannot test: assume it lives
+    return True
+
+
+class Claim:
+    """A process's hold on a run, kept fresh by a heartbeat until `release()`."""
+
+    def __init__(self, run: Run, record: dict):
+        self.run, self.record = run, record
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(Exception):  # a missed beat only ages the claim
+                self.run.store.write_bytes(CLAIM, _claim_bytes(self.record))
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        holder = self.run._holder()
+        if holder and holder.get("token") == self.record["token"]:
+            self.run.store.delete(CLAIM)
+
+
+def read_state(ckpt: Store) -> dict:
+    """A checkpoint's state.json, checked as data; its `config` a checked JobConfig."""
+    where = ckpt.url("state.json")
+    try:
+        state = json.loads(ckpt.read_bytes("state.json"))
+    except FileNotFoundError:
+        raise BadInput(f"{ckpt.uri} is not a checkpoint: state.json is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadInput(f"{where} is corrupt") from None
+    if not isinstance(state, dict) or state.get("format") not in FORMATS:
+        raise BadInput(f"{ckpt.uri} is not a checkpoint this cectl reads (it reads "
+                       f"{', '.join(FORMATS)})")
+    metrics = state.get("metrics", {})
+    best = state.get("best_step")
+    if not (is_count(state.get("step")) and (best is None or is_count(best))
+            and isinstance(state.get("config"), dict) and isinstance(metrics, dict)
+            and all(type(v) in (int, float) for v in metrics.values())):
+        raise BadInput(f"{where} is damaged: it needs step numbers, a config mapping and "
+                       "numeric metrics")
+    state["config"] = load_config(JobConfig, stored=state["config"], source=where)
+    return state
+
+
+def list_runs(store: Store) -> list[str]:
+    return sorted({key.split("/")[1] for key in store.list("runs/") if key.count("/") >= 2})
+
+
+
+def default_run_name(job: str | None) -> str:
+    """JOB-date-time, from the recipe's file name."""
+    return f"{Path(job).stem if job else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def new_run(store: Store, name: str) -> Run:
+    """A run to start under `name`: refused if the store already holds one."""
+    run = Run(store, name)
+    if run.exists():
+        raise BadInput(f"run {name!r} already exists in {store.uri}: add --resume to "
+                       "continue it, or pick another --name")
+    return run
+
+
+def run_to_resume(store: Store, name: str | None) -> Run:
+    """The run `--resume --name NAME` continues: it must have been started."""
+    if not name:
+        raise BadInput("--resume needs --name RUN (see `cectl runs`)")
+    run = Run(store, name)
+    if not run.store.exists("config.yaml"):
+        raise BadInput(f"no run {name!r} in {store.uri} to resume")
+    return run
+
+
+def best_device() -> torch.device:
+    """The GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_summaries(store: Store) -> list[dict]:
+    """Every run's summary; `step` None for a run with no checkpoint yet."""
+    summaries = []
+    for name in list_runs(store):
+        run = Run(store, name)
+        summaries.append(run.summary() if run.steps() else {"run": name, "step": None})
+    return summaries
+
+
+def pull_checkpoint(store: Store, name: str, which: str, dest: Path) -> tuple[str, Path]:
+    """Copy checkpoint `which` (latest, best, a step) of a run to DEST/RUN/step-N."""
+    source = Run(store, name).checkpoint(which)
+    target = dest / name / source.uri.rstrip("/").rsplit("/", 1)[-1]
+    for key in source.list():
+        source.get_file(key, target / key)
+    return source.uri, target

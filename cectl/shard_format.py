@@ -1,0 +1,122 @@
+"""The shard format: WebDataset tars and the manifest that lists them.
+
+A shard store holds `manifest.json` and, per split (`train`, `val`), tar shards named
+`SPLIT/shard-NNNNNN.tar`. A sample is the tar members that share a key: the image
+(`.jpg` or `.png`) and `.json` metadata (source path, stored size, label). Shards are
+written with webdataset's TarWriter and read back with its tar iterator, so cectl and any
+WebDataset pipeline agree on what a sample is. The manifest records every shard's sample
+count, byte size and sha256, and is checked as data before anything trusts it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from collections.abc import Iterator
+from typing import IO, TYPE_CHECKING
+
+from cectl.config import is_count
+from cectl.errors import BadInput
+from cectl.storage import Store, open_store, safe_key
+
+if TYPE_CHECKING:
+    import webdataset as wds
+
+FORMAT = "cectl-shards/1"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def tar_writer(stream: IO[bytes]) -> wds.TarWriter:
+    """A webdataset TarWriter whose output depends only on the samples written.
+
+    Entries get fixed metadata (mtime 0, mode 0644, no user or group, ids 0) and PAX
+    headers for long or non-ASCII keys; values are written as the bytes given (no encoder).
+    """
+    # Imported here: webdataset pulls in torch, which only the workers that write need.
+    import webdataset as wds
+
+    return wds.TarWriter(stream, encoder=False, mtime=0, mode=0o644, user="", group="",
+                         format="PAX_FORMAT")
+
+
+def tar_samples(stream: IO[bytes], name: str) -> Iterator[dict]:
+    """The samples of one shard, raw bytes by extension, by webdataset's key rule."""
+    import webdataset as wds
+
+    files = ({**member, "__url__": name} for member in wds.tariterators.tar_file_iterator(stream))
+    return wds.tariterators.group_by_keys(files)
+
+
+def read_samples(store: Store, name: str, copy: IO[bytes] | None = None) -> list[dict]:
+    """All samples of one shard (training and evaluation read through this), read from
+    `copy` when given (a copy on this machine)."""
+    try:
+        with copy or store.open(name) as f:
+            return list(tar_samples(f, name))
+    except FileNotFoundError:
+        raise BadInput(f"shard {store.url(name)} is missing: run `cectl verify`") from None
+    except (tarfile.TarError, ValueError) as e:
+        raise BadInput(f"shard {store.url(name)} is not a readable tar ({e}): run "
+                       "`cectl verify`") from None
+
+
+def shard_names(manifest: dict) -> list[tuple[str, dict]]:
+    """(split, shard entry) for every shard of a manifest."""
+    return [(split, s) for split, info in manifest["splits"].items() for s in info["shards"]]
+
+
+def read_manifest(store: Store) -> dict:
+    """DST's manifest, checked as data: the rest of cectl may trust its shape and names."""
+    where = store.url(MANIFEST)
+    if not store.exists(MANIFEST):
+        raise BadInput(f"{where} not found: run `cectl shard` into this location first")
+    try:
+        manifest = json.loads(store.read_bytes(MANIFEST))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadInput(f"{where} is not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BadInput(f"{where} is not a cectl shard manifest")
+    if problem := manifest_problem(manifest):
+        raise BadInput(f"{where} is damaged ({problem}): shard the images again")
+    return manifest
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What makes a manifest unusable, or None: shapes, counts, shard names under DST."""
+    splits, totals = manifest.get("splits"), manifest.get("totals")
+    if not isinstance(splits, dict) or not isinstance(totals, dict):
+        return "splits and totals must be mappings"
+    for split, info in splits.items():
+        if split not in SPLITS:
+            return f"unknown split {split!r}"
+        if not (isinstance(info, dict) and isinstance(info.get("shards"), list)
+                and is_count(info.get("samples")) and is_count(info.get("bytes"))):
+            return f"split {split} needs a list of shards and sample and byte counts"
+        for shard in info["shards"]:
+            if not (isinstance(shard, dict) and is_count(shard.get("samples"))
+                    and is_count(shard.get("bytes")) and isinstance(shard.get("sha256"), str)):
+                return f"a {split} shard needs a name, sample and byte counts and a sha256"
+            name = shard.get("name")
+            if not (isinstance(name, str) and name.startswith(f"{split}/") and safe_key(name)):
+                return f"{split} shard name {name!r} is not a path inside {split}/"
+            if not SHA256.fullmatch(shard["sha256"]):  # it names the shard's cached copy
+                return f"{split} shard {name} has a sha256 that is not 64 hex digits"
+        for key in ("samples", "bytes"):
+            if info[key] != sum(shard[key] for shard in info["shards"]):
+                return f"the {split} {key} do not add up"
+    counts = {"samples": sum(info["samples"] for info in splits.values()),
+              "shards": sum(len(info["shards"]) for info in splits.values()),
+              "bytes": sum(info["bytes"] for info in splits.values())}
+    if any(totals.get(key) != value for key, value in counts.items()):
+        return "the totals do not add up"
+    return None
+
+
+def open_manifest(data_uri: str) -> dict:
+    """The checked manifest of the shards at `data_uri`."""
+    store = open_store(data_uri)
+    store.check()
+    return read_manifest(store)
