@@ -183,6 +183,15 @@ def _worker(config: dict) -> None:
     train(cfg, store, config["name"], session, resume=resume)
 
 
+def parse_nodes(text: str) -> tuple[int, int]:
+    """`--nodes N` or `--nodes MIN:MAX` as (min, max)."""
+    low, _, high = text.partition(":")
+    try:
+        return int(low), int(high or low)
+    except ValueError:
+        raise BadInput(f"--nodes {text}: give a number of nodes N or bounds MIN:MAX") from None
+
+
 def train_on_ray(cfg: DictConfig, store: Store, name: str, nodes: tuple[int, int],
                  gpus_per_node: int, cpu: bool, address: str | None, resume: bool,
                  console: Console) -> dict:

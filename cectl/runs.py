@@ -24,8 +24,9 @@ import uuid
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 
-from cectl.config import JobConfig, is_count, load_config
+from cectl.config import JobConfig, is_count, load_config, validate_job
 from cectl.errors import BadInput
 from cectl.storage import Store, check_name
 
@@ -213,6 +214,36 @@ def list_runs(store: Store) -> list[str]:
 def default_run_name(job: str | None) -> str:
     """JOB-date-time, from the recipe's file name."""
     return f"{Path(job).stem if job else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def job_config(args: list[str], data: str | None, run: Run | None = None
+               ) -> tuple[DictConfig, str | None]:
+    """The job config from a recipe (or, to resume, `run`'s stored YAML) and KEY=VALUE
+    arguments, and the recipe named (None without one)."""
+    jobs = [a for a in args if "=" not in a]
+    if len(jobs) > 1 or (jobs and run is not None):
+        raise BadInput(f"unexpected arguments {', '.join(jobs)}: give one JOB.yaml (none "
+                       "with --resume) and KEY=VALUE overrides")
+    job = jobs[0] if jobs else None
+    flags = {"data": {"uri": data}} if data else None
+    stored = source = None
+    if run is not None:
+        stored = run.store.read_bytes("config.yaml").decode(errors="replace")
+        source = run.store.url("config.yaml")
+    cfg = load_config(JobConfig, job, [a for a in args if "=" in a], flags, stored=stored,
+                      source=source or "")
+    return validate_job(cfg), job
+
+
+def start_or_resume(store: Store, args: list[str], data: str | None, name: str | None,
+                    resume: bool) -> tuple[DictConfig, str]:
+    """`cectl train`'s rules: the config and name of a new run (refused if the name is
+    taken), or of the run `--resume --name` continues (its stored config)."""
+    if resume:
+        cfg, _ = job_config(args, data, run_to_resume(store, name))
+        return cfg, name
+    cfg, job = job_config(args, data)
+    return cfg, new_run(store, name or default_run_name(job)).name
 
 
 def new_run(store: Store, name: str) -> Run:

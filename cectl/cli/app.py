@@ -1,0 +1,62 @@
+"""The Typer app, the options several commands share, and the entry point."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from cectl import render
+from cectl.errors import CectlError
+from cectl.render import err
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train Context Encoders at scale: shard, train, sweep, evaluate, inpaint.")
+DEFAULT_STORE = "cectl-store"
+StoreOption = Annotated[str, typer.Option("--store", help="runs live here (path or s3://)")]
+JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
+CheckpointArgument = Annotated[str, typer.Argument(help="checkpoint folder (path or s3://)")]
+GpusOption = Annotated[int, typer.Option(help="workers (GPUs) per node")]
+AddressOption = Annotated[str | None, typer.Option(
+    help="Ray cluster (default: RAY_ADDRESS, else a new local instance)")]
+
+
+def ray_output_to_stderr() -> contextlib.AbstractContextManager:
+    """Ray and Tune print their own messages (tables, lost workers) on stdout: send them to
+    stderr with the progress, so that stdout holds cectl's report alone (JSON with --json)."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
+def run(argv: list[str]) -> int:
+    """Run one command line in this process; its exit code: 0, 1 (a failure), 2 (bad
+    input or usage), 130 (interrupted)."""
+    try:
+        app(args=argv, prog_name="cectl")
+    except SystemExit as e:  # Typer's own exit: help, usage errors
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+    except CectlError as e:
+        _print_error(str(e))
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted: run the same command again to resume")
+        return 130
+    except Exception as e:  # never a bare traceback, unless asked for
+        if os.environ.get("CECTL_DEBUG"):
+            raise
+        _print_error(f"unexpected {type(e).__name__}: {e} (set CECTL_DEBUG=1 for the traceback)")
+        return 1
+    return 0
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))
+
+
+def _print_error(message: str) -> None:
+    """The one way errors reach the user: credentials in URLs masked."""
+    from cectl.storage import mask_userinfo
+
+    render.error(err, mask_userinfo(message))
