@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test test-fast lint bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,14 @@ demo: $(STAMP)
 	$(BIN)/cectl demo --out demo-out
 
 lint: $(STAMP)
-	$(BIN)/ruff check cectl tests bench
+	$(BIN)/ruff check cectl tests bench docs
 
 test: lint
 	$(BIN)/pytest -q
+
+# The fast lane: everything but the tests marked slow (Ray clusters, faults, long runs).
+test-fast: lint
+	$(BIN)/pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/shard.py

@@ -23,11 +23,12 @@ import time
 import torch
 
 from cectl.checkpoint import Checkpointer
-from cectl.config import JobConfig, load_config
+from cectl.config import load_config
 from cectl.masks import derive_seed, draw_holes
 from cectl.model import build_models
-from cectl.pixels import to_float
+from cectl.pixels import to_model_range
 from cectl.runs import Run
+from cectl.schema import JobConfig
 from cectl.storage import open_store
 from cectl.train import make_optimizer, train_step
 
@@ -55,7 +56,7 @@ def main() -> None:
     opt_g = make_optimizer(generator, cfg.optim.lr_d * cfg.optim.lr_ratio, cfg.optim.beta1)
     opt_d = make_optimizer(discriminator, cfg.optim.lr_d, cfg.optim.beta1)
     size = cfg.data.image_size
-    images = to_float(torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8))
+    images = to_model_range(torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8))
     holes = draw_holes(cfg.mask.kind, args.batch, size, cfg.mask.overlap, derive_seed(0))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     checkpointer = Checkpointer(Run(open_store(tempfile.mkdtemp(prefix="cectl-bench-")), "b"),

@@ -25,8 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, os.path.dirname(__file__))
 from train_step import BATCH, batch  # noqa: E402
 
-from cectl.config import JobConfig, load_config  # noqa: E402
+from cectl.config import load_config  # noqa: E402
 from cectl.model import build_models, count_parameters  # noqa: E402
+from cectl.schema import JobConfig  # noqa: E402
 from cectl.train import make_optimizer, train_step  # noqa: E402
 
 

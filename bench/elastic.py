@@ -24,9 +24,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cectl.config import ShardConfig, load_config
+from cectl.config import load_config
 from cectl.data import SAMPLE_LOG
 from cectl.demo import make_facades
+from cectl.schema import ShardConfig
 from cectl.shard import run_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

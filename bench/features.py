@@ -20,10 +20,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cectl.config import JobConfig, ShardConfig, load_config, validate_job
+from cectl.config import load_config, validate_job
 from cectl.demo import make_shapes
 from cectl.probe import run_probe
 from cectl.render import TrainProgress
+from cectl.schema import JobConfig, ShardConfig
 from cectl.shard import run_shard
 from cectl.storage import open_store
 from cectl.train import Session, train

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 from cectl.checkpoint import load_generator
-from cectl.config import JobConfig, load_config, validate_job
+from cectl.config import load_config, validate_job
 from cectl.evaluate import evaluate_checkpoint
 from cectl.masks import derive_seed, draw_holes, fill_holes, output_window
-from cectl.pixels import load_eval_images, to_float
+from cectl.pixels import load_eval_images, to_model_range
+from cectl.schema import JobConfig
 from cectl.storage import open_store
 from cectl.train import train
 
@@ -38,7 +39,7 @@ def heldout_rec_loss(ckpt: str, shards: str) -> float:
     """mean(w x d^2) over the output window, w = 1 in the hole and 10 elsewhere (train.lua)."""
     generator, cfg, _ = load_generator(ckpt)
     images, _ = load_eval_images(shards, "val", cfg.data.image_size)
-    truth = to_float(images)
+    truth = to_model_range(images)
     holes = draw_holes(cfg.mask.kind, len(truth), cfg.data.image_size, cfg.mask.overlap,
                        derive_seed(1234, "fidelity"))
     window = output_window(cfg.data.image_size, cfg.mask.kind)

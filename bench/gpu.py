@@ -45,13 +45,14 @@ from omegaconf import DictConfig  # noqa: E402
 from rich.console import Console  # noqa: E402
 from train_step import baseline_step, reference_layers  # noqa: E402
 
-from cectl.config import JobConfig, ShardConfig, load_config, validate_job  # noqa: E402
+from cectl.config import load_config, validate_job  # noqa: E402
 from cectl.data import TrainLoader  # noqa: E402
 from cectl.demo import facade  # noqa: E402
 from cectl.distributed import ddp_wrapper, local_session  # noqa: E402
-from cectl.masks import derive_seed, draw_holes, sample_holes  # noqa: E402
+from cectl.masks import derive_seed, draw_holes, holes_for_positions  # noqa: E402
 from cectl.model import build_models  # noqa: E402
-from cectl.pixels import to_float  # noqa: E402
+from cectl.pixels import to_model_range  # noqa: E402
+from cectl.schema import JobConfig, ShardConfig  # noqa: E402
 from cectl.shard import run_shard  # noqa: E402
 from cectl.shard_format import open_manifest  # noqa: E402
 from cectl.storage import open_store  # noqa: E402
@@ -118,7 +119,7 @@ def step_rate(cfg, device: torch.device, steps: int, variant: str) -> dict:
                        derive_seed(0, "bench")).to(device)
 
     def one() -> None:
-        x = to_float(images)
+        x = to_model_range(images)
         if variant == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
         if variant == "baseline":
@@ -147,7 +148,7 @@ def flops_per_step(cfg, device: torch.device) -> float:
     g, d, opt_g, opt_d = models(cfg, device, "cectl")
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     n, size = cfg.data.batch_size, cfg.data.image_size
-    images = to_float(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8,
+    images = to_model_range(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8,
                                     device=device))
     holes = draw_holes(cfg.mask.kind, n, size, cfg.mask.overlap, 0).to(device)
     with FlopCounterMode(display=False) as counter:
@@ -177,8 +178,8 @@ def loop_syncs(cfg, device: torch.device, steps: int) -> dict:
     batch = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8).pin_memory()
 
     def one(step: int) -> None:
-        images = to_float(batch.to(device, non_blocking=True))
-        holes = sample_holes(cfg.mask.kind, range(step * n, (step + 1) * n), size,
+        images = to_model_range(batch.to(device, non_blocking=True))
+        holes = holes_for_positions(cfg.mask.kind, range(step * n, (step + 1) * n), size,
                              cfg.mask.overlap, cfg.train.seed)
         train_step(g, d, opt_g, opt_d, images, holes.to(device), cfg, scaler)
 

@@ -25,9 +25,10 @@ from PIL import Image
 from rich.console import Console
 
 from cectl import data
-from cectl.config import JobConfig, ShardConfig, load_config
+from cectl.config import load_config
 from cectl.data import TrainLoader
 from cectl.images import decode, resize_shorter
+from cectl.schema import JobConfig, ShardConfig
 from cectl.shard import run_shard
 from cectl.shard_format import open_manifest, read_manifest, read_samples
 from cectl.storage import open_store

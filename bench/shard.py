@@ -24,7 +24,8 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from cectl.config import ShardConfig, load_config
+from cectl.config import load_config
+from cectl.schema import ShardConfig
 from cectl.shard import run_shard
 
 PARIS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "paris-streetview-eval"

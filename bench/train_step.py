@@ -28,12 +28,13 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from torch import nn
 
-from cectl.config import JobConfig, ShardConfig, load_config
+from cectl.config import load_config
 from cectl.data import TrainLoader
 from cectl.losses import adversarial_loss, reconstruction_loss
 from cectl.masks import derive_seed, draw_holes, fill_holes, loss_weights, output_window
 from cectl.model import build_models
-from cectl.pixels import to_float
+from cectl.pixels import to_model_range
+from cectl.schema import JobConfig, ShardConfig
 from cectl.shard import run_shard
 from cectl.shard_format import open_manifest
 from cectl.train import make_optimizer, train_step
@@ -134,7 +135,7 @@ def paris_images() -> torch.Tensor:
 
         arrays = [np.asarray(Image.open(p).convert("RGB").resize((160, 160), Image.BICUBIC))
                   for p in sorted(PARIS.glob("*.png"))]
-        _PARIS_128.append(to_float(to_batch(arrays)))
+        _PARIS_128.append(to_model_range(to_batch(arrays)))
     return _PARIS_128[0]
 
 
@@ -204,7 +205,7 @@ def loader_rate(cfg, batches: int = 30) -> float:
     next(loader)
     start = time.perf_counter()
     for _ in range(batches):
-        to_float(next(loader))
+        to_model_range(next(loader))
     return BATCH * batches / (time.perf_counter() - start)
 
 

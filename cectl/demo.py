@@ -122,11 +122,12 @@ def plot_curve(points: list[tuple[int, float]], path: Path, title: str) -> None:
 
 def run_demo(out: Path, console: Console, err: Console) -> None:
     """Generate facades, shard, train jobs/demo.yaml, evaluate, inpaint, print the PNGs."""
-    from cectl.config import JobConfig, ShardConfig, load_config, validate_job
+    from cectl.config import load_config, validate_job
     from cectl.evaluate import evaluate_checkpoint
     from cectl.inpaint import inpaint
     from cectl.render import TrainProgress, score_table
     from cectl.runs import Run
+    from cectl.schema import JobConfig, ShardConfig
     from cectl.shard import run_shard
     from cectl.storage import open_store
     from cectl.train import Session, train

@@ -24,7 +24,7 @@ from torch import nn
 
 from cectl.masks import Window, check_window, derive_seed, draw_holes, fill_holes, output_window
 from cectl.model import complete
-from cectl.pixels import load_eval_images, split_batches, to_float
+from cectl.pixels import load_eval_images, split_batches, to_model_range
 from cectl.shard_format import read_manifest
 from cectl.storage import Store, open_store
 
@@ -73,7 +73,7 @@ def evaluate(generator: nn.Module, cfg: DictConfig, images: torch.Tensor, mask_k
     per_image: dict[str, dict[str, list]] = {"model": defaultdict(list),
                                              "mean_fill": defaultdict(list)}
     for start in range(0, len(images), batch_size):
-        truth = to_float(images[start : start + batch_size].to(device))
+        truth = to_model_range(images[start : start + batch_size].to(device))
         holes = eval_holes(mask_kind, len(truth), size, cfg.mask.overlap, start).to(device)
         check_window(holes, window, cfg.mask.kind)
         _, completed = complete(generator, truth, holes, window.offset)
@@ -93,7 +93,7 @@ def nearest_neighbour(generator: nn.Module, cfg: DictConfig, images: torch.Tenso
     holes = eval_holes("center", 1, size, cfg.mask.overlap, 0)
 
     def features(batch: torch.Tensor) -> torch.Tensor:
-        filled = fill_holes(to_float(batch), holes)
+        filled = fill_holes(to_model_range(batch), holes)
         return F.normalize(generator.encoder(filled).flatten(1), dim=1)
 
     queries = torch.cat([features(images[i : i + batch_size])
@@ -105,8 +105,8 @@ def nearest_neighbour(generator: nn.Module, cfg: DictConfig, images: torch.Tenso
         better = score > best
         best[better] = score[better]
         matches[better] = candidates[index[better]]
-    truth = to_float(images)
-    pasted = torch.where(holes, to_float(matches), truth)
+    truth = to_model_range(images)
+    pasted = torch.where(holes, to_model_range(matches), truth)
     metrics = hole_metrics(pasted, truth, holes.expand(len(images), -1, -1, -1), window)
     return summarize({k: [v] for k, v in metrics.items()})
 

@@ -34,7 +34,7 @@ from cectl.masks import (
     fill_holes,
     output_window,
 )
-from cectl.pixels import to_batch, to_float
+from cectl.pixels import to_batch, to_model_range
 
 KEEP_MODES = ("RGB", "RGBA", "L", "LA")
 
@@ -131,7 +131,7 @@ def inpaint(image_path: Path, ckpt: str, mask: str, out_path: Path, seed: int = 
         hole = read_mask(Path(mask), (width, height))
 
     x, y, side = context_square(hole, window, size)
-    net_input = to_float(to_batch([cut_square(np.asarray(rgb), x, y, side, "edge")]))
+    net_input = to_model_range(to_batch([cut_square(np.asarray(rgb), x, y, side, "edge")]))
     square_hole = torch.from_numpy(cut_square(hole, x, y, side, "constant"))[None, None]
     if side != size:
         net_input = F.interpolate(net_input, size=(size, size), mode="bicubic", antialias=True,

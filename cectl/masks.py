@@ -1,6 +1,7 @@
 """Masks (sec. 3.3): which pixels are dropped, and how the loss weighs the prediction.
 
-A hole is a boolean map (True = dropped). Dropped pixels are filled with the dataset mean.
+A hole is a boolean map (True = dropped). Dropped pixels are filled with a fixed colour,
+ImageNet's mean as in the reference code, whatever the data set.
 The generator predicts an output window: the central half of the image for `center`
 masks, the whole image otherwise. As in the authors' train.lua / train_random.lua, the
 reconstruction loss covers the whole window: hole pixels weigh 1 and every other pixel of
@@ -18,8 +19,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from cectl.config import MASK_KINDS
 from cectl.errors import BadInput
+from cectl.schema import MASK_KINDS
 
 KINDS = MASK_KINDS
 # The fill of the reference code (ImageNet means 117, 104, 123 of 255), in [-1, 1].
@@ -92,8 +93,8 @@ def draw_holes(kind: str, n: int, size: int, overlap: int, seed: int) -> torch.T
     return holes
 
 
-def sample_holes(kind: str, positions: range, size: int, overlap: int,
-                 seed: int) -> torch.Tensor:
+def holes_for_positions(kind: str, positions: range, size: int, overlap: int,
+                        seed: int) -> torch.Tensor:
     """The holes of training samples, each drawn from the sample's global position: a
     sample's hole does not depend on the batch, rank or world size it lands in."""
     if kind == "center":

@@ -40,7 +40,7 @@ def _down_channels(layers: int, base: int, width: int) -> list[int]:
 
 
 class DCGANGenerator(nn.Module):
-    """Encoder to a 1x1 bottleneck, decoder to the `out_size` window."""
+    """Encoder to a vector of `bottleneck` units, decoder to the `out_size` window."""
 
     def __init__(self, image_size: int, out_size: int, width: int, bottleneck: int):
         super().__init__()
@@ -51,7 +51,8 @@ class DCGANGenerator(nn.Module):
             layers += [nn.LeakyReLU(0.2, inplace=True)]
             ch_in = ch_out
         # The reference code's 4x4 conv over the 4x4 map (and, below, the 4x4 up-conv from
-        # 1x1) is one matrix multiply; as nn.Linear it runs 5-9x faster on a CPU.
+        # 1x1) is one matrix multiply; as nn.Linear it runs 2-5x faster on a CPU
+        # (BENCHMARKS.md, training step).
         layers += [nn.Flatten(), nn.Linear(ch_in * 16, bottleneck, bias=False),
                    nn.BatchNorm1d(bottleneck), nn.LeakyReLU(0.2, inplace=True)]
         self.encoder = nn.Sequential(*layers)
@@ -146,7 +147,7 @@ class AlexNetGenerator(nn.Module):
         return y
 
 
-def _init_dcgan(module: nn.Module) -> None:
+def _init_weights(module: nn.Module) -> None:
     if isinstance(module, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
         nn.init.normal_(module.weight, 0.0, 0.02)
         if module.bias is not None:
@@ -164,11 +165,11 @@ def build_models(cfg: DictConfig) -> tuple[nn.Module, nn.Module | None]:
                                    cfg.model.bottleneck)
     else:
         generator = AlexNetGenerator(window.size, cfg.model.pool_free)
-    generator.apply(_init_dcgan)
+    generator.apply(_init_weights)
     if cfg.loss.mode != "joint":
         return generator, None
     discriminator = DCGANDiscriminator(window.size, cfg.data.image_size, cfg.model.width)
-    discriminator.apply(_init_dcgan)
+    discriminator.apply(_init_weights)
     return generator, discriminator
 
 

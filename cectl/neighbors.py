@@ -20,7 +20,7 @@ from cectl.encoder import BATCH, layer_outputs, load_encoder, stack_features
 from cectl.errors import BadInput
 from cectl.images import Skip, decode
 from cectl.masks import draw_holes, fill_holes
-from cectl.pixels import eval_crop, split_batches, to_batch, to_float
+from cectl.pixels import eval_crop, split_batches, to_batch, to_model_range
 from cectl.render import item_progress
 from cectl.shard_format import open_manifest
 
@@ -28,7 +28,7 @@ from cectl.shard_format import open_manifest
 def _context_features(stack: nn.Sequential, cfg: DictConfig, crops: list[np.ndarray],
                       layer: str) -> torch.Tensor:
     """Unit-length features of the context: the central hole filled with the mean (Fig. 8)."""
-    images = to_float(to_batch(crops))
+    images = to_model_range(to_batch(crops))
     holes = draw_holes("center", len(images), cfg.data.image_size, cfg.mask.overlap, 0)
     with torch.no_grad():
         features = stack_features(stack, fill_holes(images, holes))[layer]
@@ -79,7 +79,7 @@ def neighbor_grid(result: dict) -> Image.Image:
     columns = 1 + max(len(found) for _, found in rows)
     grid = Image.new("RGB", (columns * (size + 4), len(rows) * (size + 4)), "white")
     for r, (crop, found) in enumerate(rows):
-        query = to_float(to_batch([crop]))
+        query = to_model_range(to_batch([crop]))
         holes = draw_holes("center", 1, size, result["overlap"], 0)
         shown = ((fill_holes(query, holes) + 1) * 127.5).round().clamp(0, 255).byte()
         tiles = [shown[0].permute(1, 2, 0).numpy(), *found]

@@ -117,7 +117,7 @@ def scale_shorter(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(resize_shorter(Image.fromarray(pixels), size, upscale=True))
 
 
-def cut(pixels: np.ndarray, crop: Crop, image_size: int) -> np.ndarray:
+def crop_pixels(pixels: np.ndarray, crop: Crop, image_size: int) -> np.ndarray:
     if pixels.shape[:2] != (crop.height, crop.width):
         pixels = scale_shorter(pixels, min(crop.height, crop.width))
     pixels = pixels[crop.y : crop.y + image_size, crop.x : crop.x + image_size]
@@ -135,7 +135,7 @@ def train_sample(sample: dict, load_size: int, image_size: int,
                  rng: random.Random) -> np.ndarray:
     """Decode, loadSize, then a random fineSize crop, as the reference code does."""
     crop = plan_crop(sample, load_size, image_size, rng)
-    return cut(sample_pixels(sample, crop.decoded), crop, image_size)
+    return crop_pixels(sample_pixels(sample, crop.decoded), crop, image_size)
 
 
 class EncodedBatch(NamedTuple):
@@ -158,7 +158,7 @@ def decode_batch(batch: EncodedBatch, image_size: int, device: torch.device) -> 
     """NCHW uint8 crops on `device`: JPEGs through nvJPEG on a GPU (then a bicubic,
     antialiased resize on the GPU), else through the loader's own CPU path."""
     if device.type != "cuda":
-        crops = [cut(sample_pixels({"jpg" if jpeg else "png": data.numpy().tobytes()},
+        crops = [crop_pixels(sample_pixels({"jpg" if jpeg else "png": data.numpy().tobytes()},
                                    crop.decoded), crop, image_size)
                  for data, jpeg, crop in zip(*batch, strict=True)]
         return to_batch(crops).to(device)
@@ -188,7 +188,7 @@ def to_batch(arrays: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(batch)
 
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] to float [-1, 1]."""
     return images.float().div_(127.5).sub_(1.0)
 

@@ -31,7 +31,7 @@ from cectl.encoder import (
     stack_features,
 )
 from cectl.errors import BadInput, CectlError
-from cectl.pixels import eval_crop, sample_pixels, to_batch, to_float
+from cectl.pixels import eval_crop, sample_pixels, to_batch, to_model_range
 from cectl.render import item_progress
 from cectl.runs import best_device
 from cectl.shard_format import open_manifest, read_samples
@@ -51,7 +51,7 @@ def shard_features(data_uri: str, shard: str, stacks: dict[str, nn.Sequential],
     chunks: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in stacks}
     for start in range(0, len(samples), BATCH):
         batch = samples[start : start + BATCH]
-        images = to_float(to_batch([eval_crop(sample_pixels(s), image_size) for s in batch])
+        images = to_model_range(to_batch([eval_crop(sample_pixels(s), image_size) for s in batch])
                           .to(device))
         for name, stack in stacks.items():
             for layer, value in stack_features(stack.to(device), images).items():

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from cectl.config import JobConfig, is_count, load_config, validate_job
+from cectl.config import load_config, validate_job
 from cectl.errors import BadInput
+from cectl.schema import JobConfig, is_count
 from cectl.storage import Store, check_name
 
 FORMAT = "cectl-checkpoint/2"

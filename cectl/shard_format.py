@@ -16,8 +16,8 @@ import tarfile
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING
 
-from cectl.config import is_count
 from cectl.errors import BadInput
+from cectl.schema import is_count
 from cectl.storage import Store, open_store, safe_key
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 FORMAT = "cectl-shards/1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
+IMAGE_KEYS = ("jpg", "png")  # the member holding a sample's image
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 

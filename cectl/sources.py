@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from cectl.errors import BadInput
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
+INPUT_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 WNID = re.compile(r"n\d{8}")
 UNSAFE = re.compile(r"[^A-Za-z0-9_/-]")
 
@@ -67,7 +67,7 @@ def list_items(
 ) -> tuple[str, list[Item]]:
     """The layout used and the items of SRC (`where`), sorted by source path."""
     images = sorted(p for p in paths if not p.rsplit("/", 1)[-1].startswith(".")
-                    and "." + p.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
+                    and "." + p.rsplit(".", 1)[-1].lower() in INPUT_EXTENSIONS)
     if not images:
         raise BadInput(f"no image files found in {where}: give the folder that holds the images")
     if layout == "auto":

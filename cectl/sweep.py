@@ -10,37 +10,63 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from cectl.config import JobConfig, SweepConfig, load_config, to_yaml, validate_job
+from cectl.config import load_config, to_yaml, validate_job
 from cectl.distributed import join_cluster
 from cectl.errors import BadInput, Failure
 from cectl.runs import Run, best_device
+from cectl.schema import JobConfig, SweepConfig
 from cectl.storage import open_store
 from cectl.train import Session, train
 
 DISTRIBUTION = re.compile(r"^\s*(uniform|loguniform|randint|choice)\((.*)\)\s*$")
 
 
-def parse_space(space: dict[str, str]) -> dict:
-    """'uniform(1, 30)' and friends to Tune search-space objects."""
-    from ray import tune
+class Dimension(NamedTuple):
+    """One searched key: `kind(args)`, kind one of uniform, loguniform, randint, choice."""
 
-    parsed = {}
-    for key, text in space.items():
-        match = DISTRIBUTION.match(str(text))
-        if not match:
-            raise BadInput(f"search space {key}: {text!r} is not uniform(a, b), "
-                           "loguniform(a, b), randint(a, b) or choice(a, b, ...)")
-        kind, args = match.group(1), [OmegaConf.create(f"v: {a.strip()}").v
-                                      for a in match.group(2).split(",")]
-        parsed[key] = tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
-    return parsed
+    kind: str
+    args: list
+
+    def to_tune(self):
+        from ray import tune
+
+        return tune.choice(self.args) if self.kind == "choice" else getattr(tune, self.kind)(
+            *self.args)
 
 
-def split_arguments(args: list[str]) -> tuple[str | None, list[str], list[str], dict[str, str]]:
+def parse_dimension(key: str, text: str) -> Dimension | None:
+    """`uniform(1, 30)` and friends as a Dimension; None for a plain value. Values are
+    numbers or words; `${...}` interpolations are refused, never resolved (they could
+    read the environment into trial names)."""
+    match = DISTRIBUTION.match(str(text))
+    if not match:
+        return None
+    if "${" in match.group(2):
+        raise BadInput(f"search space {key}: {text!r} holds a ${{...}} interpolation: give "
+                       "plain values")
+    args = [_scalar(a) for a in match.group(2).split(",")]
+    if "" in args:
+        raise BadInput(f"search space {key}: {text!r} has an empty value")
+    return Dimension(match.group(1), args)
+
+
+def _scalar(text: str) -> int | float | str:
+    text = text.strip()
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip("'\"")
+
+
+def split_arguments(args: list[str]) -> tuple[str | None, list[str], list[str],
+                                              dict[str, Dimension]]:
     """(sweep recipe, sweep overrides such as samples=8, job overrides such as
     train.steps=500, search dimensions such as optim.beta1=uniform(0.3, 0.9))."""
     recipes = [a for a in args if "=" not in a]
@@ -52,11 +78,22 @@ def split_arguments(args: list[str]) -> tuple[str | None, list[str], list[str], 
         key, value = item.split("=", 1)
         if key in sweep_keys:
             own.append(item)
-        elif DISTRIBUTION.match(value):
-            searched[key] = value
+        elif dimension := parse_dimension(key, value):
+            searched[key] = dimension
         else:
             fixed.append(item)
     return (recipes[0] if recipes else None), own, fixed, searched
+
+
+def recipe_space(space: dict[str, str]) -> dict[str, Dimension]:
+    """The `space` of a sweep recipe, every entry a distribution."""
+    parsed = {}
+    for key, text in space.items():
+        if (dimension := parse_dimension(key, text)) is None:
+            raise BadInput(f"search space {key}: {text!r} is not uniform(a, b), "
+                           "loguniform(a, b), randint(a, b) or choice(a, b, ...)")
+        parsed[key] = dimension
+    return parsed
 
 
 def trial_config(base: dict, params: dict) -> DictConfig:
@@ -95,7 +132,7 @@ def run_sweep(args: list[str], data: str | None, store_uri: str, samples: int | 
                            {"data": {"uri": data}} if data else None)
     validate_job(base_cfg)
     base = OmegaConf.to_container(base_cfg)
-    space = parse_space({**sweep.space, **searched})
+    space = {key: d.to_tune() for key, d in {**recipe_space(sweep.space), **searched}.items()}
     if not space:
         raise BadInput("nothing to search: give a space in the sweep recipe or KEY=dist(...)")
 

@@ -35,12 +35,12 @@ from cectl.masks import (
     derive_seed,
     draw_holes,
     fill_holes,
+    holes_for_positions,
     loss_weights,
     output_window,
-    sample_holes,
 )
 from cectl.model import build_models, complete, weights_digest
-from cectl.pixels import load_eval_images, to_float
+from cectl.pixels import load_eval_images, to_model_range
 from cectl.runs import Run
 from cectl.shard_format import open_manifest
 from cectl.storage import Store
@@ -144,7 +144,7 @@ class Validator:
         generator.eval()
         try:
             result = evaluate(generator, cfg, self.images, cfg.mask.kind, device=self.device)
-            truth = to_float(self.images[:SAMPLE_COLUMNS].to(self.device))
+            truth = to_model_range(self.images[:SAMPLE_COLUMNS].to(self.device))
             holes = draw_holes(cfg.mask.kind, len(truth), cfg.data.image_size,
                                cfg.mask.overlap, derive_seed(cfg.train.seed, "grid"))
             holes = holes.to(self.device)
@@ -270,8 +270,8 @@ def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | 
 
     metrics: dict[str, float] = {}
     for step in range(start + 1, cfg.train.steps + 1):
-        images = to_float(next(loader))
-        holes = sample_holes(cfg.mask.kind, loader.positions, cfg.data.image_size,
+        images = to_model_range(next(loader))
+        holes = holes_for_positions(cfg.mask.kind, loader.positions, cfg.data.image_size,
                              cfg.mask.overlap, cfg.train.seed)
         losses = train_step(g_train, d_train, opt_g, opt_d, images, holes.to(device), cfg, scaler)
         if logger.should_log(step):

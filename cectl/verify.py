@@ -15,10 +15,8 @@ from rich.console import Console
 
 from cectl.images import MAX_PIXELS, Skip, decode, open_image
 from cectl.render import item_progress
-from cectl.shard_format import read_manifest, shard_names, tar_samples
+from cectl.shard_format import IMAGE_KEYS, read_manifest, shard_names, tar_samples
 from cectl.storage import Store, open_store
-
-IMAGE_EXTS = ("jpg", "png")
 
 
 class _HashingReader:
@@ -77,7 +75,7 @@ def _pixels(data: bytes) -> int:
 
 def _sample_problem(sample: dict) -> str | None:
     """What is wrong with one sample read from a shard, if anything."""
-    images = [ext for ext in IMAGE_EXTS if ext in sample]
+    images = [ext for ext in IMAGE_KEYS if ext in sample]
     if not images or "json" not in sample:
         return f"sample {sample['__key__']} lacks an image or its .json"
     data = sample[images[0]]

@@ -60,8 +60,9 @@ def facade_shards(tmp_path_factory) -> str:
     """Generated facade images, sharded to local disk with a val split (session-wide)."""
     from rich.console import Console
 
-    from cectl.config import ShardConfig, load_config
+    from cectl.config import load_config
     from cectl.demo import make_facades
+    from cectl.schema import ShardConfig
     from cectl.shard import run_shard
 
     root = tmp_path_factory.mktemp("facades")

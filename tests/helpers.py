@@ -162,7 +162,8 @@ TINY = ["model.width=8", "model.bottleneck=32", "data.image_size=32", "data.load
 
 def tiny_job(data_uri: str, *overrides: str):
     """A job config small enough to train in a second or two on a CPU."""
-    from cectl.config import JobConfig, load_config, validate_job
+    from cectl.config import load_config, validate_job
+    from cectl.schema import JobConfig
 
     return validate_job(load_config(JobConfig, overrides=[*TINY, *overrides],
                                     flags={"data": {"uri": data_uri}}))

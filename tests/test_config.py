@@ -7,17 +7,9 @@ from pathlib import Path
 import pytest
 
 import cectl
-from cectl.config import (
-    RECIPES,
-    JobConfig,
-    MaskKind,
-    ShardConfig,
-    SweepConfig,
-    find_recipe,
-    load_config,
-    to_yaml,
-)
+from cectl.config import RECIPES, find_recipe, load_config, to_yaml
 from cectl.errors import BadInput
+from cectl.schema import JobConfig, MaskKind, ShardConfig, SweepConfig
 
 SECRET = "supersecretvalue123"
 

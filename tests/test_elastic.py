@@ -84,18 +84,18 @@ def test_a_sample_gets_the_same_crop_whatever_the_world(facade_shards):
 
 @pytest.mark.parametrize("kind", ["random-block", "random-region"])
 def test_a_sample_gets_the_same_hole_whatever_the_world(facade_shards, kind):
-    from cectl.masks import sample_holes
+    from cectl.masks import holes_for_positions
 
     manifest = open_manifest(facade_shards)
     cfg = tiny_job(facade_shards, "data.batch_policy=global", "data.batch_size=16")
     alone = TrainLoader(facade_shards, manifest, cfg, 0, 1)
     next(alone)
-    whole = sample_holes(kind, alone.positions, 32, 2, 0)
+    whole = holes_for_positions(kind, alone.positions, 32, 2, 0)
     parts = []
     for rank in range(3):
         loader = TrainLoader(facade_shards, manifest, cfg, rank, 3)
         next(loader)
-        parts.append(sample_holes(kind, loader.positions, 32, 2, 0))
+        parts.append(holes_for_positions(kind, loader.positions, 32, 2, 0))
     assert torch.equal(torch.cat(parts), whole)
     assert not torch.equal(whole[0], whole[1])
 

@@ -20,7 +20,7 @@ from cectl.inpaint import inpaint
 from cectl.losses import reconstruction_loss
 from cectl.masks import derive_seed, draw_holes, fill_holes, loss_weights, output_window
 from cectl.model import build_models
-from cectl.pixels import load_eval_images, to_batch, to_float, train_sample
+from cectl.pixels import load_eval_images, to_batch, to_model_range, train_sample
 from cectl.shard_format import open_manifest
 from cectl.storage import open_store
 from cectl.train import describe_batch, train
@@ -138,7 +138,7 @@ def test_inpaint_at_the_network_size_is_the_hard_paste_of_test_lua(checkpoint_12
     image.save(tmp_path / "in.png")
     inpaint(tmp_path / "in.png", checkpoint_128, "center", tmp_path / "out.png")
     generator, cfg, _ = load_generator(checkpoint_128)
-    truth = to_float(to_batch([np.asarray(image)]))
+    truth = to_model_range(to_batch([np.asarray(image)]))
     holes = draw_holes("center", 1, 128, cfg.mask.overlap, 0)
     with torch.no_grad():
         pred = generator(fill_holes(truth, holes))

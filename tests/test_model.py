@@ -7,8 +7,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from cectl.config import JobConfig
 from cectl.model import ChannelWiseFC, build_models, count_parameters
+from cectl.schema import JobConfig
 
 
 def job(**overrides):

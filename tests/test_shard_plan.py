@@ -11,7 +11,8 @@ from dataclasses import replace
 import pytest
 from PIL import Image
 
-from cectl.config import ShardConfig, load_config
+from cectl.config import load_config
+from cectl.schema import ShardConfig
 from cectl.shard import RECORDS, _load_records, build_manifest, plan, recipe_params, write_shard
 from cectl.shard_format import read_samples
 from cectl.sources import Item

@@ -151,7 +151,7 @@ def test_a_background_save_holds_its_step_while_the_next_step_runs(facade_shards
                                                                   monkeypatch):
     from cectl import checkpoint
     from cectl.masks import draw_holes
-    from cectl.pixels import to_float
+    from cectl.pixels import to_model_range
     from cectl.train import make_optimizer, train_step
 
     copy = checkpoint.Checkpointer._stage
@@ -168,7 +168,7 @@ def test_a_background_save_holds_its_step_while_the_next_step_runs(facade_shards
     loader = TrainLoader(facade_shards, open_manifest(facade_shards), cfg, 0, 1)
     checkpointer = Checkpointer(Run(open_store(str(tmp_path)), "bg"), cfg, modules,
                                 optimizers, loader)
-    images = to_float(next(loader))
+    images = to_model_range(next(loader))
     holes = draw_holes("center", len(images), 32, 2, 0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 

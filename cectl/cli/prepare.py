@@ -8,9 +8,10 @@ import typer
 
 from cectl import render
 from cectl.cli.app import app
-from cectl.config import ShardConfig, load_config
+from cectl.config import load_config
 from cectl.errors import CectlError
 from cectl.render import err, out
+from cectl.schema import ShardConfig
 
 
 @app.command()
