@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from cectl.errors import BadInput, Failure
+from cectl.render import status
 
 
 def ray_cli(*args: str) -> None:
@@ -48,7 +49,7 @@ def run_local_cluster(nodes: int, cpus: int, out: Console, err: Console,
         return
     from ray.cluster_utils import Cluster
 
-    with err.status(f"starting a local Ray cluster of {nodes} nodes"):
+    with status(err, f"starting a local Ray cluster of {nodes} nodes"):
         node = {"num_cpus": cpus, "node_ip_address": "127.0.0.1"}
         cluster = Cluster(initialize_head=True,
                           head_node_args={**node, "_system_config": FAST_NODE_DEATH})
@@ -87,7 +88,7 @@ def _join(address: str, nodes: int, cpus: int, err: Console) -> None:
                        f"(127.0.0.1:PORT), not {address}")
     started = []
     try:
-        with err.status(f"starting {nodes} nodes for {address}"):
+        with status(err, f"starting {nodes} nodes for {address}"):
             for _ in range(nodes):
                 params = RayParams(gcs_address=address, num_cpus=cpus, num_gpus=0,
                                    node_ip_address="127.0.0.1", node_manager_port=0,

@@ -32,7 +32,7 @@ from cectl.encoder import (
 )
 from cectl.errors import BadInput, CectlError
 from cectl.pixels import eval_crop, sample_pixels, to_batch, to_model_range
-from cectl.render import item_progress
+from cectl.render import item_progress, status
 from cectl.runs import best_device
 from cectl.shard_format import open_manifest, read_samples
 from cectl.storage import open_store
@@ -250,7 +250,7 @@ def run_probe(ckpt_uri: str, data_uri: str, layer: str | None, epochs: int, cach
     labels = {s: np.array([index.get(x, -1) for x in m["labels"]]) for s, m in meta.items()}
     scores, dims = {}, 0
     for name in stacks:
-        with console.status(f"training the linear probe on the {name} encoder's {layer}"):
+        with status(console, f"training the linear probe on the {name} encoder's {layer}"):
             x = {s: np.load(f[name] / f"{layer}.npy", mmap_mode="r")
                  for s, f in split_data.items()}
             dims = x["train"].shape[1]

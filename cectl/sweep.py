@@ -18,6 +18,7 @@ from rich.console import Console
 from cectl.config import load_config, to_yaml, validate_job
 from cectl.distributed import join_cluster
 from cectl.errors import BadInput, Failure
+from cectl.render import status
 from cectl.runs import Run, best_device
 from cectl.schema import JobConfig, SweepConfig
 from cectl.storage import open_store
@@ -163,7 +164,7 @@ def run_sweep(args: list[str], data: str | None, store_uri: str, samples: int | 
                                             scheduler=scheduler, num_samples=sweep.samples),
                 run_config=tune.RunConfig(name=name, storage_path=f"{root}/sweeps",
                                           storage_filesystem=fs, verbose=0))
-        with console.status(f"sweep {name}: {sweep.samples} trials over "
+        with status(console, f"sweep {name}: {sweep.samples} trials over "
                             f"{', '.join(space)}"):
             grid = tuner.fit()
         trials = []
