@@ -107,7 +107,7 @@ def test_loader_resumes_mid_epoch_with_the_same_batches(facade_shards):
 def test_pruning_keeps_the_last_checkpoints_and_the_best_and_no_empty_folders(tmp_path):
     run = Run(open_store(str(tmp_path)), "r")
     for step in range(1, 7):
-        state = {"step": step, "best_step": 2, "config": {}}
+        state = {"step": step, "best_step": 2, "config": {}, "data_position": {"samples": 0}}
         write_checkpoint(run, step, {"x": torch.zeros(1)}, state)
     assert run.steps() == [2, 4, 5, 6]
     assert run.checkpoint("best").uri.endswith("step-000002")

@@ -4,18 +4,29 @@ sentence (exit 2 for bad input, 1 for a failure) and writes nothing where it sho
 
 from __future__ import annotations
 
+import json
+import resource
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-from helpers import cectl
+import pytest
+import torch
+from helpers import cectl, tiny_job
+from safetensors.torch import load_file, save_file
 
+from cectl.checkpoint import load_generator
 from cectl.cli.app import run
+from cectl.errors import BadInput
+from cectl.storage import open_store
 
 
 def one_sentence(text: str) -> bool:
-    """Whether stderr holds a single error line and no traceback."""
+    """Whether stderr ends in a single error line (after any progress) with no traceback."""
     lines = [line for line in text.splitlines() if line.strip()]
-    return len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in text
+    return (bool(lines) and lines[-1].startswith("error:") and "Traceback" not in text
+            and sum(line.startswith("error:") for line in lines) == 1)
 
 
 # 7. User text on the terminal is printed literally, by every command that prints it.
@@ -72,3 +83,129 @@ def test_a_folder_given_as_a_query_image_is_named_as_a_folder(tiny_checkpoint, t
         assert result.returncode == 2 and one_sentence(result.stderr), result.stderr
         assert "is a folder, not an image" in result.stderr
         assert "does not exist" not in result.stderr
+
+
+# 6, 9, 13. Checkpoint tensors are checked against what they load into, before anything
+# is built on them.
+
+def copy_run(tiny_checkpoint: str, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the tiny run's store; (store, its latest checkpoint folder)."""
+    store = tmp_path / "store"
+    shutil.copytree(Path(tiny_checkpoint).parents[3], store)
+    return store, store / "runs" / "tiny" / "checkpoints" / "step-000004"
+
+
+def edit_tensors(ckpt: Path, edit) -> None:
+    tensors = load_file(ckpt / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, ckpt / "model.safetensors")
+
+
+def edit_state(ckpt: Path, edit) -> None:
+    state = json.loads((ckpt / "state.json").read_text())
+    edit(state)
+    (ckpt / "state.json").write_text(json.dumps(state))
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+EXP_AVG_SQ = "optim.G.state.encoder.0.weight.exp_avg_sq"
+
+
+def test_a_wrong_shape_optimizer_state_is_refused_before_adam_runs(tiny_checkpoint, tmp_path):
+    store, ckpt = copy_run(tiny_checkpoint, tmp_path)
+    edit_tensors(ckpt, lambda t: t.update({EXP_AVG_SQ: torch.ones(2)}))
+    before = files_of(store)
+    result = cectl("train", "train.steps=6", "--store", store, "--name", "tiny", "--resume")
+    assert result.returncode == 2 and one_sentence(result.stderr), result.stderr
+    assert EXP_AVG_SQ in result.stderr and "shape [2]" in result.stderr
+    assert files_of(store) == before
+
+
+@pytest.mark.parametrize(("case", "edit", "message"), [
+    ("int8-optimizer", lambda t: t.update({EXP_AVG_SQ: t[EXP_AVG_SQ].to(torch.int8)}),
+     "torch.int8"),
+    ("float-rng", lambda t: t.update({"rng.torch": t["rng.torch"].float()}), "rng.torch"),
+    ("negative-variance", lambda t: t.update({EXP_AVG_SQ: -t[EXP_AVG_SQ] - 1}), "negative"),
+    ("nan-weight", lambda t: t["G.encoder.0.weight"].fill_(float("nan")), "NaN"),
+    ("missing-state", lambda t: t.pop(EXP_AVG_SQ), "is missing"),
+    ("stray-tensor", lambda t: t.update({"optim.D.state.extra": torch.ones(1)}), "extra"),
+])
+def test_crafted_checkpoint_tensors_are_refused_on_resume(case, edit, message, facade_shards,
+                                                          tiny_checkpoint, tmp_path):
+    from cectl.train import train
+
+    store, ckpt = copy_run(tiny_checkpoint, tmp_path)
+    edit_tensors(ckpt, edit)
+    before = files_of(store)
+    with pytest.raises(BadInput, match=message) as caught:
+        train(tiny_job(facade_shards, "train.steps=6"), open_store(str(store)), "tiny",
+              resume=True)
+    assert len(str(caught.value).splitlines()) == 1
+    assert files_of(store) == before
+
+
+def test_a_version_1_checkpoint_naming_a_parameter_out_of_range_is_refused(
+        facade_shards, tiny_checkpoint, tmp_path):
+    from cectl.train import train
+
+    store, ckpt = copy_run(tiny_checkpoint, tmp_path)
+    edit_state(ckpt, lambda s: s.update(format="cectl-checkpoint/1"))
+
+    def to_v1(tensors: dict) -> None:  # /1 keyed optimizer states by parameter index
+        tensors["optim.G.999.exp_avg"] = tensors.pop("optim.G.state.encoder.0.weight.exp_avg")
+
+    edit_tensors(ckpt, to_v1)
+    with pytest.raises(BadInput, match="parameter 999 of G"):
+        train(tiny_job(facade_shards, "train.steps=6"), open_store(str(store)), "tiny",
+              resume=True)
+
+
+def test_nan_weights_are_refused_and_eval_json_is_strict(facade_shards, tiny_checkpoint,
+                                                         tmp_path):
+    def strict(text: str) -> dict:
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+
+    good = cectl("eval", tiny_checkpoint, "--data", facade_shards, "--json")
+    assert good.returncode == 0, good.stderr
+    assert strict(good.stdout)["model"]["psnr_db"] > 0
+    _, ckpt = copy_run(tiny_checkpoint, tmp_path)
+    edit_tensors(ckpt, lambda t: t["G.decoder.0.weight"].view(-1)[0].fill_(float("nan")))
+    bad = cectl("eval", ckpt, "--data", facade_shards, "--json")
+    assert bad.returncode == 2 and one_sentence(bad.stderr), bad.stderr
+    assert "G.decoder.0.weight holds NaN" in bad.stderr and bad.stdout == ""
+
+
+def test_a_small_state_file_cannot_ask_for_a_huge_network(tiny_checkpoint, tmp_path):
+    """1 KB of state.json asking for a 15 GiB generator: refused before it is built (the
+    subprocess may use 4 GiB of address space)."""
+    _, ckpt = copy_run(tiny_checkpoint, tmp_path)
+    edit_state(ckpt, lambda s: s["config"].update(
+        model={**s["config"]["model"], "width": 512, "bottleneck": 16384},
+        data={**s["config"]["data"], "image_size": 1024, "load_size": 1024}))
+    limit = 4 * 2**30
+    result = subprocess.run(
+        [sys.executable, "-m", "cectl", "export", str(ckpt), "-o", str(tmp_path / "e.st")],
+        capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert result.returncode == 2 and one_sentence(result.stderr), result.stderr
+    assert "billion parameters" in result.stderr and not (tmp_path / "e.st").exists()
+
+
+@pytest.mark.parametrize("position", [{"samples": 1e30}, {"samples": -5}, {"samples": "8"},
+                                      {"samples": 2**70}, {"samples": 8, "epoch": 0}, None])
+def test_a_bad_data_position_is_refused(position, tiny_checkpoint, tmp_path):
+    _, ckpt = copy_run(tiny_checkpoint, tmp_path)
+    edit_state(ckpt, lambda s: s.update(data_position=position))
+    with pytest.raises(BadInput, match="data_position"):
+        load_generator(str(ckpt))
+
+
+def test_a_state_file_with_a_number_too_long_to_read_is_corrupt(tiny_checkpoint, tmp_path):
+    _, ckpt = copy_run(tiny_checkpoint, tmp_path)
+    text = (ckpt / "state.json").read_text()
+    (ckpt / "state.json").write_text(text.replace('"step": 4', '"step": ' + "9" * 5000))
+    with pytest.raises(BadInput, match="is corrupt"):
+        load_generator(str(ckpt))
