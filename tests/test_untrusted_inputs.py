@@ -5,20 +5,25 @@ sentence (exit 2 for bad input, 1 for a failure) and writes nothing where it sho
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import boto3
 import pytest
 import torch
-from helpers import cectl, tiny_job
+from helpers import TINY, cectl, tiny_job
 from safetensors.torch import load_file, save_file
 
 from cectl.checkpoint import load_generator
 from cectl.cli.app import run
-from cectl.errors import BadInput
+from cectl.data import TrainLoader
+from cectl.errors import BadInput, Failure
+from cectl.shard_format import open_manifest
 from cectl.storage import open_store
 
 
@@ -209,3 +214,73 @@ def test_a_state_file_with_a_number_too_long_to_read_is_corrupt(tiny_checkpoint,
     (ckpt / "state.json").write_text(text.replace('"step": 4', '"step": ' + "9" * 5000))
     with pytest.raises(BadInput, match="is corrupt"):
         load_generator(str(ckpt))
+
+
+# 5. The shard cache holds only shards whose bytes match their name, in a private folder.
+
+@pytest.fixture
+def s3_shards(facade_shards, bucket, s3_env, tmp_path, monkeypatch) -> str:
+    """The facade shards on S3, and a temp folder (so a shard cache) of this test's own."""
+    s3 = boto3.client("s3", endpoint_url=s3_env)
+    for path in filter(Path.is_file, Path(facade_shards).rglob("*")):
+        s3.upload_file(str(path), bucket, f"shards/{path.relative_to(facade_shards)}")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    return f"s3://{bucket}/shards"
+
+
+def first_batch(uri: str, *overrides: str):
+    return next(TrainLoader(uri, open_manifest(uri), tiny_job(uri, *overrides), 0, 1))
+
+
+def test_a_manifest_claiming_another_shards_sha256_caches_nothing(s3_shards, tmp_path):
+    store = open_store(s3_shards)
+    manifest = json.loads(store.read_bytes("manifest.json"))
+    shards = manifest["splits"]["train"]["shards"]
+    digests = [shard["sha256"] for shard in shards]
+    for shard, other in zip(shards, digests[1:] + digests[:1], strict=True):
+        shard["sha256"] = other  # a hostile copy: each shard claims a real shard's sha256
+    store.write_bytes("manifest.json", json.dumps(manifest).encode())
+    with pytest.raises(Failure, match="does not have the sha256 its manifest gives"):
+        first_batch(s3_shards, "data.workers=0")
+    assert not list(tmp_path.glob("cectl-shard-cache-*/*.tar"))
+
+
+@pytest.mark.parametrize("case", ["dangling-link", "link-to-a-folder", "open-to-others",
+                                  "another-users"])
+def test_a_shard_cache_folder_others_could_write_is_refused(case, s3_shards, tmp_path):
+    if case == "another-users" and os.geteuid() != 0:
+        pytest.skip("only root can make a folder of another user's")
+    folder = tmp_path / f"cectl-shard-cache-{os.getuid()}"
+    elsewhere = tmp_path / "elsewhere"
+    if case == "dangling-link":
+        folder.symlink_to(elsewhere)
+    elif case == "link-to-a-folder":
+        elsewhere.mkdir()
+        folder.symlink_to(elsewhere)
+    else:
+        folder.mkdir(mode=0o777 if case == "open-to-others" else 0o700)
+        folder.chmod(0o777 if case == "open-to-others" else 0o700)
+        if case == "another-users":
+            os.chown(folder, 65534, 65534)
+    with pytest.raises(Failure, match="not a folder private to this user"):
+        first_batch(s3_shards, "data.workers=0")
+    assert not (elsewhere.exists() and list(elsewhere.iterdir()))
+
+
+# 8. Errors that are not cectl's, in a loader process, are one sentence too.
+
+def test_a_full_disk_in_a_loader_process_is_one_sentence(s3_shards, tmp_path):
+    """Caching a shard hits the file-size limit (EFBIG, as ENOSPC would), in a loader
+    process of a real `cectl train`."""
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))\n"
+              "from cectl.cli.app import run\n"
+              "sys.exit(run(sys.argv[1:]))\n")
+    result = subprocess.run(
+        [sys.executable, "-c", script, "train", *TINY, "data.workers=1", "--data", s3_shards,
+         "--store", str(tmp_path / "store"), "--name", "full"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 1 and one_sentence(result.stderr), result.stderr
+    assert "File too large" in result.stderr and "shard-0000" in result.stderr
