@@ -43,9 +43,10 @@ def run_local_cluster(nodes: int, cpus: int, out: Console, err: Console,
     use_loopback()
     if nodes < 1 or cpus < 1:
         raise BadInput("--nodes and --cpus must be at least 1")
+    head = _local_head(join) if join else None
     signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: the raylets are shut down
-    if join:
-        _join(join, nodes, cpus, err)
+    if head:
+        _join(head, nodes, cpus, err)
         return
     from ray.cluster_utils import Cluster
 
@@ -73,6 +74,21 @@ def run_local_cluster(nodes: int, cpus: int, out: Console, err: Console,
         err.print("local cluster stopped")
 
 
+def _local_head(address: str) -> str:
+    """`--join`'s address as a local cluster listens, 127.0.0.1:PORT (given as 127.0.0.1,
+    localhost or [::1]); BadInput unless something answers there, rather than Ray's wait."""
+    from cectl.distributed import LOOPBACK, answers
+
+    host, _, port = address.rpartition(":")
+    if host.strip("[]") not in LOOPBACK or not port.isdigit():
+        raise BadInput(f"--join takes the address `cectl cluster local` printed "
+                       f"(127.0.0.1:PORT), not {address}")
+    if not answers(head := f"127.0.0.1:{port}"):
+        raise BadInput(f"nothing answers at {address}: is `cectl cluster local` running, and "
+                       "is that the address it printed?")
+    return head
+
+
 def _join(address: str, nodes: int, cpus: int, err: Console) -> None:
     """`nodes` raylets join the local cluster at `address` until Ctrl-C, as machines that
     come back do. (`ray start --address` would swap 127.0.0.1 for this machine's outward
@@ -81,11 +97,6 @@ def _join(address: str, nodes: int, cpus: int, err: Console) -> None:
     from ray._private.node import Node
     from ray._private.parameter import RayParams
 
-    from cectl.distributed import LOOPBACK
-
-    if address.rsplit(":", 1)[0] not in LOOPBACK:
-        raise BadInput(f"--join takes the address `cectl cluster local` printed "
-                       f"(127.0.0.1:PORT), not {address}")
     started = []
     try:
         with status(err, f"starting {nodes} nodes for {address}"):

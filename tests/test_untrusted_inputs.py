@@ -11,12 +11,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import boto3
 import pytest
 import torch
-from helpers import TINY, cectl, tiny_job
+from helpers import TINY, cectl, free_port, tiny_job
 from safetensors.torch import load_file, save_file
 
 from cectl.checkpoint import load_generator
@@ -284,3 +285,22 @@ def test_a_full_disk_in_a_loader_process_is_one_sentence(s3_shards, tmp_path):
         capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 1 and one_sentence(result.stderr), result.stderr
     assert "File too large" in result.stderr and "shard-0000" in result.stderr
+
+
+# 12, 13. `cectl cluster local --join` names an address where nothing answers at once, and
+# takes any name of the loopback.
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::1]", "localhost"])
+def test_joining_an_address_where_nothing_answers_fails_at_once(host):
+    address = f"{host}:{free_port()}"
+    start = time.monotonic()
+    result = cectl("cluster", "local", "--join", address, timeout=60)
+    assert result.returncode == 2 and one_sentence(result.stderr), result.stderr
+    assert f"nothing answers at {address}" in result.stderr
+    assert time.monotonic() - start < 30
+
+
+def test_joining_another_machines_address_is_refused():
+    result = cectl("cluster", "local", "--join", "10.0.0.1:6379")
+    assert result.returncode == 2 and one_sentence(result.stderr), result.stderr
+    assert "--join takes the address `cectl cluster local` printed" in result.stderr
