@@ -173,7 +173,8 @@ def trials_table(result: dict) -> Table:
         table.add_column(Text(column))
     for t in result["trials"]:
         metric = "error" if t["error"] else ("-" if t["metric"] is None else f"{t['metric']:.4f}")
-        table.add_row(t["trial"], *(f"{v:.4g}" for v in t["params"].values()),
+        table.add_row(t["trial"], *(f"{v:.4g}" if isinstance(v, int | float) else str(v)
+                                    for v in t["params"].values()),
                       str(t["step"] or "-"), metric)
     return table
 

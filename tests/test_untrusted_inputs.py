@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import resource
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
+import yaml
 from helpers import TINY, cectl, free_port, tiny_job
 from safetensors.torch import load_file, save_file
 
@@ -304,3 +306,120 @@ def test_joining_another_machines_address_is_refused():
     result = cectl("cluster", "local", "--join", "10.0.0.1:6379")
     assert result.returncode == 2 and one_sentence(result.stderr), result.stderr
     assert "--join takes the address `cectl cluster local` printed" in result.stderr
+
+
+# 3, 4, 10. Sweeps: resumed from cectl's own checked JSON, never from Tune's pickles; no
+# interpolation resolved; names kept inside the store. None of these starts Ray.
+
+SECRET = "supersecretvalue123"
+SWEEP = ("job: demo\nsamples: 2\ngrace_steps: 2\nreduction_factor: 2\n"
+         "space:\n  optim.lr_ratio: uniform(1, 30)\n")
+
+
+def sweep_args(tmp_path: Path, facade_shards: str, *extra: str) -> list[str]:
+    (tmp_path / "tiny-sweep.yaml").write_text(SWEEP)
+    return ["sweep", str(tmp_path / "tiny-sweep.yaml"), *TINY, "train.steps=4",
+            "--data", facade_shards, "--store", str(tmp_path / "store"), "--cpu", *extra]
+
+
+def finished_state(metrics: list[float]) -> dict:
+    """A sweep state as cectl writes it, every trial done."""
+    return {"format": "cectl-sweep/1",
+            "definition": {"space": {"optim.lr_ratio": ["uniform", [1, 30]]},
+                           "metric": "val_l2_pct", "samples": len(metrics)},
+            "trials": [{"params": {"optim.lr_ratio": 2.0 + i}, "status": "done", "step": 4,
+                        "metric": metric} for i, metric in enumerate(metrics)]}
+
+
+class Planted:
+    """A pickle that creates a file when it is loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_sweep_resumes_from_its_json_state_and_never_unpickles_the_store(
+        facade_shards, tmp_path, capsys):
+    sweeps = tmp_path / "store" / "sweeps"
+    (sweeps / "tiny-sweep").mkdir(parents=True)
+    marker = tmp_path / "unpickled"
+    (sweeps / "tiny-sweep" / "tuner.pkl").write_bytes(pickle.dumps(Planted(marker)))
+    (sweeps / "tiny-sweep.json").write_text(json.dumps(finished_state([3.5, 1.25])))
+    assert run(sweep_args(tmp_path, facade_shards, "--json")) == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert [t["metric"] for t in report["trials"]] == [1.25, 3.5]
+    best = yaml.safe_load((sweeps / "tiny-sweep-best.yaml").read_text())
+    assert best["optim"]["lr_ratio"] == 3.0
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("not-json", "is corrupt"),
+    ("value-outside-the-space", "is damaged"),
+    ("nan-metric", "is damaged"),
+    ("another-space", "another search space"),
+    ("a-list", "is not a cectl sweep state"),
+])
+def test_a_damaged_sweep_state_is_refused_before_anything_runs(case, message, facade_shards,
+                                                               tmp_path, capsys):
+    state = finished_state([3.5, 1.25])
+    state["trials"][1]["status"] = "pending"
+    if case == "value-outside-the-space":
+        state["trials"][1]["params"]["optim.lr_ratio"] = 1e9
+    elif case == "nan-metric":
+        state["trials"][0]["metric"] = float("nan")
+    elif case == "another-space":
+        state["definition"]["space"]["optim.lr_ratio"] = ["uniform", [1, 300]]
+    elif case == "a-list":
+        state = [state]
+    sweeps = tmp_path / "store" / "sweeps"
+    sweeps.mkdir(parents=True)
+    path = sweeps / "tiny-sweep.json"
+    path.write_text("{[" if case == "not-json" else json.dumps(state))
+    before = files_of(tmp_path / "store")
+    assert run(sweep_args(tmp_path, facade_shards)) == 2
+    printed = capsys.readouterr()
+    assert one_sentence(printed.err) and message in printed.err, printed.err
+    assert files_of(tmp_path / "store") == before and not (tmp_path / "store" / "runs").exists()
+
+
+@pytest.mark.parametrize("arg", [
+    "optim.beta1=choice(0.5, ${oc.env:AWS_SECRET_ACCESS_KEY})",
+    "optim.beta1=choice(${oc.decode:'${oc.env:AWS_SECRET_ACCESS_KEY}'})",
+    "optim.${oc.env:AWS_SECRET_ACCESS_KEY}=choice(1, 2)",
+    'optim.beta1=choice(["\\x24{oc.env:AWS_SECRET_ACCESS_KEY}"])',  # YAML would unescape it
+    "optim.beta1=${oc.env:AWS_SECRET_ACCESS_KEY}",
+    "optim.beta1=uniform(0.1, 0.9, 5)",
+])
+def test_sweep_values_are_never_resolved_and_nothing_is_written(arg, facade_shards, tmp_path,
+                                                                 capsys, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    assert run(sweep_args(tmp_path, facade_shards, arg)) == 2
+    printed = capsys.readouterr()
+    assert one_sentence(printed.err), printed.err
+    assert SECRET not in printed.out + printed.err
+    assert not (tmp_path / "store" / "sweeps").exists()
+
+
+def test_a_sweep_recipe_space_with_an_interpolation_is_refused(facade_shards, tmp_path, capsys,
+                                                               monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    args = sweep_args(tmp_path, facade_shards)
+    (tmp_path / "tiny-sweep.yaml").write_text(
+        SWEEP + "  optim.beta1: choice(0.5, ${oc.env:AWS_SECRET_ACCESS_KEY})\n")
+    assert run(args) == 2
+    printed = capsys.readouterr()
+    assert "interpolation" in printed.err and SECRET not in printed.out + printed.err
+    assert not (tmp_path / "store" / "sweeps").exists()
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", ".hidden", "x" * 99])
+def test_a_sweep_name_that_is_not_one_safe_segment_is_refused(name, facade_shards, tmp_path,
+                                                              capsys):
+    assert run(sweep_args(tmp_path, facade_shards, "--name", name)) == 2
+    printed = capsys.readouterr()
+    assert one_sentence(printed.err) and "name" in printed.err, printed.err
+    assert not (tmp_path / "store").exists() and not (tmp_path / "x").exists()
