@@ -202,12 +202,13 @@ def read_state(ckpt: Store) -> dict:
     if not (is_count(state.get("step")) and (best is None or is_count(best))
             and is_count(world) and world >= 1
             and isinstance(state.get("config"), dict) and isinstance(metrics, dict)
-            and all(type(v) in (int, float) for v in metrics.values())):
+            and all(type(v) in (int, float) for v in (*metrics.values(),
+                                                      state.get("best_val", 0.0)))):
         raise BadInput(f"{where} is damaged: it needs step numbers, a worker count, a config "
                        "mapping and numeric metrics")
     if not _is_data_position(state.get("data_position")):
         raise BadInput(f"{where} is damaged: its data_position must be {{\"samples\": N}}, "
-                       f"N a whole number below 2^63")
+                       "N a whole number below 2^63")
     state["config"] = load_config(JobConfig, stored=state["config"], source=where)
     return state
 

@@ -45,21 +45,23 @@ class Dimension(NamedTuple):
     args: list
 
     def draw(self, rng: random.Random) -> int | float | str:
-        low, high = self.args[0], self.args[-1]
-        if self.kind == "uniform":
-            return rng.uniform(low, high)
-        if self.kind == "loguniform":
-            return math.exp(rng.uniform(math.log(low), math.log(high)))
-        return rng.randrange(low, high) if self.kind == "randint" else rng.choice(self.args)
+        if self.kind == "choice":
+            return rng.choice(self.args)
+        low, high = self.args
+        if self.kind == "randint":
+            return rng.randrange(low, high)
+        value = (rng.uniform(low, high) if self.kind == "uniform"
+                 else math.exp(rng.uniform(math.log(low), math.log(high))))
+        return min(max(value, low), high)  # rounding may step just outside
 
     def holds(self, value: object) -> bool:
         """Whether `value` is one this dimension can draw."""
         if self.kind == "choice":
             return value in self.args and type(value) in map(type, self.args)
-        if type(value) not in ((int,) if self.kind == "randint" else (int, float)):
-            return False
-        return self.args[0] <= value < self.args[1] if self.kind == "randint" else (
-            self.args[0] <= value <= self.args[1])
+        low, high = self.args
+        if self.kind == "randint":
+            return type(value) is int and low <= value < high
+        return type(value) in (int, float) and low <= value <= high
 
 
 def parse_dimension(key: str, text: str) -> Dimension | None:
@@ -80,7 +82,7 @@ def parse_dimension(key: str, text: str) -> Dimension | None:
                                  and args[0] < args[1] and (kind != "loguniform" or args[0] > 0)):
         rule = {"uniform": "numbers", "loguniform": "numbers above 0",
                 "randint": "whole numbers"}[kind]
-        raise BadInput(f"search space {key}: {text!r} needs two {rule} a < b")
+        raise BadInput(f"search space {key}: {text!r} needs two {rule}, the first the smaller")
     return Dimension(kind, args)
 
 

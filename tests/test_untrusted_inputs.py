@@ -211,6 +211,14 @@ def test_a_bad_data_position_is_refused(position, tiny_checkpoint, tmp_path):
         load_generator(str(ckpt))
 
 
+@pytest.mark.parametrize("edit", [{"best_val": "low"}, {"world": 0}, {"world": 1.5}])
+def test_a_bad_best_value_or_worker_count_is_refused(edit, tiny_checkpoint, tmp_path):
+    _, ckpt = copy_run(tiny_checkpoint, tmp_path)
+    edit_state(ckpt, lambda s: s.update(edit))
+    with pytest.raises(BadInput, match="is damaged"):
+        load_generator(str(ckpt))
+
+
 def test_a_state_file_with_a_number_too_long_to_read_is_corrupt(tiny_checkpoint, tmp_path):
     _, ckpt = copy_run(tiny_checkpoint, tmp_path)
     text = (ckpt / "state.json").read_text()
