@@ -10,6 +10,7 @@ and optimizer states, then serialises and uploads them while training goes on (s
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any, Protocol
 
@@ -30,6 +31,8 @@ from cectl.runs import FORMATS, Run, read_state, state_bytes, step_dir
 from cectl.storage import Store, open_store
 
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+ADAM_STATE = ("exp_avg", "exp_avg_sq")  # per parameter, its shape; and a scalar `step`
+NOT_NEGATIVE = (".exp_avg_sq", ".step", ".running_var", ".num_batches_tracked")
 
 
 Modules = dict[str, nn.Module | None]
@@ -69,30 +72,80 @@ def load_generator(uri: str | Store) -> tuple[nn.Module, DictConfig, dict]:
     from cectl.model import build_models
 
     tensors, state = load_checkpoint(uri)
-    cfg = state["config"]
-    generator, _ = build_models(OmegaConf.merge(cfg, {"loss": {"mode": "rec"}}))
-    try:
-        restore_tensors(tensors, {"G": generator}, {})
-    except RuntimeError:
-        raise BadInput(f"{state.get('checkpoint', 'the checkpoint')} does not match the "
-                       f"{cfg.model.arch} network it claims to hold") from None
-    return generator.eval(), cfg, state
+    cfg = OmegaConf.merge(state["config"], {"loss": {"mode": "rec"}})
+    with torch.device("meta"):  # the shapes the config asks for, nothing allocated
+        shapes, _ = build_models(cfg)
+    check_tensors(tensors, {"G": shapes}, {})  # before a network of that size is built
+    generator, _ = build_models(cfg)
+    restore_tensors(tensors, {"G": generator}, {})
+    return generator.eval(), state["config"], state
+
+
+def expected_tensors(modules: Modules, optimizers: Optimizers) -> dict[str, tuple]:
+    """(shape, dtype) of each tensor a checkpoint holds for `modules` and their Adams."""
+    spec = {}
+    for name, module in modules.items():
+        if module is None:
+            continue
+        spec.update({f"{name}.{key}": (value.shape, value.dtype)
+                     for key, value in module.state_dict().items()})
+        if optimizers.get(name) is not None:
+            for key, param in module.named_parameters():
+                prefix = f"optim.{name}.state.{key}"
+                spec[f"{prefix}.step"] = (torch.Size(), torch.float32)
+                spec.update({f"{prefix}.{field}": (param.shape, param.dtype)
+                             for field in ADAM_STATE})
+    return spec
+
+
+def _owner(key: str) -> str:
+    """What a checkpoint tensor belongs to: `G`, `optim.G`, `rng`..."""
+    parts = key.split(".")
+    return ".".join(parts[: 2 if parts[0] == "optim" else 1])
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], modules: Modules, optimizers: Optimizers,
+                  rng: bool = False) -> None:
+    """BadInput unless the tensors for `modules`, their optimizers and (with `rng`) the RNG
+    are exactly what they load: keys, shapes, dtypes, finite floats, no negative variance or
+    step. A wrong one would be cast silently, crash fused Adam or train on garbage."""
+    spec = expected_tensors(modules, optimizers)
+    if rng:
+        state = torch.get_rng_state()
+        spec["rng.torch"] = (state.shape, state.dtype)
+    owners = {_owner(key) for key in spec}
+    for key in tensors:
+        if _owner(key) in owners and key not in spec:
+            raise BadInput(f"checkpoint tensor {key} is not part of the network, its optimizer "
+                           "or the RNG: the checkpoint is damaged")
+    for key, (shape, dtype) in spec.items():
+        tensor = tensors.get(key)
+        if tensor is None:
+            problem = "is missing"
+        elif tensor.dtype != dtype:
+            problem = f"is {tensor.dtype}, the network needs {dtype}"
+        elif tensor.shape != shape:
+            problem = f"has shape {list(tensor.shape)}, the network needs {list(shape)}"
+        elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            problem = "holds NaN or infinite values"
+        elif key.endswith(NOT_NEGATIVE) and (tensor < 0).any():
+            problem = "holds negative values"
+        else:
+            continue
+        raise BadInput(f"checkpoint tensor {key} {problem}: the checkpoint is damaged or does "
+                       "not match its config")
 
 
 def restore_tensors(tensors: dict[str, torch.Tensor], modules: Modules,
                     optimizers: Optimizers) -> None:
-    """Load networks and optimizer states; the RNG is the caller's to restore, when due."""
+    """Load networks and optimizer states from tensors `check_tensors` has passed; the RNG
+    is the caller's to restore, when due."""
     for name, module in modules.items():
         if module is None:
             continue
         prefix = f"{name}."
-        mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        for key, want in module.state_dict().items():
-            # load_state_dict would silently cast, e.g. int8 weights into garbage floats
-            if key in mine and mine[key].dtype != want.dtype:
-                raise BadInput(f"checkpoint tensor {prefix}{key} is {mine[key].dtype}, "
-                               f"the network needs {want.dtype}: the checkpoint is damaged")
-        module.load_state_dict(mine)
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                if k.startswith(prefix)})
         if optimizers.get(name) is not None:
             opt = optimizers[name]
             # The current flat state supplies the param_groups (hyperparameters come from
@@ -110,8 +163,13 @@ def upgrade_v1(tensors: dict[str, torch.Tensor], modules: Modules) -> dict[str, 
     upgraded = {}
     for key, value in tensors.items():
         parts = key.split(".", 3)
-        if parts[0] == "optim" and parts[1] in names and parts[2].isdigit():
-            key = f"optim.{parts[1]}.state.{names[parts[1]][int(parts[2])]}.{parts[3]}"
+        if (len(parts) == 4 and parts[0] == "optim" and parts[1] in names
+                and re.fullmatch("[0-9]+", parts[2])):
+            params = names[parts[1]]
+            if int(parts[2]) >= len(params):
+                raise BadInput(f"checkpoint tensor {key} is for parameter {parts[2]} of "
+                               f"{parts[1]}, which has {len(params)}: the checkpoint is damaged")
+            key = f"optim.{parts[1]}.state.{params[int(parts[2])]}.{parts[3]}"
         upgraded[key] = value
     return upgraded
 
@@ -249,6 +307,7 @@ class Checkpointer:
         tensors, state = load_checkpoint(self.run.checkpoint("latest"))
         if state["format"] == FORMATS[0]:
             tensors = upgrade_v1(tensors, self.modules)
+        check_tensors(tensors, self.modules, self.optimizers, rng=True)
         restore_tensors(tensors, self.modules, self.optimizers)
         # With the world it was saved with: a per-rank data position (written before the
         # data position became global) holds only for that world.

@@ -125,7 +125,7 @@ def run_demo(out: Path, console: Console, err: Console) -> None:
     from cectl.config import load_config, validate_job
     from cectl.evaluate import evaluate_checkpoint
     from cectl.inpaint import inpaint
-    from cectl.render import TrainProgress, score_table
+    from cectl.render import TrainProgress, score_table, status
     from cectl.runs import Run
     from cectl.schema import JobConfig, ShardConfig
     from cectl.shard import run_shard
@@ -133,7 +133,7 @@ def run_demo(out: Path, console: Console, err: Console) -> None:
     from cectl.train import Session, train
 
     images, shards, store = out / "images", out / "shards", out / "store"
-    with err.status("generating 800 sample facades"):
+    with status(err, "generating 800 sample facades"):
         make_facades(images, 800, size=96)
     run_shard(str(images), str(shards),
               load_config(ShardConfig, flags={"shard_size": 100, "val_fraction": 0.1}), err)

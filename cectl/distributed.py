@@ -58,13 +58,9 @@ def connect(address: str | None) -> None:
         use_loopback()
     import ray
 
-    if address and address not in ("auto", "local"):
-        try:
-            with socket.create_connection((parsed.hostname, parsed.port or 6379), timeout=5):
-                pass
-        except (OSError, ValueError):
-            raise BadInput(f"cannot reach a Ray cluster at {address}: check --address "
-                           "(host:port of the head node) and that the cluster is up") from None
+    if address and address not in ("auto", "local") and not answers(address):
+        raise BadInput(f"cannot reach a Ray cluster at {address}: check --address "
+                       "(host:port of the head node) and that the cluster is up")
     # Workers get the driver's S3 settings (on a cloud cluster, instance roles do instead)
     # and its sample log, if any.
     env = {key: os.environ[key] for key in (*AWS_VARS, SAMPLE_LOG) if key in os.environ}
@@ -72,6 +68,17 @@ def connect(address: str | None) -> None:
     # a failure surfaces as TrainingFailedError.
     ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING",
              log_to_driver=False, _node_ip_address="127.0.0.1" if on_this_machine else None)
+
+
+def answers(address: str) -> bool:
+    """Whether something accepts connections at `address` (host:port or a URL; port 6379 if
+    none) within 5 s. Ray itself would retry for minutes before saying the cluster is down."""
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 6379), timeout=5):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def use_loopback() -> None:

@@ -20,6 +20,7 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
+from rich.status import Status
 from rich.table import Table
 from rich.text import Text
 
@@ -44,6 +45,11 @@ def _finite(value):
 def print_json(value: object) -> None:
     """`--json` output on stdout: strict JSON (non-finite numbers become null)."""
     print(json.dumps(_finite(value), indent=2, allow_nan=False))
+
+
+def status(console: Console, message: str) -> Status:
+    """A spinner with `message`, printed literally (a `str` status would be read as markup)."""
+    return console.status(Text(message))
 
 
 def error(console: Console, message: str) -> None:
@@ -167,7 +173,8 @@ def trials_table(result: dict) -> Table:
         table.add_column(Text(column))
     for t in result["trials"]:
         metric = "error" if t["error"] else ("-" if t["metric"] is None else f"{t['metric']:.4f}")
-        table.add_row(t["trial"], *(f"{v:.4g}" for v in t["params"].values()),
+        table.add_row(t["trial"], *(f"{v:.4g}" if isinstance(v, int | float) else str(v)
+                                    for v in t["params"].values()),
                       str(t["step"] or "-"), metric)
     return table
 

@@ -24,7 +24,7 @@ from rich.console import Console
 
 from cectl.errors import BadInput
 from cectl.images import Skip, prepare_sample
-from cectl.render import item_progress, warning
+from cectl.render import item_progress, status, warning
 from cectl.shard_format import FORMAT, MANIFEST, SPLITS, tar_writer
 from cectl.sources import Item, list_items
 from cectl.storage import Store, is_partial, open_store
@@ -185,7 +185,7 @@ def run_shard(src_uri: str, dst_uri: str, cfg: DictConfig, console: Console) -> 
     """Shard SRC into DST; returns the manifest plus this run's `stats`."""
     start = time.perf_counter()
     src, dst = _open_stores(src_uri, dst_uri)
-    with console.status(f"listing {src.uri}"):
+    with status(console, f"listing {src.uri}"):
         layout, items = list_items(src.list(), cfg.layout, cfg.val_fraction, src.uri,
                                    cfg.label_from)
     params = {**recipe_params(cfg), "layout": layout}

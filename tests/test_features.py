@@ -229,3 +229,37 @@ def test_feature_commands_refuse_bad_input_with_exit_2(tmp_path, tiny_checkpoint
     assert "--label-from folder labels the folder layout" in refuses(
         "shard", Path(labelled_shards).parent / "images", tmp_path / "s", "--label-from",
         "folder", "--layout", "imagenet")
+
+
+@pytest.mark.parametrize("damage", ["3-rows", "truncated", "nan", "labels-cut", "not-json"])
+def test_a_damaged_feature_cache_is_extracted_again(damage, labelled_shards, tiny_checkpoint,
+                                                    tmp_path):
+    import numpy as np
+    from rich.console import Console
+
+    from cectl.probe import run_probe
+
+    def probe() -> dict:
+        return run_probe(tiny_checkpoint, labelled_shards, "conv3", 3, tmp_path,
+                         Console(quiet=True))
+
+    first = probe()
+    for folder in tmp_path.glob("*-train-*"):
+        path = folder / "conv3.npy"
+        rows = np.load(path)
+        if damage == "3-rows":  # 3 rows for 24 labels
+            np.save(path, rows[:3])
+        elif damage == "truncated":
+            path.write_bytes(path.read_bytes()[:-100])
+        elif damage == "nan":
+            rows[5] = np.nan
+            np.save(path, rows)
+        elif damage == "labels-cut":
+            meta = json.loads((folder / "labels.json").read_text())
+            (folder / "labels.json").write_text(json.dumps({**meta, "labels": ["x"] * 3}))
+        else:
+            (folder / "labels.json").write_text("[[[")
+    again = probe()
+    assert again["extraction"]["images"] == first["train_images"]  # train again, not val
+    for key in ("model", "random", "classes", "train_images", "dims"):
+        assert again[key] == first[key], key

@@ -21,6 +21,14 @@ from cectl.errors import BadInput
 from cectl.render import err, out
 
 
+def _check_image(path: Path, what: str) -> None:
+    """BadInput unless `path` is a file (an image, its reader will find out)."""
+    if path.is_dir():
+        raise BadInput(f"{what}{path} is a folder, not an image")
+    if not path.is_file():
+        raise BadInput(f"{what}{path} does not exist")
+
+
 @app.command(name="eval")
 def eval_command(
     ckpt: CheckpointArgument,
@@ -37,7 +45,7 @@ def eval_command(
 
     if mask is not None and mask not in KINDS:
         raise BadInput(f"--mask {mask!r} is not one of {', '.join(KINDS)}")
-    with err.status(f"scoring the {split} split of {data}"):
+    with render.status(err, f"scoring the {split} split of {data}"):
         result = evaluate_checkpoint(open_store(ckpt), data, split, mask)
     if as_json:
         render.print_json(result)
@@ -58,8 +66,7 @@ def inpaint_command(
     """Fill a hole in an image of any size and mode."""
     from cectl.inpaint import inpaint
 
-    if not img.is_file():
-        raise BadInput(f"{img} does not exist")
+    _check_image(img, "")
     result = inpaint(img, ckpt, mask, output or img.with_name(f"{img.stem}-inpainted.png"), seed)
     out.print(f"wrote {result['out']} ({result['hole_pixels']:,} hole pixels filled)")
 
@@ -128,8 +135,7 @@ def neighbors(
     if k < 1:
         raise BadInput("-k must be at least 1")
     for path in query:
-        if not path.is_file():
-            raise BadInput(f"query {path} does not exist")
+        _check_image(path, "query ")
     result = find_neighbors(ckpt, data, query, k, split, err)
     grid = neighbor_grid(result)
     output.parent.mkdir(parents=True, exist_ok=True)
