@@ -33,6 +33,7 @@ def test_train_runs_pull_eval_through_the_cli(facade_shards, tmp_path):
 
     listing = json.loads(cectl("runs", "--store", store, "--json").stdout)
     assert [(r["run"], r["step"], r["target_steps"]) for r in listing] == [("cli", 5, 5)]
+    assert f"tensorboard --logdir {store}/runs" in cectl("runs", "--store", store).stdout
 
     pulled = cectl("pull", "cli", "--store", store, "--dest", tmp_path / "pulled")
     assert pulled.returncode == 0, pulled.stderr
@@ -44,9 +45,10 @@ def test_train_runs_pull_eval_through_the_cli(facade_shards, tmp_path):
     report = json.loads(scored.stdout)
     assert report["step"] == 5 and report["images"] > 0
     assert set(report["model"]) == {"l1_pct", "l2_pct", "psnr_db", "psnr_pooled_db",
-                                    "psnr_window_db"}
+                                    "psnr_window_db", "ssim"}
     table = cectl("eval", ckpt, "--data", facade_shards)
     assert "mean-colour fill" in table.stdout and "NN inpainting" in table.stdout
+    assert "SSIM" in table.stdout and "not computed: FID needs" in table.stdout
 
 
 def test_train_and_pull_with_an_s3_store(facade_shards, tmp_path, s3_env, bucket):
