@@ -26,7 +26,7 @@ from cectl.errors import BadInput
 
 LPIPS_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's ImageNet AlexNet
 FID_FILE = "inception-2015-12-05.pt"  # the TorchScript FID Inception
-LPIPS_MIN_WINDOW = 32  # AlexNet's fifth layer needs at least this many pixels across
+LPIPS_MIN_WINDOW = 31  # narrower, AlexNet's second pooling has nothing left to pool
 FID_BATCH = 64
 
 
