@@ -85,12 +85,12 @@ def lpips_network(path: Path) -> nn.Module:
     Takes two batches in [-1, 1]; returns their distances, N x 1 x 1 x 1.
     """
     # The public LearnedPerceptualImagePatchSimilarity fetches AlexNet's weights through
-    # torch hub (a download when they are missing, an unrestricted unpickling when present);
-    # its network class, built without them, takes them from a file read as tensors alone.
+    # torch hub, downloading them when they are missing; its network class, built without
+    # them, takes them from a file read as tensors alone.
     from torchmetrics.functional.image.lpips import _NoTrainLpips
 
     network = _NoTrainLpips(net="alex", pnet_rand=True)
-    weights = _tensors(path, "--lpips-weights")
+    weights = _tensors(path)
     # torchmetrics keeps torchvision's layer numbers: its `sliceK.I.weight` is torchvision's
     # `features.I.weight`.
     wanted = {key: weights.get(f"features.{key.split('.', 1)[1]}")
@@ -106,14 +106,13 @@ def lpips_network(path: Path) -> nn.Module:
     return network.eval()
 
 
-def _tensors(path: Path, option: str) -> dict:
+def _tensors(path: Path) -> dict:
     try:
         weights = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for files that are not weights
-        raise BadInput(f"{option} {path} is not a file of tensors: "
-                       f"{str(e).splitlines()[0]}") from None
+        raise BadInput(f"{path} is not a file of tensors: {str(e).splitlines()[0]}") from None
     if not isinstance(weights, dict):
-        raise BadInput(f"{option} {path} does not hold a state dict")
+        raise BadInput(f"{path} does not hold a state dict")
     return weights
 
 

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from torch import nn
 
 from cectl.cli import run
@@ -24,6 +26,7 @@ from cectl.perceptual import (
     Perceptual,
     load_perceptual,
 )
+from cectl.render import score_report
 from cectl.storage import open_store
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
@@ -100,6 +103,9 @@ def test_fid_runs_through_torchmetrics_on_the_given_inception(tiny_checkpoint, f
     fids = {row: result[row]["fid"] for row in ("model", "mean_fill", "nearest_neighbour")}
     assert all(value > 0 for value in fids.values())
     assert set(result["unavailable"]) == {"lpips"}
+    table = io.StringIO()
+    score_report(Console(file=table, width=200), result, "scores")
+    assert " FID " in table.getvalue() and "not computed: LPIPS needs" in table.getvalue()
     # Against itself a set is at distance 0; a flat grey set is far away.
     images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
     distance = FrechetDistance(InceptionFeatures(inception_file), images)
