@@ -154,17 +154,22 @@ def runs_table(summaries: list[dict], uri: str) -> Table:
     return table
 
 
-def score_table(result: dict, title: str) -> Table:
-    """The model's scores next to the baselines'."""
+def score_report(console: Console, result: dict, title: str) -> None:
+    """The model's scores next to the baselines', and a line for each metric left out."""
+    extra = [(key, label) for key, label in (("lpips", "LPIPS"), ("fid", "FID"))
+             if key in result["model"]]
     table = Table(title=Text(title))
-    for column in ("", "mean L1 %", "mean L2 %", "PSNR dB"):
+    for column in ("", "mean L1 %", "mean L2 %", "PSNR dB", "SSIM", *(name for _, name in extra)):
         table.add_column(column, justify="right")
     for key, label in EVAL_ROWS:
         if key in result:
             m = result[key]
             table.add_row(label, f"{m['l1_pct']:.2f}", f"{m['l2_pct']:.2f}",
-                          f"{m['psnr_db']:.2f}")
-    return table
+                          f"{m['psnr_db']:.2f}", f"{m['ssim']:.3f}",
+                          *(f"{m[k]:.3f}" if k == "lpips" else f"{m[k]:.2f}" for k, _ in extra))
+    console.print(table)
+    for reason in result.get("unavailable", {}).values():
+        console.print(f"not computed: {reason}", soft_wrap=True)
 
 
 def trials_table(result: dict) -> Table:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from helpers import tiny_job
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from cectl.checkpoint import Checkpointer, load_checkpoint, restore_tensors, write_checkpoint
@@ -53,6 +56,24 @@ def test_a_short_run_lowers_the_reconstruction_loss(facade_shards, tmp_path):
     assert (run / "config.yaml").is_file()
     assert (run / "samples" / "step-000060.png").is_file()
     assert list((run / "tensorboard").iterdir())
+
+
+def test_every_validation_writes_its_sample_grid_to_tensorboard(facade_shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_job(facade_shards, "train.steps=3", "train.eval_every=2")
+    train(cfg, open_store(str(tmp_path)), "tb")
+    run = tmp_path / "runs" / "tb"
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert events.Tags()["images"] == ["samples"]
+    grids = events.Images("samples")
+    assert [g.step for g in grids] == [2, 3]  # every eval_every steps, and the last
+    for grid in grids:
+        png = (run / "samples" / f"step-{grid.step:06d}.png").read_bytes()
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(grid.encoded_image_string))),
+                              np.asarray(Image.open(io.BytesIO(png))))
+    assert {"loss_rec", "val_psnr_db", "val_ssim"} <= set(events.Tags()["scalars"])
 
 
 def test_checkpoint_round_trip_restores_networks_and_optimizers(facade_shards, tmp_path):

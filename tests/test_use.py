@@ -11,6 +11,7 @@ import torch
 from helpers import TINY, cectl
 from PIL import Image
 
+from cectl.demo import make_facades
 from cectl.evaluate import hole_metrics
 from cectl.masks import MEAN_FILL, Window, fill_holes
 
@@ -33,6 +34,7 @@ def test_train_runs_pull_eval_through_the_cli(facade_shards, tmp_path):
 
     listing = json.loads(cectl("runs", "--store", store, "--json").stdout)
     assert [(r["run"], r["step"], r["target_steps"]) for r in listing] == [("cli", 5, 5)]
+    assert f"tensorboard --logdir {store}/runs" in cectl("runs", "--store", store).stdout
 
     pulled = cectl("pull", "cli", "--store", store, "--dest", tmp_path / "pulled")
     assert pulled.returncode == 0, pulled.stderr
@@ -44,9 +46,22 @@ def test_train_runs_pull_eval_through_the_cli(facade_shards, tmp_path):
     report = json.loads(scored.stdout)
     assert report["step"] == 5 and report["images"] > 0
     assert set(report["model"]) == {"l1_pct", "l2_pct", "psnr_db", "psnr_pooled_db",
-                                    "psnr_window_db"}
+                                    "psnr_window_db", "ssim"}
     table = cectl("eval", ckpt, "--data", facade_shards)
     assert "mean-colour fill" in table.stdout and "NN inpainting" in table.stdout
+    assert "SSIM" in table.stdout and "not computed: FID needs" in table.stdout
+
+
+def test_no_generated_facade_holds_another_ones_hole(tmp_path):
+    # The demo's nearest-neighbour baseline must not win by copying a near-identical
+    # facade: as between photographs, another image's central quarter is a poor fill.
+    paths = make_facades(tmp_path, 64, size=64)
+    pixels = np.stack([np.asarray(Image.open(p), dtype=np.float32) / 255 for p in paths])
+    holes = pixels[:, 16:48, 16:48].reshape(len(paths), -1)
+    mse = ((holes[:, None] - holes[None]) ** 2).mean(-1)
+    np.fill_diagonal(mse, np.inf)
+    best_psnr = 10 * np.log10(1 / mse.min(1))  # each facade's best fill from another one
+    assert best_psnr.mean() < 17 and best_psnr.max() < 25
 
 
 def test_train_and_pull_with_an_s3_store(facade_shards, tmp_path, s3_env, bucket):

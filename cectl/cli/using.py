@@ -36,22 +36,31 @@ def eval_command(
     split: Annotated[str, typer.Option(help="split to score")] = "val",
     mask: Annotated[str | None, typer.Option(help="center | random-block | random-region "
                                              "(default: the one trained with)")] = None,
+    lpips_weights: Annotated[Path | None, typer.Option(
+        help="torchvision's AlexNet weights for LPIPS, alexnet-owt-7be5be79.pth "
+             "(default: torch hub's cache)")] = None,
+    fid_weights: Annotated[Path | None, typer.Option(
+        help="the TorchScript FID Inception, inception-2015-12-05.pt "
+             "(default: torch hub's cache)")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Score a checkpoint on held-out images: L1 %, L2 %, PSNR dB on the hole."""
+    """Score a checkpoint on held-out images: L1 %, L2 %, PSNR dB on the hole, SSIM, and
+    LPIPS and FID where their weights are at hand."""
     from cectl.evaluate import evaluate_checkpoint
     from cectl.masks import KINDS
+    from cectl.perceptual import load_perceptual
     from cectl.storage import open_store
 
     if mask is not None and mask not in KINDS:
         raise BadInput(f"--mask {mask!r} is not one of {', '.join(KINDS)}")
+    perceptual = load_perceptual(lpips_weights, fid_weights)
     with render.status(err, f"scoring the {split} split of {data}"):
-        result = evaluate_checkpoint(open_store(ckpt), data, split, mask)
+        result = evaluate_checkpoint(open_store(ckpt), data, split, mask, perceptual)
     if as_json:
         render.print_json(result)
         return
-    out.print(render.score_table(result, f"{ckpt} (step {result['step']}) on {result['images']} "
-                                  f"{split} images, {result['mask']} mask"))
+    render.score_report(out, result, f"{ckpt} (step {result['step']}) on {result['images']} "
+                                     f"{split} images, {result['mask']} mask")
 
 
 @app.command(name="inpaint")
