@@ -68,14 +68,15 @@ def load_generator(uri: str | Store) -> tuple[nn.Module, DictConfig, dict]:
     """The generator of a checkpoint (eval mode, CPU), its job config and its state."""
     from cectl.model import build_models
 
-    tensors, state = load_checkpoint(uri)
+    ckpt = open_store(uri) if isinstance(uri, str) else uri
+    tensors, state = load_checkpoint(ckpt)
     cfg = state["config"]
     generator, _ = build_models(OmegaConf.merge(cfg, {"loss": {"mode": "rec"}}))
     try:
         restore_tensors(tensors, {"G": generator}, {})
     except RuntimeError:
-        raise BadInput(f"{state.get('checkpoint', 'the checkpoint')} does not match the "
-                       f"{cfg.model.arch} network it claims to hold") from None
+        raise BadInput(f"{ckpt.uri} does not match the {cfg.model.arch} network it claims "
+                       "to hold") from None
     return generator.eval(), cfg, state
 
 

@@ -1,8 +1,10 @@
-"""Helpers for tests: the CLI in a subprocess, free ports, a flaky TCP proxy, odd images."""
+"""Helpers for tests: the CLI in a subprocess and the check of its refusals, shard and
+train builders, image bytes, free ports, a flaky TCP proxy, local Ray clusters."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import socket
@@ -11,6 +13,11 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
+from pathlib import Path
+from typing import NamedTuple
+
+from PIL import Image
 
 
 def free_port() -> int:
@@ -19,9 +26,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Result(NamedTuple):
+    """What a command line did, in-process (the `cli` fixture) as in a subprocess."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def assert_refused(refusal: Result | subprocess.CompletedProcess | Exception, code: int,
+                   *names: str) -> str:
+    """A refusal as users see it: exit `code` and one sentence that names each of `names`
+    (the key, file, layer or option to fix). From a command line, the sentence is stderr's
+    last line and its only error line, with no traceback; in-process, it is a CectlError's
+    message. Returns the sentence."""
+    if isinstance(refusal, Exception):
+        message = str(refusal)
+        assert getattr(refusal, "exit_code", None) == code, repr(refusal)
+        assert len(message.splitlines()) == 1, message
+    else:
+        lines = refusal.stderr.strip().splitlines()
+        assert refusal.returncode == code, refusal.stderr
+        assert lines and lines[-1].startswith("error: "), refusal.stderr
+        assert "Traceback" not in refusal.stderr, refusal.stderr
+        assert sum(line.startswith("error:") for line in lines) == 1, refusal.stderr
+        message = lines[-1]
+    for name in names:
+        assert name in message, f"{name!r} not named in {message!r}"
+    return message
+
+
 def cectl(*args: str, env: dict | None = None, check: bool = False,
           timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the real CLI in a subprocess, as a user would."""
+    """Run the real CLI in a subprocess, as a user would (`python -m cectl`): for what
+    only a process shows (the entry point, signals, kill -9); the `cli` fixture runs the
+    rest in-process."""
     result = subprocess.run([sys.executable, "-m", "cectl", *map(str, args)],
                             capture_output=True, text=True, timeout=timeout,
                             env={**os.environ, "COLUMNS": "200", **(env or {})})
@@ -153,6 +192,52 @@ class FlakyProxy:
 
     def close(self) -> None:
         self._server.close()
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    """An image's file bytes in `fmt` (PNG, JPEG, TIFF, ...)."""
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def image_bytes(size: tuple[int, int] = (40, 40), fmt: str = "PNG", colour=120,
+                mode: str = "RGB") -> bytes:
+    """The bytes of a plain image of one colour."""
+    return encode(Image.new(mode, size, colour), fmt)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels: a decompression bomb's header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def shard_images(src: Path | str, dst: Path | str, **flags) -> dict:
+    """`cectl shard SRC DST --FLAG VALUE...` in this process, quietly; the manifest."""
+    from rich.console import Console
+
+    from cectl.config import load_config
+    from cectl.schema import ShardConfig
+    from cectl.shard import run_shard
+
+    cfg = load_config(ShardConfig, flags={"workers": 1, **flags})
+    return run_shard(str(src), str(dst), cfg, Console(quiet=True))
+
+
+def train_checkpoint(shards: str, store: Path, name: str, *overrides: str) -> str:
+    """Train a tiny job (`tiny_job` with `overrides`) as run `name` in a local store; the
+    path of its last checkpoint."""
+    from cectl.runs import Run
+    from cectl.storage import open_store
+    from cectl.train import train
+
+    train(tiny_job(shards, *overrides), open_store(str(store)), name)
+    return Run(open_store(str(store)), name).checkpoint("latest").uri
 
 
 TINY = ["model.width=8", "model.bottleneck=32", "data.image_size=32", "data.load_size=40",
