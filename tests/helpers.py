@@ -100,13 +100,31 @@ def joined_nodes(address: str, count: int, cpus: int = 1):
         proc.wait(timeout=60)
 
 
+def descendants(root: int) -> list[tuple[int, int, str]]:
+    """(pid, parent pid, command line) of every process under `root`, from `ps`."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True)
+    procs = [(int(pid), int(ppid), args) for pid, ppid, args in
+             (line.split(None, 2) for line in out.stdout.splitlines() if line.count(" ") >= 2)]
+    found, parents = [], {root}
+    while True:
+        children = [p for p in procs if p[1] in parents and p not in found]
+        if not children:
+            return found
+        found += children
+        parents = {pid for pid, _, _ in children}
+
+
+def train_workers(cluster_pid: int) -> list[int]:
+    """The Ray Train workers of the local cluster `cluster_pid` (a test's own
+    `cectl cluster local`): never those of another cluster on this machine."""
+    return [pid for pid, _, args in descendants(cluster_pid) if "RayTrainWorker" in args]
+
+
 def kill_a_training_node(cluster_pid: int) -> None:
     """SIGKILL a node of a local cluster, as a preempted machine dies: the raylet and all
     it started at once. A node with a Ray Train worker, but not the head and not the one
     with the run's controller."""
-    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True)
-    procs = [(int(pid), int(ppid), args) for pid, ppid, args in
-             (line.split(None, 2) for line in out.stdout.splitlines() if line.count(" ") >= 2)]
+    procs = descendants(cluster_pid)
     # The head's raylet listens on sockets/raylet, the others on sockets/raylet.N.
     raylets = [pid for pid, ppid, args in procs
                if ppid == cluster_pid and "raylet/raylet" in args and "sockets/raylet." in args]
@@ -238,6 +256,16 @@ def train_checkpoint(shards: str, store: Path, name: str, *overrides: str) -> st
 
     train(tiny_job(shards, *overrides), open_store(str(store)), name)
     return Run(open_store(str(store)), name).checkpoint("latest").uri
+
+
+def train_keys(shards: str) -> list[str]:
+    """The keys of the train samples of a shard store, in manifest order."""
+    from cectl.shard_format import open_manifest, read_samples
+    from cectl.storage import open_store
+
+    store, manifest = open_store(shards), open_manifest(shards)
+    return [s["__key__"] for shard in manifest["splits"]["train"]["shards"]
+            for s in read_samples(store, shard["name"])]
 
 
 TINY = ["model.width=8", "model.bottleneck=32", "data.image_size=32", "data.load_size=40",

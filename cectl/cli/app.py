@@ -35,14 +35,14 @@ def run(argv: list[str]) -> int:
     input or usage), 130 (interrupted)."""
     try:
         app(args=argv, prog_name="cectl")
-    except SystemExit as e:  # Typer's own exit: help, usage errors
-        return e.code if isinstance(e.code, int) else int(e.code is not None)
+    except SystemExit as e:  # Typer's own exit: help, usage errors, Ctrl-C
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        if code == 130:  # Typer turns KeyboardInterrupt into exit 130, silently
+            err.print("interrupted: run the same command again to resume")
+        return code
     except CectlError as e:
         _print_error(str(e))
         return e.exit_code
-    except KeyboardInterrupt:
-        err.print("interrupted: run the same command again to resume")
-        return 130
     except Exception as e:  # never a bare traceback, unless asked for
         if os.environ.get("CECTL_DEBUG"):
             raise
