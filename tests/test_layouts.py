@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from helpers import cectl
+from helpers import shard_images
 from PIL import Image
 
 from cectl.sources import detect_layout, held_out, list_items
@@ -17,8 +17,8 @@ def write_images(root: Path, paths: list[str]) -> None:
         Image.new("RGB", (96, 80), (i * 20 % 255, 100, 50)).save(root / rel, "JPEG")
 
 
-def shard_manifest(src: Path, dst: Path, *args: str) -> dict:
-    cectl("shard", src, dst, *args, check=True)
+def shard_manifest(src: Path, dst: Path, **flags) -> dict:
+    shard_images(src, dst, **flags)
     return json.loads((dst / "manifest.json").read_text())
 
 
@@ -49,7 +49,7 @@ def test_paris_tree_uses_eval_gt_as_val(tmp_path):
 
 def test_forced_layout_beats_detection(tmp_path):
     write_images(tmp_path / "in", ["paris_train/1.jpg", "other/2.jpg"])
-    manifest = shard_manifest(tmp_path / "in", tmp_path / "out", "--layout", "folder")
+    manifest = shard_manifest(tmp_path / "in", tmp_path / "out", layout="folder")
     assert manifest["layout"] == "folder" and manifest["totals"]["samples"] == 2
 
 
