@@ -161,7 +161,7 @@ def test_every_bundled_job_recipe_loads(recipe):
             leaves(value, f"{prefix}{key}.") if isinstance(value, dict)
             else [(f"{prefix}{key}", value)])]
 
-    assert leaves(written)  # each value the recipe writes is the one loaded
+    assert len(leaves(written)) > 0  # each value the recipe writes is the one loaded
     for key, value in leaves(written):
         assert OmegaConf.select(cfg, key) == value, key
 
