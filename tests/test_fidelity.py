@@ -14,14 +14,12 @@ from helpers import tiny_job, train_checkpoint
 from PIL import Image
 
 from cectl.checkpoint import load_generator
-from cectl.data import TrainLoader
 from cectl.evaluate import evaluate_checkpoint, nearest_neighbour
 from cectl.inpaint import inpaint
 from cectl.losses import reconstruction_loss
 from cectl.masks import derive_seed, draw_holes, fill_holes, loss_weights, output_window
 from cectl.model import build_models
 from cectl.pixels import load_eval_images, to_batch, to_model_range, train_sample
-from cectl.shard_format import open_manifest
 from cectl.storage import open_store
 from cectl.train import describe_batch, train
 
@@ -83,16 +81,6 @@ def test_flips_come_at_half_the_crops_seeded_per_sample():
     again = [train_sample(sample, 32, 32, random.Random(derive_seed(0, "crop", i)))[0, 0, 0]
              == 0 for i in range(400)]
     assert flipped == again
-
-
-def test_loader_with_flips_resumes_exactly(facade_shards):
-    cfg = tiny_job(facade_shards)
-    manifest = open_manifest(facade_shards)
-    straight = TrainLoader(facade_shards, manifest, cfg, 0, 1)
-    batches = [next(straight) for _ in range(5)]
-    resumed = TrainLoader(facade_shards, manifest, cfg, 0, 1)
-    resumed.load_state_dict({"samples": 3 * cfg.data.batch_size})
-    assert torch.equal(next(resumed), batches[3]) and torch.equal(next(resumed), batches[4])
 
 
 @pytest.mark.parametrize(("mode", "step_size"), [("rec", 2e-4), ("joint", 2e-3)])
