@@ -44,6 +44,7 @@ def test_an_address_with_no_cluster_is_refused(cli, facade_shards, tmp_path, mon
     assert not ray_started()
 
 
+@pytest.mark.slow  # imports Ray in a process of its own
 def test_joining_a_cluster_that_is_not_local_is_refused():
     # A process of its own: `cluster local` takes over SIGTERM to stop its nodes.
     result = cectl("cluster", "local", "--join", "10.1.2.3:6379", "--nodes", "1", timeout=60)
@@ -60,6 +61,7 @@ def test_the_entry_point_keeps_stdout_for_the_report(facade_shards, tmp_path):
     assert refused.stdout == ""
 
 
+@pytest.mark.slow  # a signal to a real training process
 def test_ctrl_c_stops_a_training_that_resumes_from_its_last_checkpoint(cli, facade_shards,
                                                                       tmp_path):
     args = ["train", *TINY, "train.steps=400", "train.checkpoint_every=5", "--local", "--data",

@@ -55,7 +55,7 @@ def test_paris_round_trip_verifies_and_keeps_every_pixel(where, cli, paris, tmp_
     else:
         dst = str(tmp_path / "paris")
     count = images_in(paris)
-    result = cli("shard", paris, dst, "--resize", "0", "--shard-size", "30", "--workers", "2")
+    result = cli("shard", paris, dst, "--resize", "0", "--shard-size", "30", "--workers", "1")
     assert result.returncode == 0, result.stderr
     assert table_row(result.stdout, "total")[:3] == ["total", str(count),
                                                      str(math.ceil(count / 30))]
@@ -189,12 +189,12 @@ def test_bad_inputs_are_skipped_counted_and_named(cli, tmp_path):
 
 @pytest.fixture(scope="module")
 def twelve_images(tmp_path_factory) -> tuple[Path, Path]:
-    """Twelve generated images, and their shards: three train shards of four."""
+    """Twelve generated images, and their shards (JPEG): three train shards of four."""
     from cectl.demo import make_facades
 
     root = tmp_path_factory.mktemp("twelve")
     make_facades(root / "images", 12, size=72)
-    manifest = shard_images(root / "images", root / "shards", shard_size=4, resize=0)
+    manifest = shard_images(root / "images", root / "shards", shard_size=4)
     assert [s["samples"] for s in manifest["splits"]["train"]["shards"]] == [4, 4, 4]
     return root / "images", root / "shards"
 
@@ -207,16 +207,13 @@ def small_shards(twelve_images, tmp_path) -> Path:
 
 
 def test_same_input_gives_byte_identical_shards_whatever_the_workers(twelve_images, tmp_path):
-    for workers in (1, 2):
-        shard_images(twelve_images[0], tmp_path / f"w{workers}", workers=workers, shard_size=5,
-                     val_fraction=0.25)
-    one, two = (json.loads((tmp_path / f"w{w}" / "manifest.json").read_text()) for w in (1, 2))
-    assert one == two
-    assert set(one["splits"]) == {"train", "val"}
-    for split in one["splits"].values():
-        for s in split["shards"]:
-            first, second = (tmp_path / w / s["name"] for w in ("w1", "w2"))
-            assert first.read_bytes() == second.read_bytes()
+    images, one_worker = twelve_images
+    shard_images(images, tmp_path / "two", workers=2, shard_size=4)
+    one, two = (json.loads((d / "manifest.json").read_text()) for d in (one_worker,
+                                                                         tmp_path / "two"))
+    assert one == two and len(one["splits"]["train"]["shards"]) == 3
+    for s in one["splits"]["train"]["shards"]:
+        assert (one_worker / s["name"]).read_bytes() == (tmp_path / "two" / s["name"]).read_bytes()
 
 
 def test_tar_tf_lists_image_and_json_for_every_sample(twelve_images):
@@ -225,7 +222,7 @@ def test_tar_tf_lists_image_and_json_for_every_sample(twelve_images):
         names = subprocess.run(["tar", "tf", twelve_images[1] / shard["name"]],
                                capture_output=True, text=True, check=True).stdout.split()
         assert len(names) == 2 * shard["samples"]
-        assert {n.rsplit(".", 1)[1] for n in names} == {"png", "json"}  # --resize 0 keeps PNGs
+        assert {n.rsplit(".", 1)[1] for n in names} == {"jpg", "json"}
 
 
 def bad_shards(result) -> dict[str, str]:
@@ -255,7 +252,7 @@ def test_verify_names_a_missing_shard_and_exits_1(cli, small_shards):
 def test_resharding_with_another_shard_size_leaves_only_the_new_shards(cli, twelve_images,
                                                                        small_shards):
     before = json.loads((small_shards / "manifest.json").read_text())
-    result = cli("shard", twelve_images[0], small_shards, "--shard-size", "8", "--resize", "0")
+    result = cli("shard", twelve_images[0], small_shards, "--shard-size", "8")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((small_shards / "manifest.json").read_text())
     assert manifest["totals"]["samples"] == before["totals"]["samples"] == 12

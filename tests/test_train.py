@@ -233,6 +233,7 @@ def _ddp_rank(rank: int, world: int, port: int, shards: str, store: str, log: st
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes that each import torch and train: the Ray tests' DDP, unit-sized
 def test_ddp_ranks_end_with_identical_weights(facade_shards, tmp_path):
     from helpers import free_port
 
