@@ -32,7 +32,7 @@ from cectl.sources import Item, list_items
 from cectl.storage import Store, is_partial, open_store
 
 RECORDS = ".cectl-records"  # one JSON per finished shard: what a re-run may keep
-SHARD_NAME = re.compile(r"(train|val)/shard-\d{6}\.tar")
+SHARD_NAME = re.compile(rf"({'|'.join(SPLITS)})/shard-\d{{6}}\.tar")
 
 
 @dataclass
