@@ -30,6 +30,7 @@ from cectl.storage import open_store
 
 pytestmark = pytest.mark.slow  # a Ray cluster, a crash, a slow link: minutes
 
+
 def test_a_crash_during_a_background_upload_resumes_from_the_last_complete_checkpoint(
         facade_shards, s3_env, bucket, tmp_path):
     # A slow link to S3: a checkpoint of the tiny model (~300 KB) takes 12 s to upload.
