@@ -173,7 +173,7 @@ def test_bad_inputs_are_skipped_counted_and_named(cli, tmp_path):
     (src / "unreadable.jpg").symlink_to("/proc/self/mem")
     (src / "README.txt").write_text("not an image extension: ignored\n")
 
-    result = cli("shard", src, tmp_path / "out", "--workers", "2", "--shard-size", "4")
+    result = cli("shard", src, tmp_path / "out", "--workers", "1", "--shard-size", "4")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["totals"]["samples"] == 3

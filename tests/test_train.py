@@ -52,6 +52,7 @@ def losses(store: Path, run: str) -> dict[int, dict]:
     return {m["step"]: m for m in metrics(store, run) if "loss_rec" in m}
 
 
+@pytest.mark.slow  # 60 steps: the fast lane's trainings take a few
 def test_a_short_run_lowers_the_reconstruction_loss(facade_shards, tmp_path):
     # Reconstruction alone trains at optim.lr_d (train.lua); 2e-3 learns within 60 steps.
     cfg = tiny_job(facade_shards, "train.steps=60", "loss.mode=rec", "optim.lr_d=2e-3")
