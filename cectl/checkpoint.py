@@ -71,11 +71,15 @@ def load_generator(uri: str | Store) -> tuple[nn.Module, DictConfig, dict]:
     """The generator of a checkpoint (eval mode, CPU), its job config and its state."""
     from cectl.model import build_models
 
-    tensors, state = load_checkpoint(uri)
+    ckpt = open_store(uri) if isinstance(uri, str) else uri
+    tensors, state = load_checkpoint(ckpt)
     cfg = OmegaConf.merge(state["config"], {"loss": {"mode": "rec"}})
     with torch.device("meta"):  # the shapes the config asks for, nothing allocated
         shapes, _ = build_models(cfg)
-    check_tensors(tensors, {"G": shapes}, {})  # before a network of that size is built
+    try:  # before a network of that size is built
+        check_tensors(tensors, {"G": shapes}, {})
+    except BadInput as e:
+        raise BadInput(f"{ckpt.uri}: {e}") from None
     generator, _ = build_models(cfg)
     restore_tensors(tensors, {"G": generator}, {})
     return generator.eval(), state["config"], state

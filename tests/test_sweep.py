@@ -9,8 +9,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 from helpers import TINY, cectl
+
+pytestmark = pytest.mark.slow  # Ray Tune trials: minutes (the space's parsing is test_config's)
 
 SWEEP = """\
 job: demo

@@ -47,9 +47,6 @@ def run(argv: list[str]) -> int:
     except CectlError as e:
         _print_error(str(e))
         return e.exit_code
-    except KeyboardInterrupt:
-        err.print("interrupted: run the same command again to resume")
-        return 130
     except Exception as e:  # never a bare traceback, unless asked for
         if os.environ.get("CECTL_DEBUG"):
             raise
