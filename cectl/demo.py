@@ -138,11 +138,11 @@ def comparison_grid(ckpt_uri: str, data_uri: str, count: int = 8) -> Image.Image
     neighbour | truth."""
     import torch
 
-    from cectl.checkpoint import load_generator
     from cectl.evaluate import eval_holes, nearest_neighbour_fill
     from cectl.masks import fill_holes, output_window
     from cectl.model import complete
     from cectl.pixels import load_eval_images, to_model_range
+    from cectl.restore import load_generator
     from cectl.train import sample_grid
 
     generator, cfg, _ = load_generator(ckpt_uri)

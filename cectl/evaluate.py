@@ -171,7 +171,7 @@ def evaluate_checkpoint(ckpt: Store, data_uri: str, split: str = "val",
     """Load a checkpoint and score it on a split (mask: the one it trained with by default),
     with the nearest-neighbour baseline where it applies (center masks, a train split), and
     LPIPS and FID where `perceptual` has their networks."""
-    from cectl.checkpoint import load_generator
+    from cectl.restore import load_generator
 
     generator, cfg, state = load_generator(ckpt)
     window = output_window(cfg.data.image_size, cfg.mask.kind)

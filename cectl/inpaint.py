@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from cectl.checkpoint import load_generator
 from cectl.errors import BadInput
 from cectl.images import Skip, decode, open_image, to_8bit_grey
 from cectl.masks import (
@@ -35,6 +34,7 @@ from cectl.masks import (
     output_window,
 )
 from cectl.pixels import to_batch, to_model_range
+from cectl.restore import load_generator
 
 KEEP_MODES = ("RGB", "RGBA", "L", "LA")
 

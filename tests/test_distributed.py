@@ -30,8 +30,8 @@ def cluster():
 
 def test_ddp_on_two_nodes_checkpoints_to_s3_with_identical_weights(cluster, facade_shards,
                                                                     s3_env, bucket, tmp_path):
-    from cectl.checkpoint import load_checkpoint, restore_tensors
     from cectl.model import build_models, weights_digest
+    from cectl.restore import load_checkpoint, restore_tensors
 
     store = f"s3://{bucket}/store"
     log = tmp_path / "debug.jsonl"  # each rank writes its weights' digest here at the end

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.nn import Conv2d, Flatten, LeakyReLU, Linear, MaxPool2d, ReLU, Sequential
 
-from cectl.checkpoint import load_generator
+from cectl.restore import load_generator
 from cectl.storage import open_store
 
 COLOURS = {"n01440764": (200, 40, 40), "n02102040": (40, 170, 60), "n03000684": (50, 60, 210)}

@@ -13,13 +13,13 @@ import torch
 from helpers import tiny_job, train_checkpoint
 from PIL import Image
 
-from cectl.checkpoint import load_generator
 from cectl.evaluate import evaluate_checkpoint, nearest_neighbour_fill
 from cectl.inpaint import inpaint
 from cectl.losses import reconstruction_loss
 from cectl.masks import derive_seed, draw_holes, fill_holes, loss_weights, output_window
 from cectl.model import build_models
 from cectl.pixels import load_eval_images, to_batch, to_model_range, train_sample
+from cectl.restore import load_generator
 from cectl.storage import open_store
 from cectl.train import describe_batch, train
 

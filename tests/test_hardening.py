@@ -22,11 +22,11 @@ from helpers import assert_refused, image_bytes, png_header, tiny_job
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from cectl.checkpoint import load_generator
 from cectl.data import TrainLoader
 from cectl.errors import BadInput
 from cectl.images import Skip, decode
 from cectl.inpaint import inpaint
+from cectl.restore import load_generator
 from cectl.runs import CLAIM, Run
 from cectl.shard_format import read_manifest, read_samples
 from cectl.storage import open_store

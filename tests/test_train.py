@@ -17,9 +17,10 @@ from helpers import assert_refused, tiny_job
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from cectl.checkpoint import Checkpointer, load_checkpoint, restore_tensors, write_checkpoint
+from cectl.checkpoint import Checkpointer, write_checkpoint
 from cectl.data import TrainLoader
 from cectl.model import build_models, weights_digest
+from cectl.restore import load_checkpoint, restore_tensors
 from cectl.runs import FORMATS, Run
 from cectl.shard_format import open_manifest
 from cectl.storage import open_store
@@ -340,9 +341,9 @@ def test_gpu_decoding_without_a_gpu_is_a_usage_error(cli, facade_shards, tmp_pat
 
 @pytest.mark.parametrize("kind", ["random-block", "random-region"])
 def test_random_mask_training_validates_on_whole_images(kind, facade_shards, tmp_path):
-    from cectl.checkpoint import load_generator
     from cectl.evaluate import evaluate
     from cectl.pixels import load_eval_images
+    from cectl.restore import load_generator
 
     cfg = tiny_job(facade_shards, f"mask.kind={kind}", "train.steps=2", "train.eval_every=1")
     train(cfg, open_store(str(tmp_path)), "random")

@@ -22,10 +22,10 @@ import yaml
 from helpers import TINY, cectl, free_port, tiny_job
 from safetensors.torch import load_file, save_file
 
-from cectl.checkpoint import load_generator
 from cectl.cli.app import run
 from cectl.data import TrainLoader
 from cectl.errors import BadInput, Failure
+from cectl.restore import load_generator
 from cectl.shard_format import open_manifest
 from cectl.storage import open_store
 
