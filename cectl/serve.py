@@ -40,6 +40,7 @@ OFFLINE = {
     "GRADIO_MCP_SERVER": "False",
     "HF_HUB_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
+    "OTEL_SDK_DISABLED": "true",  # FastAPI's OpenTelemetry export, should the environment ask
 }
 
 
