@@ -160,8 +160,8 @@ def build_page(gr: Any, ckpt: str, generator: nn.Module, cfg: DictConfig, state:
 
 def serve(ckpt: str, host: str, port: int, out: Console, err: Console) -> None:
     """Serve the page for `ckpt` on host:port until Ctrl-C or SIGTERM."""
-    gr = _import_gradio(host)
     generator, cfg, state = load_generator(ckpt)
+    gr = _import_gradio(host)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C
     with tempfile.TemporaryDirectory(prefix="cectl-serve-") as results:
         page = build_page(gr, ckpt, generator, cfg, state, Path(results), err)
