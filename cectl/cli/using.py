@@ -1,4 +1,4 @@
-"""Using a model: `cectl eval`, `inpaint`, `export`, `probe`, `neighbors`."""
+"""Using a model: `cectl eval`, `inpaint`, `serve`, `export`, `probe`, `neighbors`."""
 
 from __future__ import annotations
 
@@ -78,6 +78,19 @@ def inpaint_command(
     _check_image(img, "")
     result = inpaint(img, ckpt, mask, output or img.with_name(f"{img.stem}-inpainted.png"), seed)
     out.print(f"wrote {result['out']} ({result['hole_pixels']:,} hole pixels filled)")
+
+
+@app.command()
+def serve(
+    ckpt: CheckpointArgument,
+    port: Annotated[int, typer.Option(help="port of the page")] = 7860,
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every "
+                                      "interface)")] = "127.0.0.1",
+) -> None:
+    """A local web page: upload a photo, paint the hole, see it filled (the ui extra)."""
+    from cectl.serve import serve as serve_page
+
+    serve_page(ckpt, host, port, out, err)
 
 
 @app.command(name="export")
