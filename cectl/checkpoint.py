@@ -23,7 +23,6 @@ from torch.distributed.checkpoint.state_dict import (
 
 from cectl.restore import (
     FLAT,
-    FORMATS,
     Modules,
     Optimizers,
     check_tensors,
@@ -31,7 +30,7 @@ from cectl.restore import (
     restore_tensors,
     upgrade_v1,
 )
-from cectl.runs import Run, state_bytes, step_dir
+from cectl.runs import FORMATS, Run, state_bytes, step_dir
 
 
 def _buffer_copies(modules: Modules) -> dict[str, torch.Tensor]:
