@@ -27,11 +27,11 @@ from rich.console import Console
 from torch import nn
 
 from cectl import render
-from cectl.checkpoint import load_generator
 from cectl.errors import BadInput, CectlError, Failure
 from cectl.images import to_rgb
 from cectl.inpaint import drawn_hole, fill, read_image
 from cectl.masks import KINDS
+from cectl.restore import load_generator
 
 BRUSH = "brush"
 OFFLINE = {

@@ -22,9 +22,9 @@ import pytest
 from helpers import free_port
 from PIL import Image
 
-from cectl.checkpoint import load_generator
 from cectl.cli import run
 from cectl.errors import BadInput
+from cectl.restore import load_generator
 from cectl.serve import BRUSH, inpaint_upload, painted_hole
 
 CHROMIUM = shutil.which("chromium")
