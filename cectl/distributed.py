@@ -50,15 +50,16 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def connect(address: str | None) -> None:
-    """Join the cluster at `address` (default: RAY_ADDRESS, else a new local instance)."""
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    parsed = urlparse(address if address and "://" in address else f"tcp://{address}")
-    on_this_machine = address in (None, "local") or parsed.hostname in LOOPBACK
+    """Join the cluster at `address` (default: RAY_ADDRESS, else a new local instance:
+    never the cluster `ray start` last recorded on this machine, maybe someone else's)."""
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    on_this_machine = address == "local" or parsed.hostname in LOOPBACK
     if on_this_machine:
         use_loopback()
     import ray
 
-    if address and address not in ("auto", "local"):
+    if address not in ("auto", "local"):
         try:
             with socket.create_connection((parsed.hostname, parsed.port or 6379), timeout=5):
                 pass
@@ -177,10 +178,10 @@ def _worker(config: dict) -> None:
         rank=rank, world=context.get_world_size(), device=device,
         wrap=ddp_wrapper(device, cfg.train.grad_reduce),
         on_log=on_log if rank == 0 else None, on_checkpoint=on_checkpoint)
-    # A restarted worker group finds the checkpoints of the attempt before it.
-    store = open_store(config["store"])
-    resume = config["resume"] or bool(Run(store, config["name"]).steps())
-    train(cfg, store, config["name"], session, resume=resume)
+    # A restarted worker group finds the checkpoints of the attempt before it. The driver
+    # holds the run: rank 0 writes under its claim, wherever Ray places it.
+    train(cfg, open_store(config["store"]), config["name"], session, resume=True,
+          claim=config["claim"])
 
 
 def parse_nodes(text: str) -> tuple[int, int]:
@@ -203,6 +204,20 @@ def train_on_ray(cfg: DictConfig, store: Store, name: str, nodes: tuple[int, int
                        "(drop --cpu, or use train.grad_reduce=fp32)")
     if high > low:
         os.environ.setdefault(*ELASTIC_START_TIMEOUT)
+    # The driver holds the run for the whole Ray run, through every restart of the worker
+    # group: a claim taken by rank 0 would be refused to the next rank 0 on another host.
+    run = Run(store, name)
+    claim = run.claim(resume)
+    try:
+        return _fit(cfg, run, claim.record, nodes, gpus_per_node, cpu, address, console)
+    finally:
+        claim.release()
+
+
+def _fit(cfg: DictConfig, run: Run, claim: dict, nodes: tuple[int, int], gpus_per_node: int,
+         cpu: bool, address: str | None, console: Console) -> dict:
+    """The Ray Train run itself, workers writing under the driver's `claim`."""
+    low, high = nodes
     workers, most = join_cluster(nodes, gpus_per_node, cpu, address)
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -210,6 +225,7 @@ def train_on_ray(cfg: DictConfig, store: Store, name: str, nodes: tuple[int, int
     from ray.util.queue import Empty, Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    store, name = run.root, run.name
     try:
         fs, root = store.arrow_fs()
         # On the driver's node: the queue must outlive any worker node that is lost.
@@ -227,7 +243,7 @@ def train_on_ray(cfg: DictConfig, store: Store, name: str, nodes: tuple[int, int
         trainer = TorchTrainer(
             _worker,
             train_loop_config={"cfg": OmegaConf.to_container(cfg), "store": store.uri,
-                               "name": name, "resume": resume, "progress": progress_queue},
+                               "name": name, "claim": claim, "progress": progress_queue},
             torch_config=TorchConfig(backend="gloo" if cpu else "nccl"),
             scaling_config=ScalingConfig(
                 num_workers=workers if most == workers else (workers, most), use_gpu=not cpu,
@@ -252,11 +268,12 @@ def train_on_ray(cfg: DictConfig, store: Store, name: str, nodes: tuple[int, int
             try:
                 trainer.fit()
             except ray.train.TrainingFailedError as e:
+                run.check_claim()  # lost: that is why, and the sentence to say
                 raise Failure(f"training failed after {MAX_FAILURES} restarts: "
                               f"{str(e).strip().splitlines()[-1]}") from None
             finally:
                 done.set()
                 thread.join()
-        return Run(store, name).summary()
+        return run.summary()
     finally:
         ray.shutdown()
