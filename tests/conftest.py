@@ -1,8 +1,10 @@
-"""Shared fixtures: a real S3 server over HTTP on 127.0.0.1, the shared images, the CLI."""
+"""Shared fixtures: real S3 servers over HTTP on 127.0.0.1 (moto, SeaweedFS), the shared
+images, the CLI."""
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -45,6 +47,43 @@ def bucket(s3_env) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_env).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def seaweed_server():
+    """SeaweedFS for the whole session, started on first use (about 3.5 s)."""
+    from seaweed import seaweed_server
+
+    # A short root: the server's unix sockets live below it.
+    with seaweed_server(Path(tempfile.mkdtemp(prefix="seaweed-"))) as server:
+        yield server
+
+
+@pytest.fixture
+def seaweed(seaweed_server, monkeypatch):
+    """The AWS settings pointed at SeaweedFS; the server, for tests to kill or pause. It is
+    running again after the test."""
+    from seaweed import ACCESS_KEY, SECRET_KEY
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", seaweed_server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    yield seaweed_server
+    seaweed_server.ensure_up()
+
+
+@pytest.fixture
+def seaweed_bucket(seaweed) -> str:
+    """A new bucket; deleted with its objects after the test (each holds a volume)."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=seaweed.endpoint)
+    client.create_bucket(Bucket=name)
+    yield name
+    seaweed.ensure_up()
+    client.delete_bucket(Bucket=name)  # SeaweedFS deletes non-empty buckets
 
 
 @pytest.fixture
