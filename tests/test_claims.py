@@ -71,6 +71,18 @@ def test_of_simultaneous_takeovers_of_a_dead_claim_exactly_one_wins(store_uri):
         assert not run.store.exists(CLAIM)
 
 
+def test_heartbeats_renew_the_claim_conditionally_on_every_store(store_uri):
+    run = Run(open_store(store_uri), "beating")
+    held = run.claim(resume=False)
+    first = stored_claim(run)["heartbeat"]
+    for _ in range(2):  # each beat is conditional on the version the previous one wrote
+        held._renew()
+    assert held.lost is None and stored_claim(run)["heartbeat"] > first
+    run.check_claim()
+    held.release()
+    assert not run.store.exists(CLAIM)
+
+
 def test_a_heartbeat_never_overwrites_a_takeover_and_the_holder_stops(tmp_path):
     run = Run(open_store(str(tmp_path)), "r")
     held = run.claim(resume=False)
