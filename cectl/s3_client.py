@@ -55,7 +55,8 @@ class S3Config:
         chain = botocore.session.get_session()
         return cls(endpoint=endpoint_url(),
                    region=chain.get_config_variable("region") or "us-east-1",
-                   max_attempts=chain.get_config_variable("max_attempts") or cls.max_attempts,
+                   max_attempts=max(1, chain.get_config_variable("max_attempts")
+                                    or cls.max_attempts),
                    read_timeout=READ_TIMEOUT_S)
 
     @property

@@ -271,7 +271,7 @@ class LocalStore(Store):
         needs none, the link is atomic). flock works across hosts on NFS too."""
         lock = path.with_name(f".{path.name}{LOCK_SUFFIX}")
         while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 with contextlib.suppress(FileNotFoundError):

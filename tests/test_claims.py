@@ -117,6 +117,13 @@ def test_deeply_nested_claim_and_state_json_are_damaged_files_not_crashes(tmp_pa
     ckpt.write_bytes("state.json", b'{"format": "cectl-checkpoint/2", "config": ' + deep + b"}")
     with pytest.raises(BadInput, match="state.json is corrupt"):
         read_state(ckpt)
+    config = {"model": {}}
+    for _ in range(500):  # parses, but no config is nested like this
+        config = {"a": config}
+    state = {"format": "cectl-checkpoint/2", "step": 1, "config": {"model": config}}
+    ckpt.write_bytes("state.json", json.dumps(state).encode())
+    with pytest.raises(BadInput, match="state.json: nested too deeply"):
+        read_state(ckpt)
 
 
 @pytest.mark.parametrize("header", ["If-None-Match", "If-Match"])
