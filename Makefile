@@ -1,5 +1,6 @@
 # `make demo` and `make test` set themselves up: a .venv with torch (CPU build, pinned
-# first so nothing pulls the CUDA wheels) and cectl installed in editable mode.
+# first so nothing pulls the CUDA wheels) and cectl installed in editable mode, with the
+# test and ui (cectl serve) extras.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,ui]'
 	touch $(STAMP)
 
 setup: $(STAMP)

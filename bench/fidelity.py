@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from cectl.checkpoint import load_generator
 from cectl.config import load_config, validate_job
 from cectl.evaluate import evaluate_checkpoint
 from cectl.masks import derive_seed, draw_holes, fill_holes, output_window
 from cectl.pixels import load_eval_images, to_model_range
+from cectl.restore import load_generator
 from cectl.schema import JobConfig
 from cectl.storage import open_store
 from cectl.train import train

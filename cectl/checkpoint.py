@@ -1,11 +1,11 @@
-"""Checkpoint tensors: saved in the background, restored, upgraded from older formats.
+"""Checkpoints written in the background, and restored into a training job.
 
 A checkpoint is `model.safetensors` (both networks, both optimizers keyed by parameter
 name, the RNG) and `state.json` (the rest; its format and the run folders are
-`cectl.runs`'). Nothing is ever unpickled. Saving is off the training loop's critical
-path: the loop copies only buffers and the RNG; a background thread copies the weights
-and optimizer states, then serialises and uploads them while training goes on (see
-`Checkpointer`).
+`cectl.runs`', reading one back is `cectl.restore`'s). Saving is off the training loop's
+critical path: the loop copies only buffers and the RNG; a background thread copies the
+weights and optimizer states, then serialises and uploads them while training goes on
+(see `Checkpointer`).
 """
 
 from __future__ import annotations
@@ -15,25 +15,22 @@ from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_optimizer_state_dict,
-    set_optimizer_state_dict,
 )
 
-from cectl.errors import BadInput
-from cectl.runs import FORMATS, Run, read_state, state_bytes, step_dir
-from cectl.storage import Store, open_store
-
-FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-Modules = dict[str, nn.Module | None]
-Optimizers = dict[str, torch.optim.Optimizer | None]
+from cectl.restore import (
+    FLAT,
+    Modules,
+    Optimizers,
+    check_tensors,
+    load_checkpoint,
+    restore_tensors,
+    upgrade_v1,
+)
+from cectl.runs import FORMATS, Run, state_bytes, step_dir
 
 
 def _buffer_copies(modules: Modules) -> dict[str, torch.Tensor]:
@@ -62,58 +59,6 @@ def _live_weights(modules: Modules, optimizers: Optimizers) -> dict[str, torch.T
                 if isinstance(value, torch.Tensor):  # param_groups come from the config
                     tensors[f"optim.{name}.{key}"] = value.detach()
     return tensors
-
-
-def load_generator(uri: str | Store) -> tuple[nn.Module, DictConfig, dict]:
-    """The generator of a checkpoint (eval mode, CPU), its job config and its state."""
-    from cectl.model import build_models
-
-    tensors, state = load_checkpoint(uri)
-    cfg = state["config"]
-    generator, _ = build_models(OmegaConf.merge(cfg, {"loss": {"mode": "rec"}}))
-    try:
-        restore_tensors(tensors, {"G": generator}, {})
-    except RuntimeError:
-        raise BadInput(f"{state.get('checkpoint', 'the checkpoint')} does not match the "
-                       f"{cfg.model.arch} network it claims to hold") from None
-    return generator.eval(), cfg, state
-
-
-def restore_tensors(tensors: dict[str, torch.Tensor], modules: Modules,
-                    optimizers: Optimizers) -> None:
-    """Load networks and optimizer states; the RNG is the caller's to restore, when due."""
-    for name, module in modules.items():
-        if module is None:
-            continue
-        prefix = f"{name}."
-        mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        for key, want in module.state_dict().items():
-            # load_state_dict would silently cast, e.g. int8 weights into garbage floats
-            if key in mine and mine[key].dtype != want.dtype:
-                raise BadInput(f"checkpoint tensor {prefix}{key} is {mine[key].dtype}, "
-                               f"the network needs {want.dtype}: the checkpoint is damaged")
-        module.load_state_dict(mine)
-        if optimizers.get(name) is not None:
-            opt = optimizers[name]
-            # The current flat state supplies the param_groups (hyperparameters come from
-            # the config); the checkpoint supplies every tensor.
-            state = get_optimizer_state_dict(module, opt, options=FLAT)
-            prefix = f"optim.{name}."
-            state.update({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-            set_optimizer_state_dict(module, opt, state, options=FLAT)
-
-
-def upgrade_v1(tensors: dict[str, torch.Tensor], modules: Modules) -> dict[str, torch.Tensor]:
-    """Rename a /1 checkpoint's `optim.NAME.INDEX.FIELD` keys to parameter names."""
-    names = {name: [fqn for fqn, _ in module.named_parameters()]
-             for name, module in modules.items() if module is not None}
-    upgraded = {}
-    for key, value in tensors.items():
-        parts = key.split(".", 3)
-        if parts[0] == "optim" and parts[1] in names and parts[2].isdigit():
-            key = f"optim.{parts[1]}.state.{names[parts[1]][int(parts[2])]}.{parts[3]}"
-        upgraded[key] = value
-    return upgraded
 
 
 def write_checkpoint(run: Run, step: int, tensors: dict[str, torch.Tensor], state: dict) -> str:
@@ -252,6 +197,7 @@ class Checkpointer:
         tensors, state = load_checkpoint(self.run.checkpoint("latest"))
         if state["format"] == FORMATS[0]:
             tensors = upgrade_v1(tensors, self.modules)
+        check_tensors(tensors, self.modules, self.optimizers, rng=True)
         restore_tensors(tensors, self.modules, self.optimizers)
         # With the world it was saved with: a per-rank data position (written before the
         # data position became global) holds only for that world.
@@ -266,18 +212,5 @@ class Checkpointer:
         if self.restored_world in (None, self.world):
             return {"resumed": 1}
         return {"resumed": 1, "resized_from": self.restored_world, "world": self.world}
-
-
-def load_checkpoint(uri: str | Store) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, state) of a checkpoint folder, local or on S3."""
-    ckpt = open_store(uri) if isinstance(uri, str) else uri
-    state = read_state(ckpt)
-    try:
-        tensors = load_tensors(ckpt.read_bytes("model.safetensors"))
-    except FileNotFoundError:
-        raise BadInput(f"{ckpt.uri} is missing model.safetensors") from None
-    except SafetensorError:
-        raise BadInput(f"{ckpt.url('model.safetensors')} is corrupt") from None
-    return tensors, state
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from cectl.errors import BadInput, Failure
+from cectl.render import status
 
 
 def ray_cli(*args: str) -> None:
@@ -42,13 +43,14 @@ def run_local_cluster(nodes: int, cpus: int, out: Console, err: Console,
     use_loopback()
     if nodes < 1 or cpus < 1:
         raise BadInput("--nodes and --cpus must be at least 1")
+    head = _local_head(join) if join else None
     signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: the raylets are shut down
-    if join:
-        _join(join, nodes, cpus, err)
+    if head:
+        _join(head, nodes, cpus, err)
         return
     from ray.cluster_utils import Cluster
 
-    with err.status(f"starting a local Ray cluster of {nodes} nodes"):
+    with status(err, f"starting a local Ray cluster of {nodes} nodes"):
         node = {"num_cpus": cpus, "node_ip_address": "127.0.0.1"}
         cluster = Cluster(initialize_head=True,
                           head_node_args={**node, "_system_config": FAST_NODE_DEATH})
@@ -72,6 +74,21 @@ def run_local_cluster(nodes: int, cpus: int, out: Console, err: Console,
         err.print("local cluster stopped")
 
 
+def _local_head(address: str) -> str:
+    """`--join`'s address as a local cluster listens, 127.0.0.1:PORT (given as 127.0.0.1,
+    localhost or [::1]); BadInput unless something answers there, rather than Ray's wait."""
+    from cectl.distributed import LOOPBACK, answers
+
+    host, _, port = address.rpartition(":")
+    if host.strip("[]") not in LOOPBACK or not port.isdigit():
+        raise BadInput(f"--join takes the address `cectl cluster local` printed "
+                       f"(127.0.0.1:PORT), not {address}")
+    if not answers(head := f"127.0.0.1:{port}"):
+        raise BadInput(f"nothing answers at {address}: is `cectl cluster local` running, and "
+                       "is that the address it printed?")
+    return head
+
+
 def _join(address: str, nodes: int, cpus: int, err: Console) -> None:
     """`nodes` raylets join the local cluster at `address` until Ctrl-C, as machines that
     come back do. (`ray start --address` would swap 127.0.0.1 for this machine's outward
@@ -80,14 +97,9 @@ def _join(address: str, nodes: int, cpus: int, err: Console) -> None:
     from ray._private.node import Node
     from ray._private.parameter import RayParams
 
-    from cectl.distributed import LOOPBACK
-
-    if address.rsplit(":", 1)[0] not in LOOPBACK:
-        raise BadInput(f"--join takes the address `cectl cluster local` printed "
-                       f"(127.0.0.1:PORT), not {address}")
     started = []
     try:
-        with err.status(f"starting {nodes} nodes for {address}"):
+        with status(err, f"starting {nodes} nodes for {address}"):
             for _ in range(nodes):
                 params = RayParams(gcs_address=address, num_cpus=cpus, num_gpus=0,
                                    node_ip_address="127.0.0.1", node_manager_port=0,

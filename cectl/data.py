@@ -42,7 +42,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cectl.errors import BadInput, CectlError
+from cectl.errors import BadInput, CectlError, Failure
 from cectl.masks import derive_seed
 from cectl.pixels import EncodedBatch, decode_batch, encoded_sample, to_batch, train_sample
 from cectl.shard_cache import ShardCache
@@ -111,8 +111,13 @@ class GlobalOrder:
         i = bisect.bisect_right(starts, offset) - 1
         shard = order[i]
         if self._shard is None or self._shard[:2] != (epoch, shard["name"]):
-            copy = self.cache.open(shard) if self.cache else None
-            samples = read_samples(self.store, shard["name"], copy)
+            try:
+                copy = self.cache.open(shard) if self.cache else None
+                samples = read_samples(self.store, shard["name"], copy)
+            except OSError as e:  # a full disk, a broken link: the cause, not a traceback
+                raise Failure(f"cannot read {self.store.url(shard['name'])}: "
+                              f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}"
+                              ) from None
             if len(samples) != shard["samples"]:
                 raise BadInput(f"{shard['name']} holds {len(samples)} samples, the manifest "
                                f"says {shard['samples']}: run `cectl verify`")
@@ -133,12 +138,16 @@ class TrainBatches(IterableDataset):
         self.load_size, self.image_size, self.encoded = load_size, image_size, encoded
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor | EncodedBatch, list[str]] | CectlError]:
+        # Errors are passed on as values: raised in a loader process, they would reach the
+        # user wrapped in that process's traceback.
         try:
             yield from self._batches()
         except CectlError as e:
-            # Passed on as a value: raised in a loader process, it would reach the user
-            # wrapped in that process's traceback.
             yield e
+        except Exception as e:
+            if os.environ.get("CECTL_DEBUG"):
+                raise
+            yield Failure(f"unexpected {type(e).__name__} in the loader: {e}")
 
     def _batches(self) -> Iterator[tuple[torch.Tensor | EncodedBatch, list[str]]]:
         info = get_worker_info()

@@ -1,11 +1,15 @@
 """Procedural street facades: structured images a small model can learn to inpaint.
 
 Rows of windows on a coloured wall give the context encoder something to infer from the
-surroundings (window rhythm, wall colour, floor lines), like Paris StreetView in miniature.
+surroundings (window rhythm, wall colour, ledges), like Paris StreetView in miniature.
+Every facade draws its layout, spacing, offset, colours and details from continuous
+ranges, so a hole follows from its own image's context but no other image holds it: the
+model must beat pasting the nearest neighbour's hole, as on real photographs.
 """
 
 from __future__ import annotations
 
+import colorsys
 import json
 import random
 import shutil
@@ -15,35 +19,44 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFilter
 from rich.console import Console
 
-WALLS = [(214, 196, 160), (200, 190, 175), (186, 160, 130), (225, 215, 195), (170, 165, 160)]
+
+def _colour(hue: float, saturation: float, value: float) -> tuple[int, int, int]:
+    return tuple(round(255 * c) for c in colorsys.hsv_to_rgb(hue % 1.0, saturation, value))
 
 
 def facade(rng: random.Random, size: int) -> Image.Image:
-    wall = tuple(max(0, min(255, c + rng.randint(-15, 15))) for c in rng.choice(WALLS))
-    img = Image.new("RGB", (size, size), wall)
+    """A wall with a grid of windows, every parameter drawn from a continuous range."""
+    hue, saturation, value = rng.random(), rng.uniform(0.1, 0.55), rng.uniform(0.45, 0.92)
+    img = Image.new("RGB", (size, size), _colour(hue, saturation, value))
     draw = ImageDraw.Draw(img)
-    rows, cols = rng.randint(3, 5), rng.randint(3, 5)
-    cell_w, cell_h = size / cols, size / rows
-    glass = (rng.randint(30, 70), rng.randint(40, 80), rng.randint(60, 100))
-    frame = tuple(min(255, c + 40) for c in wall)
-    win_w, win_h = cell_w * rng.uniform(0.35, 0.55), cell_h * rng.uniform(0.45, 0.65)
+    cell_w, cell_h = size * rng.uniform(0.17, 0.34), size * rng.uniform(0.19, 0.36)
+    x_phase, y_phase = rng.uniform(0, cell_w), rng.uniform(0, cell_h)
     shutters = rng.random() < 0.5
-    shutter = (rng.randint(40, 90), rng.randint(80, 130), rng.randint(50, 90))
-    for r in range(rows):
-        y = r * cell_h
-        draw.line([(0, y), (size, y)], fill=tuple(c - 25 for c in wall), width=2)
-        for c in range(cols):
-            x0 = c * cell_w + (cell_w - win_w) / 2
-            y0 = y + (cell_h - win_h) / 2
-            box = [x0, y0, x0 + win_w, y0 + win_h]
-            draw.rectangle([box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2], fill=frame)
-            draw.rectangle(box, fill=glass)
-            draw.line([(x0 + win_w / 2, y0), (x0 + win_w / 2, y0 + win_h)], fill=frame, width=1)
+    win_w = cell_w * rng.uniform(0.3, 0.5 if shutters else 0.65)
+    win_h = cell_h * rng.uniform(0.4, 0.72)
+    win_y = (cell_h - win_h) * rng.uniform(0.25, 0.75)
+    glass = _colour(rng.random(), rng.uniform(0.2, 0.6), rng.uniform(0.12, 0.4))
+    trim = _colour(hue, saturation * 0.5, min(1.0, value + rng.uniform(-0.35, 0.25)))
+    shutter = _colour(rng.random(), rng.uniform(0.3, 0.7), rng.uniform(0.25, 0.6))
+    rim = max(1.0, size * rng.uniform(0.008, 0.025))
+    ledge = max(1.0, size * rng.uniform(0.006, 0.02))
+    mullion = rng.random() < 0.6
+    for row in range(-1, int(size / cell_h) + 2):
+        y = y_phase + row * cell_h
+        draw.rectangle([0, y + cell_h - ledge, size, y + cell_h], fill=trim)
+        for col in range(-1, int(size / cell_w) + 2):
+            x0, y0 = x_phase + col * cell_w + (cell_w - win_w) / 2, y + win_y
+            x1, y1 = x0 + win_w, y0 + win_h
+            draw.rectangle([x0 - rim, y0 - rim, x1 + rim, y1 + rim], fill=trim)
+            draw.rectangle([x0, y0, x1, y1], fill=glass)
+            if mullion:
+                draw.line([((x0 + x1) / 2, y0), ((x0 + x1) / 2, y1)], fill=trim,
+                          width=max(1, round(rim / 2)))
             if shutters:
-                gap, leaf = win_w * 0.08, win_w * 0.35
-                draw.rectangle([box[0] - gap - leaf, box[1], box[0] - gap, box[3]], fill=shutter)
-                draw.rectangle([box[2] + gap, box[1], box[2] + gap + leaf, box[3]], fill=shutter)
-    img = img.filter(ImageFilter.GaussianBlur(0.6))
+                leaf = win_w * 0.3
+                draw.rectangle([x0 - rim - leaf, y0, x0 - rim, y1], fill=shutter)
+                draw.rectangle([x1 + rim, y0, x1 + rim + leaf, y1], fill=shutter)
+    img = img.filter(ImageFilter.GaussianBlur(size / 160))
     noise = Image.effect_noise((size, size), 8).convert("RGB")
     return Image.blend(img, noise, 0.06)
 
@@ -120,12 +133,36 @@ def plot_curve(points: list[tuple[int, float]], path: Path, title: str) -> None:
     img.save(path)
 
 
+def comparison_grid(ckpt_uri: str, data_uri: str, count: int = 8) -> Image.Image:
+    """The first `count` held-out images, in rows: input with hole | model | nearest
+    neighbour | truth."""
+    import torch
+
+    from cectl.evaluate import eval_holes, nearest_neighbour_fill
+    from cectl.masks import fill_holes, output_window
+    from cectl.model import complete
+    from cectl.pixels import load_eval_images, to_model_range
+    from cectl.restore import load_generator
+    from cectl.train import sample_grid
+
+    generator, cfg, _ = load_generator(ckpt_uri)
+    images, _ = load_eval_images(data_uri, "val", cfg.data.image_size, limit=count)
+    truth = to_model_range(images)
+    holes = eval_holes("center", len(images), cfg.data.image_size, cfg.mask.overlap, 0)
+    with torch.no_grad():
+        _, completed = complete(generator, truth, holes,
+                                output_window(cfg.data.image_size, "center").offset)
+    neighbours = nearest_neighbour_fill(generator, cfg, images, data_uri)
+    grid = sample_grid(fill_holes(truth, holes), completed, neighbours, truth)
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
 def run_demo(out: Path, console: Console, err: Console) -> None:
     """Generate facades, shard, train jobs/demo.yaml, evaluate, inpaint, print the PNGs."""
     from cectl.config import load_config, validate_job
     from cectl.evaluate import evaluate_checkpoint
     from cectl.inpaint import inpaint
-    from cectl.render import TrainProgress, score_table
+    from cectl.render import TrainProgress, score_report, status
     from cectl.runs import Run
     from cectl.schema import JobConfig, ShardConfig
     from cectl.shard import run_shard
@@ -133,7 +170,7 @@ def run_demo(out: Path, console: Console, err: Console) -> None:
     from cectl.train import Session, train
 
     images, shards, store = out / "images", out / "shards", out / "store"
-    with err.status("generating 800 sample facades"):
+    with status(err, "generating 800 sample facades"):
         make_facades(images, 800, size=96)
     run_shard(str(images), str(shards),
               load_config(ShardConfig, flags={"shard_size": 100, "val_fraction": 0.1}), err)
@@ -151,8 +188,9 @@ def run_demo(out: Path, console: Console, err: Console) -> None:
     ckpt = run.checkpoint("latest")
 
     scores = evaluate_checkpoint(ckpt, str(shards))
-    console.print(score_table(scores, f"held-out facades ({scores['images']} images, "
-                                      "central hole)"))
+    score_report(console, scores, f"held-out facades ({scores['images']} images, central hole)")
+    comparison = out / "comparison.png"
+    comparison_grid(ckpt.uri, str(shards)).save(comparison)
 
     inpainted = inpaint(held_out, ckpt.uri, "center", out / "inpainted.png")["out"]
     lines = run.store.read_bytes("metrics.jsonl").decode().splitlines()
@@ -165,6 +203,7 @@ def run_demo(out: Path, console: Console, err: Console) -> None:
     console.print(f"trained {summary['step']} steps in {seconds:.0f} s "
                   f"({images_per_s:.0f} images/s)")
     console.print(f"sample grid (input | prediction | truth): {run.store.local_path(grid)}")
+    console.print(f"held-out facades (input | model | NN | truth): {comparison}")
     console.print(f"inpainted held-out image:  {inpainted} (input: {held_out})")
     console.print(f"loss curve:                {curve}")
     console.print(f"checkpoint:                {ckpt.uri}")

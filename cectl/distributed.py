@@ -59,13 +59,9 @@ def connect(address: str | None) -> None:
         use_loopback()
     import ray
 
-    if address not in ("auto", "local"):
-        try:
-            with socket.create_connection((parsed.hostname, parsed.port or 6379), timeout=5):
-                pass
-        except (OSError, ValueError):
-            raise BadInput(f"cannot reach a Ray cluster at {address}: check --address "
-                           "(host:port of the head node) and that the cluster is up") from None
+    if address not in ("auto", "local") and not answers(address):
+        raise BadInput(f"cannot reach a Ray cluster at {address}: check --address "
+                       "(host:port of the head node) and that the cluster is up")
     # Workers get the driver's S3 settings (on a cloud cluster, instance roles do instead)
     # and its sample log, if any.
     env = {key: os.environ[key] for key in (*AWS_VARS, SAMPLE_LOG) if key in os.environ}
@@ -73,6 +69,17 @@ def connect(address: str | None) -> None:
     # a failure surfaces as TrainingFailedError.
     ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING",
              log_to_driver=False, _node_ip_address="127.0.0.1" if on_this_machine else None)
+
+
+def answers(address: str) -> bool:
+    """Whether something accepts connections at `address` (host:port or a URL; port 6379 if
+    none) within 5 s. Ray itself would retry for minutes before saying the cluster is down."""
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 6379), timeout=5):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def use_loopback() -> None:
@@ -204,21 +211,28 @@ def train_on_ray(cfg: DictConfig, store: Store, name: str, nodes: tuple[int, int
                        "(drop --cpu, or use train.grad_reduce=fp32)")
     if high > low:
         os.environ.setdefault(*ELASTIC_START_TIMEOUT)
-    # The driver holds the run for the whole Ray run, through every restart of the worker
-    # group: a claim taken by rank 0 would be refused to the next rank 0 on another host.
-    run = Run(store, name)
-    claim = run.claim(resume)
-    try:
-        return _fit(cfg, run, claim.record, nodes, gpus_per_node, cpu, address, console)
-    finally:
-        claim.release()
-
-
-def _fit(cfg: DictConfig, run: Run, claim: dict, nodes: tuple[int, int], gpus_per_node: int,
-         cpu: bool, address: str | None, console: Console) -> dict:
-    """The Ray Train run itself, workers writing under the driver's `claim`."""
-    low, high = nodes
     workers, most = join_cluster(nodes, gpus_per_node, cpu, address)
+    import ray
+
+    try:
+        # The driver holds the run for the whole Ray run, through every restart of the
+        # worker group: a claim taken by rank 0 would be refused to the next rank 0 on
+        # another host.
+        run = Run(store, name)
+        claim = run.claim(resume)
+        try:
+            return _fit(cfg, run, claim.record, (workers, most), nodes, cpu, console)
+        finally:
+            claim.release()
+    finally:
+        ray.shutdown()
+
+
+def _fit(cfg: DictConfig, run: Run, claim: dict, sizes: tuple[int, int],
+         nodes: tuple[int, int], cpu: bool, console: Console) -> dict:
+    """The Ray Train run on the joined cluster, `sizes` the (fewest, most) workers, all
+    writing under the driver's `claim`; the run's summary."""
+    (workers, most), (low, high) = sizes, nodes
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -226,54 +240,51 @@ def _fit(cfg: DictConfig, run: Run, claim: dict, nodes: tuple[int, int], gpus_pe
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     store, name = run.root, run.name
-    try:
-        fs, root = store.arrow_fs()
-        # On the driver's node: the queue must outlive any worker node that is lost.
-        progress_queue = Queue(actor_options={
-            "num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=False)})
-        kind = "CPU" if cpu else "GPU"
-        if most == workers:
-            console.print(f"{workers} {kind} workers on {low} node(s), "
-                          f"{describe_batch(cfg, workers)}")
-        else:
-            console.print(f"{workers} to {most} {kind} workers on {low} to {high} nodes "
-                          f"(elastic), {describe_batch(cfg, workers)} to "
-                          f"{describe_batch(cfg, most)}")
-        trainer = TorchTrainer(
-            _worker,
-            train_loop_config={"cfg": OmegaConf.to_container(cfg), "store": store.uri,
-                               "name": name, "claim": claim, "progress": progress_queue},
-            torch_config=TorchConfig(backend="gloo" if cpu else "nccl"),
-            scaling_config=ScalingConfig(
-                num_workers=workers if most == workers else (workers, most), use_gpu=not cpu,
-                resources_per_worker={"CPU": 1} if cpu else {"GPU": 1},
-                placement_strategy="SPREAD" if high > 1 else "PACK",
-                elastic_resize_monitor_interval_s=cfg.train.resize_check_s),
-            run_config=RunConfig(name=name, storage_path=f"{root}/ray", storage_filesystem=fs,
-                                 failure_config=FailureConfig(max_failures=MAX_FAILURES)),
-        )
-        done = threading.Event()
-        with TrainProgress(console, cfg.train.steps) as progress:
+    fs, root = store.arrow_fs()
+    # On the driver's node: the queue must outlive any worker node that is lost.
+    progress_queue = Queue(actor_options={
+        "num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)})
+    kind = "CPU" if cpu else "GPU"
+    if most == workers:
+        console.print(f"{workers} {kind} workers on {low} node(s), "
+                      f"{describe_batch(cfg, workers)}")
+    else:
+        console.print(f"{workers} to {most} {kind} workers on {low} to {high} nodes "
+                      f"(elastic), {describe_batch(cfg, workers)} to "
+                      f"{describe_batch(cfg, most)}")
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"cfg": OmegaConf.to_container(cfg), "store": store.uri,
+                           "name": name, "claim": claim, "progress": progress_queue},
+        torch_config=TorchConfig(backend="gloo" if cpu else "nccl"),
+        scaling_config=ScalingConfig(
+            num_workers=workers if most == workers else (workers, most), use_gpu=not cpu,
+            resources_per_worker={"CPU": 1} if cpu else {"GPU": 1},
+            placement_strategy="SPREAD" if high > 1 else "PACK",
+            elastic_resize_monitor_interval_s=cfg.train.resize_check_s),
+        run_config=RunConfig(name=name, storage_path=f"{root}/ray", storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=MAX_FAILURES)),
+    )
+    done = threading.Event()
+    with TrainProgress(console, cfg.train.steps) as progress:
 
-            def pump() -> None:
-                while not done.is_set():
-                    try:
-                        progress.update(*progress_queue.get(timeout=0.5))
-                    except Empty:
-                        continue
+        def pump() -> None:
+            while not done.is_set():
+                try:
+                    progress.update(*progress_queue.get(timeout=0.5))
+                except Empty:
+                    continue
 
-            thread = threading.Thread(target=pump, daemon=True)
-            thread.start()
-            try:
-                trainer.fit()
-            except ray.train.TrainingFailedError as e:
-                run.check_claim()  # lost: that is why, and the sentence to say
-                raise Failure(f"training failed after {MAX_FAILURES} restarts: "
-                              f"{str(e).strip().splitlines()[-1]}") from None
-            finally:
-                done.set()
-                thread.join()
-        return run.summary()
-    finally:
-        ray.shutdown()
+        thread = threading.Thread(target=pump, daemon=True)
+        thread.start()
+        try:
+            trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            run.check_claim()  # lost: that is why, and the sentence to say
+            raise Failure(f"training failed after {MAX_FAILURES} restarts: "
+                          f"{str(e).strip().splitlines()[-1]}") from None
+        finally:
+            done.set()
+            thread.join()
+    return run.summary()

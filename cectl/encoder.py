@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from cectl.checkpoint import load_generator
 from cectl.errors import BadInput
+from cectl.restore import load_generator
 from cectl.storage import open_store
 
 # Conv features are average-pooled to at most this many values per image: pool5's

@@ -1,4 +1,5 @@
-"""`cectl inpaint`: fill a hole in a user's image of any size and mode.
+"""Fill a hole in a user's image of any size and mode: `cectl inpaint` and the page of
+`cectl serve` both read the image with `read_image` and fill it with `fill`.
 
 The network sees a square context window around the hole, so the aspect ratio is kept.
 Its side is the image's shorter side, or more where the hole needs it to lie where the
@@ -20,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from PIL import Image, ImageOps
+from torch import nn
 
-from cectl.checkpoint import load_generator
 from cectl.errors import BadInput
-from cectl.images import Skip, decode, open_image, to_8bit_grey
+from cectl.images import MAX_PIXELS, Skip, decode, open_image, to_8bit_grey, to_rgb
 from cectl.masks import (
     KINDS,
     Window,
@@ -35,6 +37,7 @@ from cectl.masks import (
     output_window,
 )
 from cectl.pixels import to_batch, to_model_range
+from cectl.restore import load_generator
 
 KEEP_MODES = ("RGB", "RGBA", "L", "LA")
 
@@ -56,23 +59,41 @@ def read_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
     return hole
 
 
-def _read_image(path: Path) -> tuple[Image.Image, Image.Image]:
-    """(the upright original in a mode we can write back, its RGB version)."""
+def read_image(data: bytes, name: str) -> Image.Image:
+    """The upright image in a mode we can write back (L, LA, RGB or RGBA); `name` is what
+    errors call it. Over `cectl.images.MAX_PIXELS` or undecodable: BadInput."""
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise BadInput(f"cannot read {path}: {e.strerror}") from None
-    try:
-        decoded = decode(data)
+        decode(data)  # the full decode, so that a damaged file is refused here
     except Skip as e:
-        raise BadInput(f"{path} is not a readable image ({e.reason})") from None
-    original = ImageOps.exif_transpose(open_image(data))
-    if original.mode.startswith("I"):  # 16-bit grey stays grey
-        original = to_8bit_grey(original)
-    if original.mode not in KEEP_MODES:  # P, CMYK, ...: keep alpha if it has one
-        has_alpha = "A" in original.getbands() or "transparency" in original.info
-        original = original.convert("RGBA") if has_alpha else decoded.image
-    return original, decoded.image
+        if e.reason == "too-large":
+            raise BadInput(f"{name} has more than {MAX_PIXELS:,} pixels, the most an image "
+                           "may have") from None
+        raise BadInput(f"{name} is not a readable image ({e.reason})") from None
+    image = ImageOps.exif_transpose(open_image(data))
+    if image.mode.startswith("I"):  # 16-bit grey stays grey
+        image = to_8bit_grey(image)
+    if image.mode not in KEEP_MODES:  # P, CMYK, ...: keep alpha if it has one
+        has_alpha = "A" in image.getbands() or "transparency" in image.info
+        image = image.convert("RGBA") if has_alpha else to_rgb(image)
+    return image
+
+
+def drawn_hole(kind: str, size: tuple[int, int], cfg: DictConfig, seed: int,
+               name: str) -> np.ndarray:
+    """A hole of mask `kind` on the image's central largest square, scaled to the square."""
+    width, height = size
+    image_size = cfg.data.image_size
+    drawn = draw_holes(kind, 1, image_size, cfg.mask.overlap, derive_seed(seed, "inpaint"))
+    check_window(drawn, output_window(image_size, cfg.mask.kind), cfg.mask.kind)
+    short = min(width, height)
+    hole = np.zeros((height, width), dtype=bool)
+    x, y = (width - short) // 2, (height - short) // 2
+    hole[y : y + short, x : x + short] = F.interpolate(
+        drawn.float(), size=(short, short), mode="nearest")[0, 0].numpy() > 0
+    if not hole.any():
+        raise BadInput(f"{name} is {width}x{height} px, too small for any pixel to fall in "
+                       f"this model's {kind} hole: give a larger image")
+    return hole
 
 
 def context_square(hole: np.ndarray, window: Window, size: int) -> tuple[int, int, int]:
@@ -109,27 +130,13 @@ def cut_square(array: np.ndarray, x: int, y: int, side: int, mode: str) -> np.nd
     return array[y : y + side, x : x + side]
 
 
-def inpaint(image_path: Path, ckpt: str, mask: str, out_path: Path, seed: int = 0) -> dict:
-    generator, cfg, _ = load_generator(ckpt)
-    original, rgb = _read_image(image_path)
-    width, height = rgb.size
+def fill(generator: nn.Module, cfg: DictConfig, image: Image.Image,
+         hole: np.ndarray) -> tuple[Image.Image, dict]:
+    """`image` with its `hole` (True = fill, of the image's size) filled by the network,
+    in the image's mode; and the context square the network saw ({x, y, side})."""
+    rgb = to_rgb(image)
     size = cfg.data.image_size
     window = output_window(size, cfg.mask.kind)
-
-    if mask in KINDS:
-        drawn = draw_holes(mask, 1, size, cfg.mask.overlap, derive_seed(seed, "inpaint"))
-        check_window(drawn, window, cfg.mask.kind)
-        short = min(width, height)
-        hole = np.zeros((height, width), dtype=bool)
-        x, y = (width - short) // 2, (height - short) // 2
-        hole[y : y + short, x : x + short] = F.interpolate(
-            drawn.float(), size=(short, short), mode="nearest")[0, 0].numpy() > 0
-        if not hole.any():
-            raise BadInput(f"{image_path} is {width}x{height} px, too small for any pixel to "
-                           f"fall in this model's {mask} hole: give a larger image")
-    else:
-        hole = read_mask(Path(mask), (width, height))
-
     x, y, side = context_square(hole, window, size)
     net_input = to_model_range(to_batch([cut_square(np.asarray(rgb), x, y, side, "edge")]))
     square_hole = torch.from_numpy(cut_square(hole, x, y, side, "constant"))[None, None]
@@ -148,16 +155,32 @@ def inpaint(image_path: Path, ckpt: str, mask: str, out_path: Path, seed: int = 
     canvas = canvas[0].add(1).mul(127.5).clamp(0, 255).round().byte().permute(1, 2, 0).numpy()
 
     ys, xs = np.nonzero(hole)
-    filled = np.asarray(original.convert("RGB")).copy()
+    filled = np.asarray(image.convert("RGB")).copy()
     filled[ys, xs] = canvas[ys - y, xs - x]
     patch = Image.fromarray(filled, "RGB")
-    if original.mode in ("L", "LA"):
+    if image.mode in ("L", "LA"):
         patch = patch.convert("L")
-    if original.mode in ("RGBA", "LA"):
-        patch = Image.merge(original.mode, [*patch.split(), original.getchannel("A")])
+    if image.mode in ("RGBA", "LA"):
+        patch = Image.merge(image.mode, [*patch.split(), image.getchannel("A")])
     region = Image.fromarray(hole.astype(np.uint8) * 255, "L")
-    result = Image.composite(patch.convert(original.mode), original, region)
+    result = Image.composite(patch.convert(image.mode), image, region)
+    return result, {"x": x, "y": y, "side": side}
+
+
+def inpaint(image_path: Path, ckpt: str, mask: str, out_path: Path, seed: int = 0) -> dict:
+    """`cectl inpaint`: fill IMG's hole (a mask kind or a mask file) and write OUT."""
+    generator, cfg, _ = load_generator(ckpt)
+    try:
+        data = image_path.read_bytes()
+    except OSError as e:
+        raise BadInput(f"cannot read {image_path}: {e.strerror}") from None
+    image = read_image(data, str(image_path))
+    if mask in KINDS:
+        hole = drawn_hole(mask, image.size, cfg, seed, str(image_path))
+    else:
+        hole = read_mask(Path(mask), image.size)
+    result, context = fill(generator, cfg, image, hole)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     result.save(out_path)
-    return {"out": str(out_path), "hole_pixels": int(hole.sum()), "size": [width, height],
-            "context": {"x": x, "y": y, "side": side}}
+    return {"out": str(out_path), "hole_pixels": int(hole.sum()), "size": list(image.size),
+            "context": context}

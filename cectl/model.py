@@ -18,7 +18,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from cectl.errors import BadInput
 from cectl.masks import fill_holes, output_window
+
+# Both networks together. The widest config of each cap alone (model.width=512) makes 1.1
+# billion; all caps together would make 5 (a 15 GiB generator) from a 1 KB config.
+MAX_PARAMETERS = 1_500_000_000
 
 
 def _log2(size: int, what: str) -> int:
@@ -158,19 +163,32 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def build_models(cfg: DictConfig) -> tuple[nn.Module, nn.Module | None]:
-    """The generator and, for `loss.mode=joint`, the discriminator (else None)."""
+    """The generator and, for `loss.mode=joint`, the discriminator (else None). BadInput
+    for a config whose networks would hold over MAX_PARAMETERS parameters."""
+    with torch.device("meta"):  # shapes alone: nothing allocated
+        count = sum(count_parameters(n) for n in _networks(cfg) if n is not None)
+    if count > MAX_PARAMETERS:
+        raise BadInput(f"model.width={cfg.model.width}, model.bottleneck={cfg.model.bottleneck} "
+                       f"and data.image_size={cfg.data.image_size} make networks of "
+                       f"{count / 1e9:.1f} billion parameters, over the "
+                       f"{MAX_PARAMETERS / 1e9:.1f} billion cectl builds: lower them")
+    generator, discriminator = _networks(cfg)
+    generator.apply(_init_weights)
+    if discriminator is not None:
+        discriminator.apply(_init_weights)
+    return generator, discriminator
+
+
+def _networks(cfg: DictConfig) -> tuple[nn.Module, nn.Module | None]:
     window = output_window(cfg.data.image_size, cfg.mask.kind)
     if cfg.model.arch == "dcgan128":
         generator = DCGANGenerator(cfg.data.image_size, window.size, cfg.model.width,
                                    cfg.model.bottleneck)
     else:
         generator = AlexNetGenerator(window.size, cfg.model.pool_free)
-    generator.apply(_init_weights)
     if cfg.loss.mode != "joint":
         return generator, None
-    discriminator = DCGANDiscriminator(window.size, cfg.data.image_size, cfg.model.width)
-    discriminator.apply(_init_weights)
-    return generator, discriminator
+    return generator, DCGANDiscriminator(window.size, cfg.data.image_size, cfg.model.width)
 
 
 def count_parameters(module: nn.Module) -> int:

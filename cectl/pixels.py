@@ -193,6 +193,11 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] to uint8 [0, 255], rounded: the inverse of `to_model_range`."""
+    return images.add(1).mul_(127.5).round_().clamp_(0, 255).byte()
+
+
 def split_batches(data_uri: str, split: str, image_size: int,
                   batch_size: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """A split's images, center-cropped, in manifest order, as uint8 batches with their

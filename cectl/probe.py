@@ -32,7 +32,7 @@ from cectl.encoder import (
 )
 from cectl.errors import BadInput, CectlError
 from cectl.pixels import eval_crop, sample_pixels, to_batch, to_model_range
-from cectl.render import item_progress
+from cectl.render import item_progress, status
 from cectl.runs import best_device
 from cectl.shard_format import open_manifest, read_samples
 from cectl.storage import open_store
@@ -92,10 +92,42 @@ def local_extractor(data_uri: str, stacks: dict[str, nn.Sequential],
     return results
 
 
+@torch.no_grad()
+def feature_dims(stack: nn.Sequential, image_size: int) -> dict[str, int]:
+    """The number of features of each layer of `stack`, from one blank image."""
+    blank = torch.zeros(1, 3, image_size, image_size, device=next(stack.parameters()).device)
+    return {layer: value.shape[1] for layer, value in stack_features(stack, blank).items()}
+
+
+def is_complete(folder: Path, images: int, dims: dict[str, int], layer: str) -> bool:
+    """Whether a cache folder holds what its name promises: a label and a key per image,
+    per layer a float16 (images, dims) array filling its file exactly, `layer`'s finite.
+    Anything else (cut short, from another cectl, edited) is extracted again."""
+    try:
+        meta = json.loads((folder / "labels.json").read_text())
+        if not (isinstance(meta, dict) and all(
+                isinstance(meta.get(key), list) and len(meta[key]) == images
+                for key in ("labels", "keys"))
+                and all(isinstance(label, str | int) for label in meta["labels"])):
+            return False
+        for name, width in dims.items():
+            path = folder / f"{name}.npy"
+            array = np.load(path, mmap_mode="r")  # never unpickles
+            if not (array.dtype == np.float16 and array.shape == (images, width)
+                    and array.offset + array.nbytes == path.stat().st_size):
+                return False
+            if name == layer and not all(torch.isfinite(rows).all() for rows in _rows(array)):
+                return False
+    except (OSError, ValueError, RecursionError):  # missing, truncated, not JSON or .npy
+        return False
+    return True
+
+
 def extract_split(data_uri: str, manifest: dict, split: str, stacks: dict[str, nn.Sequential],
-                  image_size: int, cache_dir: Path, extractor: Extractor,
+                  image_size: int, layer: str, cache_dir: Path, extractor: Extractor,
                   console: Console) -> tuple[dict[str, Path], dict]:
-    """The cache folder of each stack for `split`, extracting what is not cached yet.
+    """The cache folder of each stack for `split`, extracting what is not cached yet (or
+    cached wrong: see `is_complete`; `layer` is the one the probe reads).
 
     Each layer is a float16 .npy of (images, dims), rows in manifest order; labels.json,
     written last, marks a folder complete. Returns the folders and the pass's timing."""
@@ -104,11 +136,13 @@ def extract_split(data_uri: str, manifest: dict, split: str, stacks: dict[str, n
                        "scores 'val' (shard with --val-fraction)")
     folders = {n: cache_folder(cache_dir, s, manifest, split, image_size)
                for n, s in stacks.items()}
-    todo = {n: s for n, s in stacks.items() if not (folders[n] / "labels.json").exists()}
-    if not todo:
-        return folders, {"images": 0, "seconds": 0.0, "encoders": 0}
     shards = [s for s in manifest["splits"][split]["shards"] if s["samples"]]
     offsets = np.cumsum([0] + [s["samples"] for s in shards])
+    dims = feature_dims(next(iter(stacks.values())), image_size)
+    todo = {n: s for n, s in stacks.items()
+            if not is_complete(folders[n], int(offsets[-1]), dims, layer)}
+    if not todo:
+        return folders, {"images": 0, "seconds": 0.0, "encoders": 0}
     partial = {n: folders[n].with_name(folders[n].name + ".partial") for n in todo}
     arrays: dict[str, dict[str, np.ndarray]] = {n: {} for n in todo}
     labels, keys = [None] * offsets[-1], [None] * offsets[-1]
@@ -238,8 +272,8 @@ def run_probe(ckpt_uri: str, data_uri: str, layer: str | None, epochs: int, cach
     size = cfg.data.image_size
     split_data, timings = {}, []
     for split in ("train", "val"):
-        folders, timing = extract_split(data_uri, manifest, split, stacks, size, cache_dir,
-                                        extractor, console)
+        folders, timing = extract_split(data_uri, manifest, split, stacks, size, layer,
+                                        cache_dir, extractor, console)
         split_data[split] = folders
         timings.append(timing)
     meta = {s: json.loads((f["model"] / "labels.json").read_text())
@@ -250,7 +284,7 @@ def run_probe(ckpt_uri: str, data_uri: str, layer: str | None, epochs: int, cach
     labels = {s: np.array([index.get(x, -1) for x in m["labels"]]) for s, m in meta.items()}
     scores, dims = {}, 0
     for name in stacks:
-        with console.status(f"training the linear probe on the {name} encoder's {layer}"):
+        with status(console, f"training the linear probe on the {name} encoder's {layer}"):
             x = {s: np.load(f[name] / f"{layer}.npy", mmap_mode="r")
                  for s, f in split_data.items()}
             dims = x["train"].shape[1]

@@ -20,6 +20,7 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
+from rich.status import Status
 from rich.table import Table
 from rich.text import Text
 
@@ -44,6 +45,11 @@ def _finite(value):
 def print_json(value: object) -> None:
     """`--json` output on stdout: strict JSON (non-finite numbers become null)."""
     print(json.dumps(_finite(value), indent=2, allow_nan=False))
+
+
+def status(console: Console, message: str) -> Status:
+    """A spinner with `message`, printed literally (a `str` status would be read as markup)."""
+    return console.status(Text(message))
 
 
 def error(console: Console, message: str) -> None:
@@ -148,17 +154,22 @@ def runs_table(summaries: list[dict], uri: str) -> Table:
     return table
 
 
-def score_table(result: dict, title: str) -> Table:
-    """The model's scores next to the baselines'."""
+def score_report(console: Console, result: dict, title: str) -> None:
+    """The model's scores next to the baselines', and a line for each metric left out."""
+    extra = [(key, label) for key, label in (("lpips", "LPIPS"), ("fid", "FID"))
+             if key in result["model"]]
     table = Table(title=Text(title))
-    for column in ("", "mean L1 %", "mean L2 %", "PSNR dB"):
+    for column in ("", "mean L1 %", "mean L2 %", "PSNR dB", "SSIM", *(name for _, name in extra)):
         table.add_column(column, justify="right")
     for key, label in EVAL_ROWS:
         if key in result:
             m = result[key]
             table.add_row(label, f"{m['l1_pct']:.2f}", f"{m['l2_pct']:.2f}",
-                          f"{m['psnr_db']:.2f}")
-    return table
+                          f"{m['psnr_db']:.2f}", f"{m['ssim']:.3f}",
+                          *(f"{m[k]:.3f}" if k == "lpips" else f"{m[k]:.2f}" for k, _ in extra))
+    console.print(table)
+    for reason in result.get("unavailable", {}).values():
+        console.print(f"not computed: {reason}", soft_wrap=True)
 
 
 def trials_table(result: dict) -> Table:
@@ -167,7 +178,8 @@ def trials_table(result: dict) -> Table:
         table.add_column(Text(column))
     for t in result["trials"]:
         metric = "error" if t["error"] else ("-" if t["metric"] is None else f"{t['metric']:.4f}")
-        table.add_row(t["trial"], *(f"{v:.4g}" for v in t["params"].values()),
+        table.add_row(t["trial"], *(f"{v:.4g}" if isinstance(v, int | float) else str(v)
+                                    for v in t["params"].values()),
                       str(t["step"] or "-"), metric)
     return table
 

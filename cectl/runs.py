@@ -113,20 +113,34 @@ def read_state(ckpt: Store) -> dict:
         state = json.loads(ckpt.read_bytes("state.json"))
     except FileNotFoundError:
         raise BadInput(f"{ckpt.uri} is not a checkpoint: state.json is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # also numbers of 4300 digits
         raise BadInput(f"{where} is corrupt") from None
     if not isinstance(state, dict) or state.get("format") not in FORMATS:
         raise BadInput(f"{ckpt.uri} is not a checkpoint this cectl reads (it reads "
                        f"{', '.join(FORMATS)})")
     metrics = state.get("metrics", {})
     best = state.get("best_step")
+    world = state.get("world", 1)
     if not (is_count(state.get("step")) and (best is None or is_count(best))
+            and is_count(world) and world >= 1
             and isinstance(state.get("config"), dict) and isinstance(metrics, dict)
-            and all(type(v) in (int, float) for v in metrics.values())):
-        raise BadInput(f"{where} is damaged: it needs step numbers, a config mapping and "
-                       "numeric metrics")
+            and all(type(v) in (int, float) for v in (*metrics.values(),
+                                                      state.get("best_val", 0.0)))):
+        raise BadInput(f"{where} is damaged: it needs step numbers, a worker count, a config "
+                       "mapping and numeric metrics")
+    if not _is_data_position(state.get("data_position")):
+        raise BadInput(f"{where} is damaged: its data_position must be {{\"samples\": N}}, "
+                       "N a whole number below 2^63")
     state["config"] = load_config(JobConfig, stored=state["config"], source=where)
     return state
+
+
+def _is_data_position(position: object) -> bool:
+    """{"samples": N}, the samples the job consumed, or {"batches": N}, batches per rank
+    (written before the position was global)."""
+    return (isinstance(position, dict) and len(position) == 1
+            and set(position) <= {"samples", "batches"}
+            and is_count(count := next(iter(position.values()))) and count < 2**63)
 
 
 def list_runs(store: Store) -> list[str]:

@@ -3,8 +3,9 @@
 The plan is fixed before any work starts: inputs are listed, split, shuffled with the
 seed and cut into chunks of `shard_size`; shard i of a split holds chunk i (minus skipped
 inputs). So every shard can be built independently, by any worker, in any order, and a
-re-run rebuilds exactly the shards that have no finished record. The format itself (tar
-members, manifest) is `cectl.shard_format`'s.
+re-run rebuilds exactly the shards that have no finished record, and deletes the shards
+(and records) of an earlier plan that this one lacks. The format itself (tar members,
+manifest) is `cectl.shard_format`'s.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import multiprocessing
 import random
+import re
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -24,12 +26,13 @@ from rich.console import Console
 
 from cectl.errors import BadInput
 from cectl.images import Skip, prepare_sample
-from cectl.render import item_progress, warning
+from cectl.render import item_progress, status, warning
 from cectl.shard_format import FORMAT, MANIFEST, SPLITS, tar_writer
 from cectl.sources import Item, list_items
 from cectl.storage import Store, is_partial, open_store
 
 RECORDS = ".cectl-records"  # one JSON per finished shard: what a re-run may keep
+SHARD_NAME = re.compile(rf"({'|'.join(SPLITS)})/shard-\d{{6}}\.tar")
 
 
 @dataclass
@@ -151,6 +154,15 @@ def _open_stores(src_uri: str, dst_uri: str) -> tuple[Store, Store]:
     return src, dst
 
 
+def _left_over(key: str, planned: set[str]) -> bool:
+    """Whether `key` is a shard, or a shard's record, of an earlier plan that this one
+    lacks (a re-run with another shard size or split makes fewer or other shards)."""
+    name = key
+    if key.startswith(f"{RECORDS}/"):
+        name = key[len(RECORDS) + 1 :].removesuffix(".json") + ".tar"
+    return SHARD_NAME.fullmatch(name) is not None and name not in planned
+
+
 def build_manifest(source: str, layout: str, params: dict, tasks: list[ShardTask],
                    records: dict[str, dict]) -> dict:
     splits, skipped = {}, []
@@ -185,7 +197,7 @@ def run_shard(src_uri: str, dst_uri: str, cfg: DictConfig, console: Console) -> 
     """Shard SRC into DST; returns the manifest plus this run's `stats`."""
     start = time.perf_counter()
     src, dst = _open_stores(src_uri, dst_uri)
-    with console.status(f"listing {src.uri}"):
+    with status(console, f"listing {src.uri}"):
         layout, items = list_items(src.list(), cfg.layout, cfg.val_fraction, src.uri,
                                    cfg.label_from)
     params = {**recipe_params(cfg), "layout": layout}
@@ -227,8 +239,9 @@ def run_shard(src_uri: str, dst_uri: str, cfg: DictConfig, console: Console) -> 
 
     manifest = build_manifest(src.uri, layout, params, tasks, records)
     dst.write_bytes(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
+    planned = {t.name for t in tasks}
     for key in existing:
-        if is_partial(key):
+        if is_partial(key) or _left_over(key, planned):
             dst.delete(key)
     elapsed = time.perf_counter() - start
     processed = sum(len(t.items) for t in todo)

@@ -237,6 +237,8 @@ class LocalStore(Store):
                 os.link(tmp, final)  # fails if `final` exists; readers never see it half written
             except FileExistsError:
                 return None
+            except FileNotFoundError:  # the winner of a race cleared the folder's partial files
+                return None
             finally:
                 tmp.unlink(missing_ok=True)
             return _version(data)

@@ -41,7 +41,7 @@ from cectl.masks import (
     output_window,
 )
 from cectl.model import build_models, complete, weights_digest
-from cectl.pixels import load_eval_images, to_model_range
+from cectl.pixels import load_eval_images, to_model_range, to_pixels
 from cectl.runs import Run
 from cectl.shard_format import open_manifest
 from cectl.storage import Store
@@ -113,20 +113,24 @@ def train_step(generator: nn.Module, discriminator: nn.Module | None,
     return losses
 
 
-def sample_grid(inputs: torch.Tensor, completed: torch.Tensor, truth: torch.Tensor) -> bytes:
-    """PNG with three rows: input with hole | prediction | truth."""
-    rows = [torch.cat(list(t[:SAMPLE_COLUMNS]), dim=2) for t in (inputs, completed, truth)]
-    grid = torch.cat(rows, dim=1).add(1).mul(127.5).clamp(0, 255).byte()
+def sample_grid(*rows: torch.Tensor) -> torch.Tensor:
+    """One row per batch in [-1, 1] (input with hole, prediction, truth...), as uint8 CHW."""
+    return to_pixels(torch.cat([torch.cat(list(t[:SAMPLE_COLUMNS]), dim=2) for t in rows], dim=1))
+
+
+def png_bytes(grid: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(grid.permute(1, 2, 0).cpu().numpy()).save(buf, "PNG")
     return buf.getvalue()
 
 
 class Validator:
-    """A fixed held-out batch: sample grids and the val metrics that pick `best` (rank 0)."""
+    """A fixed held-out batch: sample grids (a PNG and a TensorBoard image) and the val
+    metrics that pick `best` (rank 0)."""
 
-    def __init__(self, cfg: DictConfig, manifest: dict, session: Session, run: Run):
-        self.cfg, self.device, self.run = cfg, session.device, run
+    def __init__(self, cfg: DictConfig, manifest: dict, session: Session, run: Run,
+                 logger: MetricsLogger):
+        self.cfg, self.device, self.run, self.logger = cfg, session.device, run, logger
         self.active = session.rank == 0
         self.every, self.final = cfg.train.eval_every, cfg.train.steps
         if self.active:
@@ -151,11 +155,12 @@ class Validator:
             holes = holes.to(self.device)
             window = output_window(cfg.data.image_size, cfg.mask.kind)
             _, completed = complete(generator, truth, holes, window.offset)
-            png = sample_grid(fill_holes(truth, holes), completed, truth)
+            grid = sample_grid(fill_holes(truth, holes), completed, truth)
         finally:
             generator.train()
         self.run.check_claim()
-        self.run.store.write_bytes(f"samples/step-{step:06d}.png", png)
+        self.run.store.write_bytes(f"samples/step-{step:06d}.png", png_bytes(grid))
+        self.logger.log_grid(step, grid)
         return {f"val_{k}": v for k, v in result["model"].items()}
 
 
@@ -207,6 +212,10 @@ class MetricsLogger:
             self.writer.add_scalar(key, value, step)
         if self.on_log:
             self.on_log(step, metrics)
+
+    def log_grid(self, step: int, grid: torch.Tensor) -> None:
+        """A sample grid (uint8 CHW) as a TensorBoard image, beside its PNG."""
+        self.writer.add_image("samples", grid, step)
 
     def flush(self) -> None:
         if not self.active:
@@ -275,7 +284,7 @@ def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | 
         run.check_claim()
         run.store.write_bytes("config.yaml", to_yaml(cfg).encode())
     logger = MetricsLogger(run, cfg, session, start)
-    validator = Validator(cfg, manifest, session, run)
+    validator = Validator(cfg, manifest, session, run, logger)
     if resume:
         logger.log(start, checkpointer.resume_metrics())
 

@@ -1,5 +1,5 @@
 """Shared fixtures: real S3 servers over HTTP on 127.0.0.1 (moto, SeaweedFS), the shared
-images, the CLI."""
+images, the CLI in this process, and shards and checkpoints built once per session."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from helpers import free_port
+from helpers import Result, free_port, shard_images, train_checkpoint
 
 PARIS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "paris-streetview-eval"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -93,32 +93,49 @@ def paris() -> Path:
     return PARIS
 
 
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """`cectl ARGS...` in this process, through `cectl.cli.run`: its exit code and output.
+
+    The consoles print to sys.stdout and sys.stderr as they are at print time, which capsys
+    holds. `env` is set for the test (and fresh S3 clients made for it)."""
+    from cectl import s3_client
+    from cectl.cli import run
+
+    def invoke(*args, env: dict[str, str] | None = None) -> Result:
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        if env:
+            monkeypatch.setattr(s3_client, "_clients", {})
+        capsys.readouterr()
+        code = run([str(a) for a in args])
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return invoke
+
 
 @pytest.fixture(scope="session")
 def facade_shards(tmp_path_factory) -> str:
     """Generated facade images, sharded to local disk with a val split (session-wide)."""
-    from rich.console import Console
-
-    from cectl.config import load_config
     from cectl.demo import make_facades
-    from cectl.schema import ShardConfig
-    from cectl.shard import run_shard
 
     root = tmp_path_factory.mktemp("facades")
     make_facades(root / "images", 96, size=72)
-    cfg = load_config(ShardConfig, flags={"shard_size": 16, "val_fraction": 0.15, "workers": 2})
-    run_shard(str(root / "images"), str(root / "shards"), cfg, Console(quiet=True))
+    shard_images(root / "images", root / "shards", shard_size=16, val_fraction=0.15)
     return str(root / "shards")
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(facade_shards, tmp_path_factory) -> str:
     """A few steps of a tiny joint-loss center model; the path of its checkpoint folder."""
-    from helpers import tiny_job
+    return train_checkpoint(facade_shards, tmp_path_factory.mktemp("store"), "tiny",
+                            "train.steps=4")
 
-    from cectl.storage import open_store
-    from cectl.train import train
 
-    store = tmp_path_factory.mktemp("store")
-    train(tiny_job(facade_shards, "train.steps=4"), open_store(str(store)), "tiny")
-    return str(store / "runs" / "tiny" / "checkpoints" / "step-000004")
+@pytest.fixture(scope="session")
+def random_mask_checkpoint(facade_shards, tmp_path_factory) -> str:
+    """Two steps of a tiny random-region model (it predicts whole images); the path of its
+    checkpoint folder."""
+    return train_checkpoint(facade_shards, tmp_path_factory.mktemp("store"), "random",
+                            "mask.kind=random-region", "train.steps=2")

@@ -1,8 +1,10 @@
-"""Helpers for tests: the CLI in a subprocess, free ports, a flaky TCP proxy, odd images."""
+"""Helpers for tests: the CLI in a subprocess and the check of its refusals, shard and
+train builders, image bytes, free ports, a flaky TCP proxy, local Ray clusters."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import socket
@@ -11,6 +13,11 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
+from pathlib import Path
+from typing import NamedTuple
+
+from PIL import Image
 
 
 def free_port() -> int:
@@ -19,9 +26,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Result(NamedTuple):
+    """What a command line did, in-process (the `cli` fixture) as in a subprocess."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def assert_refused(refusal: Result | subprocess.CompletedProcess | Exception, code: int,
+                   *names: str) -> str:
+    """A refusal as users see it: exit `code` and one sentence that names each of `names`
+    (the key, file, layer or option to fix). From a command line, the sentence is stderr's
+    last line and its only error line, with no traceback; in-process, it is a CectlError's
+    message. Returns the sentence."""
+    if isinstance(refusal, Exception):
+        message = str(refusal)
+        assert getattr(refusal, "exit_code", None) == code, repr(refusal)
+        assert len(message.splitlines()) == 1, message
+    else:
+        lines = refusal.stderr.strip().splitlines()
+        assert refusal.returncode == code, refusal.stderr
+        assert lines and lines[-1].startswith("error: "), refusal.stderr
+        assert "Traceback" not in refusal.stderr, refusal.stderr
+        assert sum(line.startswith("error:") for line in lines) == 1, refusal.stderr
+        message = lines[-1]
+    for name in names:
+        assert name in message, f"{name!r} not named in {message!r}"
+    return message
+
+
 def cectl(*args: str, env: dict | None = None, check: bool = False,
           timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the real CLI in a subprocess, as a user would."""
+    """Run the real CLI in a subprocess, as a user would (`python -m cectl`): for what
+    only a process shows (the entry point, signals, kill -9); the `cli` fixture runs the
+    rest in-process."""
     result = subprocess.run([sys.executable, "-m", "cectl", *map(str, args)],
                             capture_output=True, text=True, timeout=timeout,
                             env={**os.environ, "COLUMNS": "200", **(env or {})})
@@ -31,7 +70,7 @@ def cectl(*args: str, env: dict | None = None, check: bool = False,
 
 
 def cectl_process(*args: str, setup: str = "", env: dict | None = None) -> subprocess.Popen:
-    """The real CLI in a background process (stderr piped); `setup` is Python run first in
+    """The real CLI in a background process (output piped); `setup` is Python run first in
     it, to shorten a timeout that a test would otherwise wait out."""
     return subprocess.Popen(
         [sys.executable, "-c", f"{setup}\nfrom cectl.cli import main\nmain()", *map(str, args)],
@@ -86,13 +125,31 @@ def joined_nodes(address: str, count: int, cpus: int = 1):
         proc.wait(timeout=60)
 
 
+def descendants(root: int) -> list[tuple[int, int, str]]:
+    """(pid, parent pid, command line) of every process under `root`, from `ps`."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True)
+    procs = [(int(pid), int(ppid), args) for pid, ppid, args in
+             (line.split(None, 2) for line in out.stdout.splitlines() if line.count(" ") >= 2)]
+    found, parents = [], {root}
+    while True:
+        children = [p for p in procs if p[1] in parents and p not in found]
+        if not children:
+            return found
+        found += children
+        parents = {pid for pid, _, _ in children}
+
+
+def train_workers(cluster_pid: int) -> list[int]:
+    """The Ray Train workers of the local cluster `cluster_pid` (a test's own
+    `cectl cluster local`): never those of another cluster on this machine."""
+    return [pid for pid, _, args in descendants(cluster_pid) if "RayTrainWorker" in args]
+
+
 def kill_a_training_node(cluster_pid: int) -> None:
     """SIGKILL a node of a local cluster, as a preempted machine dies: the raylet and all
     it started at once. A node with a Ray Train worker, but not the head and not the one
     with the run's controller."""
-    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True)
-    procs = [(int(pid), int(ppid), args) for pid, ppid, args in
-             (line.split(None, 2) for line in out.stdout.splitlines() if line.count(" ") >= 2)]
+    procs = descendants(cluster_pid)
     # The head's raylet listens on sockets/raylet, the others on sockets/raylet.N.
     raylets = [pid for pid, ppid, args in procs
                if ppid == cluster_pid and "raylet/raylet" in args and "sockets/raylet." in args]
@@ -178,6 +235,62 @@ class FlakyProxy:
 
     def close(self) -> None:
         self._server.close()
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    """An image's file bytes in `fmt` (PNG, JPEG, TIFF, ...)."""
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def image_bytes(size: tuple[int, int] = (40, 40), fmt: str = "PNG", colour=120,
+                mode: str = "RGB") -> bytes:
+    """The bytes of a plain image of one colour."""
+    return encode(Image.new(mode, size, colour), fmt)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels: a decompression bomb's header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def shard_images(src: Path | str, dst: Path | str, **flags) -> dict:
+    """`cectl shard SRC DST --FLAG VALUE...` in this process, quietly; the manifest."""
+    from rich.console import Console
+
+    from cectl.config import load_config
+    from cectl.schema import ShardConfig
+    from cectl.shard import run_shard
+
+    cfg = load_config(ShardConfig, flags={"workers": 1, **flags})
+    return run_shard(str(src), str(dst), cfg, Console(quiet=True))
+
+
+def train_checkpoint(shards: str, store: Path, name: str, *overrides: str) -> str:
+    """Train a tiny job (`tiny_job` with `overrides`) as run `name` in a local store; the
+    path of its last checkpoint."""
+    from cectl.runs import Run
+    from cectl.storage import open_store
+    from cectl.train import train
+
+    train(tiny_job(shards, *overrides), open_store(str(store)), name)
+    return Run(open_store(str(store)), name).checkpoint("latest").uri
+
+
+def train_keys(shards: str) -> list[str]:
+    """The keys of the train samples of a shard store, in manifest order."""
+    from cectl.shard_format import open_manifest, read_samples
+    from cectl.storage import open_store
+
+    store, manifest = open_store(shards), open_manifest(shards)
+    return [s["__key__"] for shard in manifest["splits"]["train"]["shards"]
+            for s in read_samples(store, shard["name"])]
 
 
 TINY = ["model.width=8", "model.bottleneck=32", "data.image_size=32", "data.load_size=40",

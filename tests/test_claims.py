@@ -16,9 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY, HeaderStrippingProxy, cectl_process, wait_for
+from helpers import (
+    TINY,
+    HeaderStrippingProxy,
+    Result,
+    assert_refused,
+    cectl_process,
+    train_workers,
+    wait_for,
+)
 
-from cectl.cli import run as cli
 from cectl.errors import BadInput, Failure
 from cectl.runs import CLAIM, Run, read_state
 from cectl.storage import open_store
@@ -91,8 +98,9 @@ def test_a_heartbeat_never_overwrites_a_takeover_and_the_holder_stops(tmp_path):
     taker = Run(open_store(str(tmp_path)), "r").claim(resume=True)
     held._renew()  # the holder's next heartbeat
     assert stored_claim(run)["token"] == taker.record["token"]
-    with pytest.raises(Failure, match=f"taken over by process {os.getpid()}"):
+    with pytest.raises(Failure) as caught:
         run.check_claim(read=False)
+    assert_refused(caught.value, 1, "'r'", f"taken over by process {os.getpid()}")
     held.release()  # leaves the taker's claim alone
     assert stored_claim(run)["token"] == taker.record["token"]
     taker.release()
@@ -115,28 +123,28 @@ def test_deeply_nested_claim_and_state_json_are_damaged_files_not_crashes(tmp_pa
 
     ckpt = open_store(str(tmp_path / "ckpt"))
     ckpt.write_bytes("state.json", b'{"format": "cectl-checkpoint/2", "config": ' + deep + b"}")
-    with pytest.raises(BadInput, match="state.json is corrupt"):
+    with pytest.raises(BadInput) as caught:
         read_state(ckpt)
+    assert_refused(caught.value, 2, "state.json is corrupt")
     config = {"model": {}}
     for _ in range(500):  # parses, but no config is nested like this
         config = {"a": config}
-    state = {"format": "cectl-checkpoint/2", "step": 1, "config": {"model": config}}
+    state = {"format": "cectl-checkpoint/2", "step": 1, "data_position": {"samples": 8},
+             "config": {"model": config}}
     ckpt.write_bytes("state.json", json.dumps(state).encode())
-    with pytest.raises(BadInput, match="state.json: nested too deeply"):
+    with pytest.raises(BadInput) as caught:
         read_state(ckpt)
+    assert_refused(caught.value, 2, "state.json", "nested too deeply")
 
 
 @pytest.mark.parametrize("header", ["If-None-Match", "If-Match"])
 def test_a_server_that_ignores_conditional_writes_is_refused_before_any_claim(
-        header, facade_shards, s3_env, bucket, monkeypatch, capsys):
+        header, facade_shards, s3_env, bucket, cli):
     proxy = HeaderStrippingProxy(int(s3_env.rsplit(":", 1)[1]), header)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     store = f"s3://{bucket}/store"
-    code = cli(["train", *TINY, "train.steps=2", "--data", facade_shards, "--store", store,
-                "--name", "r"])
-    message = capsys.readouterr().err
-    assert code == 2, message
-    assert f"ignores {header}" in message and "Traceback" not in message
+    refusal = cli("train", *TINY, "train.steps=2", "--data", facade_shards, "--store", store,
+                  "--name", "r", env={"AWS_ENDPOINT_URL": proxy.url})
+    assert_refused(refusal, 2, proxy.url, f"ignores {header}")
     assert proxy.stripped > 0
     assert open_store(store).list() == []  # no claim, no run, no leftover probe
 
@@ -160,9 +168,8 @@ def test_a_paused_holder_finds_its_run_taken_over_and_stops(facade_shards, tmp_p
         taker = train("--resume")
         wait_for(lambda: stored_claim(run).get("pid") == taker.pid, taker)
         holder.send_signal(signal.SIGCONT)
-        _, err = holder.communicate(timeout=60)
-        assert holder.returncode == 1, err
-        assert f"taken over by process {taker.pid}" in err and "Traceback" not in err
+        out, err = holder.communicate(timeout=60)
+        assert_refused(Result(holder.returncode, out, err), 1, f"taken over by process {taker.pid}")
         assert stored_claim(run)["pid"] == taker.pid  # its heartbeat did not write it back
         assert taker.poll() is None  # the run goes on, with one writer
         taker.send_signal(signal.SIGINT)
@@ -174,20 +181,6 @@ def test_a_paused_holder_finds_its_run_taken_over_and_stops(facade_shards, tmp_p
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGCONT)
                 process.kill()
-
-
-def descendants(pid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of every process below `pid`."""
-    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True,
-                         text=True).stdout
-    table = [line.split(None, 2) for line in out.splitlines() if line.count(" ") >= 2]
-    found, parents = [], {pid}
-    for _ in range(10):  # ps lists children after parents mostly, not always
-        for child, parent, args in table:
-            if int(parent) in parents and int(child) not in parents:
-                parents.add(int(child))
-                found.append((int(child), args))
-    return found
 
 
 @pytest.mark.slow
@@ -218,7 +211,7 @@ def test_a_ray_run_is_held_by_its_driver_and_survives_a_new_rank_0_on_another_ho
     try:
         wait_for(lambda: run.steps(), job, timeout=300)
         holder = stored_claim(run)["host"]
-        workers = [pid for pid, args in descendants(job.pid) if "RayTrainWorker" in args]
+        workers = train_workers(job.pid)  # the driver started this Ray instance
         assert workers, "no Ray Train worker below the driver"
         os.kill(workers[0], signal.SIGKILL)
         out, err = job.communicate(timeout=400)

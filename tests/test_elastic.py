@@ -1,6 +1,7 @@
-"""Elastic training: a data position that holds whatever the world size, a global batch
-policy, checkpoints saved in the background, and a worker group that loses a node of a
-real local multi-node Ray cluster and goes on smaller."""
+"""Elastic training: checkpoints saved in the background that a crash cannot half-write,
+and a worker group that loses a node of a real local multi-node Ray cluster and goes on
+smaller. (The loader's side, a data position that holds whatever the world size, is
+tests/test_loader.py's.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import time
 
 import boto3
 import pytest
-import torch
 from helpers import (
     TINY,
     FlakyProxy,
@@ -21,109 +21,14 @@ from helpers import (
     joined_nodes,
     kill_a_training_node,
     local_cluster,
-    tiny_job,
+    train_keys,
 )
 
-from cectl.data import SAMPLE_LOG, GlobalOrder, TrainLoader, train_shards
-from cectl.errors import BadInput
-from cectl.shard_format import open_manifest, read_samples
+from cectl.data import SAMPLE_LOG, GlobalOrder, train_shards
+from cectl.shard_format import open_manifest
 from cectl.storage import open_store
 
-
-def train_keys(shards: str) -> list[str]:
-    store, manifest = open_store(shards), open_manifest(shards)
-    return [s["__key__"] for shard in manifest["splits"]["train"]["shards"]
-            for s in read_samples(store, shard["name"])]
-
-
-def consume(shards: str, worlds: list[tuple[int, int]], log, *overrides: str) -> dict[int, str]:
-    """Run loaders through phases of (world, steps), restoring rank 0's position between
-    phases as a resize does; the sample key at each global position consumed."""
-    manifest, position = open_manifest(shards), {"samples": 0}
-    for world, steps in worlds:
-        cfg = tiny_job(shards, *overrides)
-        loaders = [TrainLoader(shards, manifest, cfg, rank, world) for rank in range(world)]
-        for loader in loaders:
-            loader.load_state_dict(position)
-        for _ in range(steps):
-            for loader in loaders:
-                next(loader)
-        position = loaders[0].state_dict()
-        assert all(loader.state_dict() == position for loader in loaders)
-    by_position: dict[int, str] = {}
-    for line in log.read_text().splitlines():
-        batch = json.loads(line)
-        for i, key in enumerate(batch["keys"]):
-            assert batch["position"] + i not in by_position, "a position consumed twice"
-            by_position[batch["position"] + i] = key
-    assert sorted(by_position) == list(range(position["samples"]))
-    return by_position
-
-
-def test_a_world_going_2_1_3_consumes_every_sample_of_the_epoch_once(facade_shards, tmp_path,
-                                                                      monkeypatch):
-    keys = train_keys(facade_shards)
-    monkeypatch.setenv(SAMPLE_LOG, str(tmp_path / "elastic.jsonl"))
-    # Batches of 8: 2 x 2 steps, 1 x 3, then 3 x 3 is 104 samples, past one epoch.
-    elastic = consume(facade_shards, [(2, 2), (1, 3), (3, 3)], tmp_path / "elastic.jsonl")
-    epoch = [elastic[p] for p in range(len(keys))]
-    assert sorted(epoch) == sorted(keys)  # each once: none repeated, none skipped
-    monkeypatch.setenv(SAMPLE_LOG, str(tmp_path / "fixed.jsonl"))
-    fixed = consume(facade_shards, [(2, 7)], tmp_path / "fixed.jsonl", "data.workers=2")
-    assert [fixed[p] for p in range(len(keys))] == epoch  # the same order, not just the set
-
-
-def test_a_sample_gets_the_same_crop_whatever_the_world(facade_shards):
-    manifest = open_manifest(facade_shards)
-    cfg = tiny_job(facade_shards, "data.workers=2")
-    alone = TrainLoader(facade_shards, manifest, cfg, 0, 1)
-    first, second = next(alone), next(alone)
-    pair = [TrainLoader(facade_shards, manifest, cfg, rank, 2) for rank in range(2)]
-    assert torch.equal(next(pair[0]), first) and torch.equal(next(pair[1]), second)
-
-
-@pytest.mark.parametrize("kind", ["random-block", "random-region"])
-def test_a_sample_gets_the_same_hole_whatever_the_world(facade_shards, kind):
-    from cectl.masks import holes_for_positions
-
-    manifest = open_manifest(facade_shards)
-    cfg = tiny_job(facade_shards, "data.batch_policy=global", "data.batch_size=16")
-    alone = TrainLoader(facade_shards, manifest, cfg, 0, 1)
-    next(alone)
-    whole = holes_for_positions(kind, alone.positions, 32, 2, 0)
-    parts = []
-    for rank in range(3):
-        loader = TrainLoader(facade_shards, manifest, cfg, rank, 3)
-        next(loader)
-        parts.append(holes_for_positions(kind, loader.positions, 32, 2, 0))
-    assert torch.equal(torch.cat(parts), whole)
-    assert not torch.equal(whole[0], whole[1])
-
-
-def test_a_per_worker_position_converts_only_on_its_world(facade_shards):
-    manifest, cfg = open_manifest(facade_shards), tiny_job(facade_shards)
-    loader = TrainLoader(facade_shards, manifest, cfg, 0, 2)
-    loader.load_state_dict({"batches": 3, "world": 2})
-    assert loader.state_dict() == {"samples": 3 * 2 * 8}
-    with pytest.raises(BadInput, match="holds for 1 workers, not 2"):
-        loader.load_state_dict({"batches": 3, "world": 1})
-
-
-def test_a_global_batch_is_the_same_images_whatever_the_world(facade_shards):
-    manifest = open_manifest(facade_shards)
-    cfg = tiny_job(facade_shards, "data.batch_policy=global", "data.batch_size=16")
-    whole = next(TrainLoader(facade_shards, manifest, cfg, 0, 1))
-    for world, shares in ((2, [8, 8]), (3, [6, 5, 5])):
-        parts = [next(TrainLoader(facade_shards, manifest, cfg, rank, world))
-                 for rank in range(world)]
-        assert [len(p) for p in parts] == shares
-        assert torch.equal(torch.cat(parts), whole)
-
-
-def test_a_global_batch_smaller_than_the_world_is_refused(facade_shards):
-    cfg = tiny_job(facade_shards, "data.batch_policy=global", "data.batch_size=2")
-    with pytest.raises(BadInput, match="cannot be split over 3 workers"):
-        TrainLoader(facade_shards, open_manifest(facade_shards), cfg, 0, 3)
+pytestmark = pytest.mark.slow  # a Ray cluster, a crash, a slow link: minutes
 
 
 def test_a_crash_during_a_background_upload_resumes_from_the_last_complete_checkpoint(
@@ -228,12 +133,3 @@ def test_a_group_going_2_1_3_as_nodes_die_and_join_sees_each_sample_once(
     ends = [r for r in map(json.loads, log.read_text().splitlines()) if "weights" in r]
     assert sorted((r["world"], r["rank"]) for r in ends) == [(3, 0), (3, 1), (3, 2)]
     assert len({r["weights"] for r in ends}) == 1
-
-
-@pytest.mark.parametrize(("nodes", "message"), [("3:2", "MIN must not exceed MAX"),
-                                                ("two", "give a number of nodes N or bounds")])
-def test_bad_node_bounds_exit_2(nodes, message, facade_shards, tmp_path):
-    result = cectl("train", *TINY, "--data", facade_shards, "--store", tmp_path,
-                   "--nodes", nodes, "--cpu", timeout=120)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr and "Traceback" not in result.stderr

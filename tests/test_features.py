@@ -8,15 +8,16 @@ import shutil
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from helpers import cectl, tiny_job
+from helpers import assert_refused, cectl, shard_images, train_checkpoint
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.nn import Conv2d, Flatten, LeakyReLU, Linear, MaxPool2d, ReLU, Sequential
 
-from cectl.checkpoint import load_generator
+from cectl.restore import load_generator
 from cectl.storage import open_store
 
 COLOURS = {"n01440764": (200, 40, 40), "n02102040": (40, 170, 60), "n03000684": (50, 60, 210)}
@@ -35,48 +36,60 @@ def write_colour_classes(root: Path, train: int, val: int, size: int = 64) -> No
                 img.save(root / split / wnid / f"{wnid}_{i}.png")
 
 
+def run_json(cli, *args) -> dict:
+    """A command's --json report; the command must succeed."""
+    result = cli(*args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
 @pytest.fixture(scope="module")
 def labelled_shards(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("labelled")
     write_colour_classes(root / "images", train=8, val=4)
-    cectl("shard", root / "images", root / "shards", "--shard-size", "10", "--workers", "1",
-          check=True)
+    shard_images(root / "images", root / "shards", shard_size=10)
     return str(root / "shards")
 
 
 @pytest.fixture(scope="module")
 def alexnet_checkpoint(facade_shards, tmp_path_factory) -> str:
-    """Two steps of alexnet227, so BatchNorm's running statistics are no longer the identity."""
-    from cectl.train import train
-
-    store = tmp_path_factory.mktemp("alexnet")
-    cfg = tiny_job(facade_shards, "model.arch=alexnet227", "data.image_size=227",
-                   "data.load_size=227", "loss.mode=rec", "data.batch_size=2", "train.steps=2")
-    train(cfg, open_store(str(store)), "alex")
-    return str(store / "runs" / "alex" / "checkpoints" / "step-000002")
+    """A step of alexnet227, so BatchNorm's running statistics are no longer the identity."""
+    return train_checkpoint(facade_shards, tmp_path_factory.mktemp("alexnet"), "alex",
+                            "model.arch=alexnet227", "data.image_size=227", "data.load_size=227",
+                            "loss.mode=rec", "data.batch_size=2", "train.steps=1")
 
 
-def test_probe_reads_wnid_labels_and_separates_colour_classes(labelled_shards, tiny_checkpoint,
-                                                               tmp_path):
+def test_probe_reads_wnid_labels_and_separates_colour_classes(cli, labelled_shards,
+                                                               tiny_checkpoint, tmp_path):
+    from cectl.encoder import load_encoder, random_encoder
+    from cectl.probe import cache_folder
+    from cectl.shard_format import open_manifest
+
     cache = tmp_path / "cache"
-    result = cectl("probe", tiny_checkpoint, "--data", labelled_shards, "--layer", "conv3",
-                   "--cache-dir", cache, "--json", check=True)
-    report = json.loads(result.stdout)
+    report = run_json(cli, "probe", tiny_checkpoint, "--data", labelled_shards, "--layer",
+                      "conv3", "--cache-dir", cache)
     assert (report["classes"], report["train_images"], report["val_images"]) == (3, 24, 12)
     assert report["dims"] == 16 * 4 * 4
-    assert report["model"]["top1_pct"] == pytest.approx(100)
-    assert report["random"]["top1_pct"] == pytest.approx(100)
+    assert report["model"]["top1_pct"] == pytest.approx(100)  # colours: trivially separable
+    assert 0 <= report["random"]["top1_pct"] <= report["random"]["top5_pct"] == 100  # 3 classes
     assert report["extraction"]["images"] == 36 and report["extraction"]["images_per_s"] > 0
+    # The two rows come from two encoders: the checkpoint's and a fresh one, cached apart.
+    model, cfg, _ = load_encoder(tiny_checkpoint)
+    features = [np.load(cache_folder(cache, stack, open_manifest(labelled_shards), "val", 32)
+                        / "conv3.npy") for stack in (model, random_encoder(cfg))]
+    assert features[0].shape == features[1].shape == (12, 256)
+    assert not np.array_equal(*features)
 
-    again = json.loads(cectl("probe", tiny_checkpoint, "--data", labelled_shards,
-                             "--cache-dir", cache, "--json", check=True).stdout)
+    again = run_json(cli, "probe", tiny_checkpoint, "--data", labelled_shards, "--cache-dir",
+                     cache)
     assert again["layer"] == "fc"  # the encoder's last layer, by default
     assert again["extraction"]["images"] == 0  # every layer came from the first pass's cache
 
 
+@pytest.mark.slow
 def test_probe_on_ray_workers_gives_the_local_numbers(labelled_shards, tiny_checkpoint,
                                                       tmp_path):
-    def probe(*extra: str) -> dict:
+    def probe(*extra: str) -> dict:  # a process of its own: Ray stays out of this one
         return json.loads(cectl("probe", tiny_checkpoint, "--data", labelled_shards, "--layer",
                                 "conv2", "--json", *extra, check=True).stdout)
 
@@ -95,10 +108,11 @@ def plain_alexnet() -> Sequential:
         relu4=R(), conv5=C(384, 256, 3, 1, 1), relu5=R(), pool5=P(3, 2)))
 
 
-def test_export_folds_batchnorm_so_a_plain_alexnet_gives_the_same_features(alexnet_checkpoint,
+def test_export_folds_batchnorm_so_a_plain_alexnet_gives_the_same_features(cli,
+                                                                           alexnet_checkpoint,
                                                                            tmp_path):
     out = tmp_path / "encoder.safetensors"
-    cectl("export", alexnet_checkpoint, "-o", out, check=True)
+    assert cli("export", alexnet_checkpoint, "-o", out).returncode == 0
     plain = plain_alexnet()
     plain.load_state_dict(load_file(out))  # strict: exactly these keys and shapes
     generator, _, _ = load_generator(alexnet_checkpoint)
@@ -110,7 +124,7 @@ def test_export_folds_batchnorm_so_a_plain_alexnet_gives_the_same_features(alexn
     with safe_open(out, "pt") as f:
         meta = f.metadata()
     assert meta["arch"] == "alexnet227" and meta["input_size"] == "227"
-    assert meta["step"] == "2" and meta["layers"].split(",")[-1] == "pool5"
+    assert meta["step"] == "1" and meta["layers"].split(",")[-1] == "pool5"
 
 
 def test_folding_keeps_pool_free_alexnet_features_under_strong_batchnorm_statistics():
@@ -134,9 +148,9 @@ def test_folding_keeps_pool_free_alexnet_features_under_strong_batchnorm_statist
         torch.testing.assert_close(stack(x), generator.encoder(x), atol=1e-4, rtol=1e-4)
 
 
-def test_export_of_dcgan_encoder_loads_into_its_plain_stack(tiny_checkpoint, tmp_path):
+def test_export_of_dcgan_encoder_loads_into_its_plain_stack(cli, tiny_checkpoint, tmp_path):
     out = tmp_path / "dcgan.safetensors"
-    cectl("export", tiny_checkpoint, "-o", out, check=True)
+    assert cli("export", tiny_checkpoint, "-o", out).returncode == 0
     # TINY: width 8 on 32 px, three 4x4 stride-2 convs to 4x4x16, then the 32-unit bottleneck.
     plain = Sequential(OrderedDict(
         conv1=Conv2d(3, 8, 4, 2, 1), relu1=LeakyReLU(0.2), conv2=Conv2d(8, 8, 4, 2, 1),
@@ -149,36 +163,34 @@ def test_export_of_dcgan_encoder_loads_into_its_plain_stack(tiny_checkpoint, tmp
         torch.testing.assert_close(plain(x), generator.encoder(x), atol=1e-5, rtol=1e-4)
 
     part = tmp_path / "part.safetensors"
-    cectl("export", tiny_checkpoint, "-o", part, "--layers", "conv1..conv2", check=True)
+    assert cli("export", tiny_checkpoint, "-o", part, "--layers", "conv1..conv2").returncode == 0
     assert sorted(load_file(part)) == ["conv1.bias", "conv1.weight", "conv2.bias",
                                        "conv2.weight"]
 
 
-def test_export_reads_a_checkpoint_on_s3(bucket, tiny_checkpoint, tmp_path):
-    from cectl.storage import open_store
-
+def test_export_reads_a_checkpoint_on_s3(cli, bucket, tiny_checkpoint, tmp_path):
     remote = open_store(f"s3://{bucket}/runs/tiny/checkpoints/step-000004")
     for path in Path(tiny_checkpoint).iterdir():
         remote.put_file(path, path.name)
     out = tmp_path / "encoder.safetensors"
-    cectl("export", remote.uri, "-o", out, check=True)
+    assert cli("export", remote.uri, "-o", out).returncode == 0
     with safe_open(out, "pt") as f:
         assert f.metadata()["checkpoint"] == remote.uri
-    cectl("export", tiny_checkpoint, "-o", tmp_path / "local.safetensors", check=True)
-    local = load_file(tmp_path / "local.safetensors")
-    assert all(torch.equal(value, local[key]) for key, value in load_file(out).items())
+    assert cli("export", tiny_checkpoint, "-o", tmp_path / "local.safetensors").returncode == 0
+    local, remote_copy = load_file(tmp_path / "local.safetensors"), load_file(out)
+    assert local.keys() == remote_copy.keys()
+    assert all(torch.equal(value, local[key]) for key, value in remote_copy.items())
 
 
-def test_neighbors_finds_the_query_itself_first(tmp_path, tiny_checkpoint):
+def test_neighbors_finds_the_query_itself_first(cli, tmp_path, tiny_checkpoint):
     from cectl.demo import make_facades
 
     images = make_facades(tmp_path / "images", 12, size=72)
-    cectl("shard", tmp_path / "images", tmp_path / "shards", "--resize", "0", "--workers", "1",
-          check=True)
+    shard_images(tmp_path / "images", tmp_path / "shards", resize=0)
     grid = tmp_path / "grid.png"
-    result = cectl("neighbors", tiny_checkpoint, "--data", tmp_path / "shards", "--query",
-                   images[5], "--query", images[9], "-k", "3", "-o", grid, "--json", check=True)
-    queries = json.loads(result.stdout)["queries"]
+    queries = run_json(cli, "neighbors", tiny_checkpoint, "--data", tmp_path / "shards",
+                       "--query", images[5], "--query", images[9], "-k", "3", "-o",
+                       grid)["queries"]
     for query, path in zip(queries, (images[5], images[9]), strict=True):
         first = query["neighbors"][0]
         assert first["key"] == path.stem and first["distance"] == pytest.approx(0, abs=1e-3)
@@ -186,46 +198,85 @@ def test_neighbors_finds_the_query_itself_first(tmp_path, tiny_checkpoint):
     assert Image.open(grid).size == (4 * 36, 2 * 36)  # 32 px tiles with a 4 px gap
 
 
-def test_shard_label_from_folder_labels_by_top_level_folder(tmp_path):
+def test_shard_label_from_folder_labels_by_top_level_folder(cli, tmp_path):
     from cectl.shard_format import read_samples
-    from cectl.storage import open_store
 
     for kind in ("cats", "dogs"):
         (tmp_path / "src" / kind / "more").mkdir(parents=True)
         Image.new("RGB", (64, 64), "red").save(tmp_path / "src" / kind / "a.png")
         Image.new("RGB", (64, 64), "blue").save(tmp_path / "src" / kind / "more" / "b.png")
-    cectl("shard", tmp_path / "src", tmp_path / "shards", "--label-from", "folder",
-          "--workers", "1", check=True)
+    result = cli("shard", tmp_path / "src", tmp_path / "shards", "--label-from", "folder",
+                 "--workers", "1")
+    assert result.returncode == 0, result.stderr
     samples = read_samples(open_store(str(tmp_path / "shards")), "train/shard-000000.tar")
     labels = {s["__key__"]: json.loads(s["json"])["label"] for s in samples}
     assert labels == {"cats/a": "cats", "cats/more/b": "cats", "dogs/a": "dogs",
                       "dogs/more/b": "dogs"}
 
 
-def test_feature_commands_refuse_bad_input_with_exit_2(tmp_path, tiny_checkpoint,
+@pytest.mark.parametrize("case", ["unknown-layer", "no-labels", "export-past-the-encoder",
+                                  "foreign-arch", "not-a-checkpoint", "label-from-imagenet"])
+def test_feature_commands_refuse_bad_input_with_exit_2(case, cli, tmp_path, tiny_checkpoint,
                                                        facade_shards, labelled_shards):
-    def refuses(*args: str) -> str:
-        result = cectl(*args)
-        assert result.returncode == 2, result.stderr
-        assert "Traceback" not in result.stderr
-        return " ".join(result.stderr.split())
+    if case == "unknown-layer":
+        args = ["probe", tiny_checkpoint, "--data", labelled_shards, "--layer", "conv9",
+                "--cache-dir", tmp_path]
+        names = ["'conv9'", "dcgan128"]
+    elif case == "no-labels":
+        args = ["probe", tiny_checkpoint, "--data", facade_shards, "--cache-dir", tmp_path]
+        names = ["train/shard-000000.tar", "--label-from folder"]
+    elif case == "export-past-the-encoder":
+        args = ["export", tiny_checkpoint, "-o", tmp_path / "e.safetensors", "--layers",
+                "conv1..pool5"]
+        names = ["'pool5'"]
+    elif case == "foreign-arch":
+        foreign = tmp_path / "foreign"
+        shutil.copytree(tiny_checkpoint, foreign)
+        state = json.loads((foreign / "state.json").read_text())
+        state["config"]["model"]["arch"] = "vgg16"
+        (foreign / "state.json").write_text(json.dumps(state))
+        args = ["export", foreign, "-o", tmp_path / "v.safetensors"]
+        names = ["model.arch", str(foreign / "state.json")]
+    elif case == "not-a-checkpoint":
+        args = ["neighbors", tmp_path, "--data", labelled_shards, "--query", __file__]
+        names = [str(tmp_path), "state.json"]
+    else:
+        args = ["shard", Path(labelled_shards).parent / "images", tmp_path / "s",
+                "--label-from", "folder", "--layout", "imagenet"]
+        names = ["--label-from folder", "imagenet"]
+    assert_refused(cli(*args), 2, *names)
+    assert not list(tmp_path.glob("*.safetensors"))
 
-    assert "'conv9' is not a layer of this dcgan128 encoder" in refuses(
-        "probe", tiny_checkpoint, "--data", labelled_shards, "--layer", "conv9",
-        "--cache-dir", tmp_path)
-    assert "samples without a label" in refuses(
-        "probe", tiny_checkpoint, "--data", facade_shards, "--cache-dir", tmp_path)
-    assert "'pool5' is not a layer" in refuses(
-        "export", tiny_checkpoint, "-o", tmp_path / "e.safetensors", "--layers", "conv1..pool5")
 
-    foreign = tmp_path / "foreign"
-    shutil.copytree(tiny_checkpoint, foreign)
-    state = json.loads((foreign / "state.json").read_text())
-    state["config"]["model"]["arch"] = "vgg16"
-    (foreign / "state.json").write_text(json.dumps(state))
-    assert "model.arch" in refuses("export", foreign, "-o", tmp_path / "v.safetensors")
-    assert "is not a checkpoint" in refuses(
-        "neighbors", tmp_path, "--data", labelled_shards, "--query", __file__)
-    assert "--label-from folder labels the folder layout" in refuses(
-        "shard", Path(labelled_shards).parent / "images", tmp_path / "s", "--label-from",
-        "folder", "--layout", "imagenet")
+@pytest.mark.parametrize("damage", ["3-rows", "truncated", "nan", "labels-cut", "not-json"])
+def test_a_damaged_feature_cache_is_extracted_again(damage, labelled_shards, tiny_checkpoint,
+                                                    tmp_path):
+    import numpy as np
+    from rich.console import Console
+
+    from cectl.probe import run_probe
+
+    def probe() -> dict:
+        return run_probe(tiny_checkpoint, labelled_shards, "conv3", 3, tmp_path,
+                         Console(quiet=True))
+
+    first = probe()
+    for folder in tmp_path.glob("*-train-*"):
+        path = folder / "conv3.npy"
+        rows = np.load(path)
+        if damage == "3-rows":  # 3 rows for 24 labels
+            np.save(path, rows[:3])
+        elif damage == "truncated":
+            path.write_bytes(path.read_bytes()[:-100])
+        elif damage == "nan":
+            rows[5] = np.nan
+            np.save(path, rows)
+        elif damage == "labels-cut":
+            meta = json.loads((folder / "labels.json").read_text())
+            (folder / "labels.json").write_text(json.dumps({**meta, "labels": ["x"] * 3}))
+        else:
+            (folder / "labels.json").write_text("[[[")
+    again = probe()
+    assert again["extraction"]["images"] == first["train_images"]  # train again, not val
+    for key in ("model", "random", "classes", "train_images", "dims"):
+        assert again[key] == first[key], key

@@ -10,18 +10,16 @@ import random
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_job
+from helpers import tiny_job, train_checkpoint
 from PIL import Image
 
-from cectl.checkpoint import load_generator
-from cectl.data import TrainLoader
-from cectl.evaluate import evaluate_checkpoint, nearest_neighbour
+from cectl.evaluate import evaluate_checkpoint, nearest_neighbour_fill
 from cectl.inpaint import inpaint
 from cectl.losses import reconstruction_loss
 from cectl.masks import derive_seed, draw_holes, fill_holes, loss_weights, output_window
 from cectl.model import build_models
 from cectl.pixels import load_eval_images, to_batch, to_model_range, train_sample
-from cectl.shard_format import open_manifest
+from cectl.restore import load_generator
 from cectl.storage import open_store
 from cectl.train import describe_batch, train
 
@@ -85,16 +83,6 @@ def test_flips_come_at_half_the_crops_seeded_per_sample():
     assert flipped == again
 
 
-def test_loader_with_flips_resumes_exactly(facade_shards):
-    cfg = tiny_job(facade_shards)
-    manifest = open_manifest(facade_shards)
-    straight = TrainLoader(facade_shards, manifest, cfg, 0, 1)
-    batches = [next(straight) for _ in range(5)]
-    resumed = TrainLoader(facade_shards, manifest, cfg, 0, 1)
-    resumed.load_state_dict({"samples": 3 * cfg.data.batch_size})
-    assert torch.equal(next(resumed), batches[3]) and torch.equal(next(resumed), batches[4])
-
-
 @pytest.mark.parametrize(("mode", "step_size"), [("rec", 2e-4), ("joint", 2e-3)])
 def test_generator_lr_is_10x_only_against_a_discriminator(mode, step_size, facade_shards,
                                                           tmp_path):
@@ -121,11 +109,9 @@ def test_start_up_line_names_the_effective_batch_and_the_remedy(facade_shards):
 @pytest.fixture(scope="module")
 def checkpoint_128(facade_shards, tmp_path_factory) -> str:
     """One step of a narrow 128 px center model: the paper's geometry, cheaply."""
-    store = tmp_path_factory.mktemp("store128")
-    cfg = tiny_job(facade_shards, "data.image_size=128", "data.load_size=128",
-                   "mask.overlap=4", "data.batch_size=2", "train.steps=1")
-    train(cfg, open_store(str(store)), "c128")
-    return str(store / "runs" / "c128" / "checkpoints" / "step-000001")
+    return train_checkpoint(facade_shards, tmp_path_factory.mktemp("store128"), "c128",
+                            "data.image_size=128", "data.load_size=128", "mask.overlap=4",
+                            "data.batch_size=2", "train.steps=1")
 
 
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -149,6 +135,40 @@ def test_inpaint_at_the_network_size_is_the_hard_paste_of_test_lua(checkpoint_12
     inner = slice(cfg.mask.overlap, window.size - cfg.mask.overlap)
     expected[a:b, a:b] = pasted[inner, inner]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), expected)
+
+
+def test_inpaint_with_a_random_mask_model_pastes_its_whole_image_prediction(
+        random_mask_checkpoint, tmp_path):
+    generator, cfg, _ = load_generator(random_mask_checkpoint)
+    size = cfg.data.image_size
+    image = random_image(size, size, seed=3)
+    image.save(tmp_path / "in.png")
+    result = inpaint(tmp_path / "in.png", random_mask_checkpoint, "random-region",
+                     tmp_path / "out.png", seed=5)
+    holes = draw_holes("random-region", 1, size, cfg.mask.overlap, derive_seed(5, "inpaint"))
+    assert result["hole_pixels"] == holes.sum() > 0
+    assert result["context"] == {"x": 0, "y": 0, "side": size}
+    with torch.no_grad():
+        pred = generator(fill_holes(to_model_range(to_batch([np.asarray(image)])), holes))
+    assert pred.shape[-1] == size  # the whole image, not a central window
+    pasted = pred[0].add(1).mul(127.5).clamp(0, 255).round().byte().permute(1, 2, 0).numpy()
+    expected = np.asarray(image).copy()
+    hole = holes[0, 0].numpy()
+    expected[hole] = pasted[hole]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), expected)
+
+
+def test_a_random_mask_model_fills_a_hole_by_the_edge_of_any_image(random_mask_checkpoint,
+                                                                   tmp_path):
+    image = random_image(90, 60, seed=4)
+    image.save(tmp_path / "in.png")
+    hole = np.zeros((60, 90), dtype=bool)
+    hole[2:20, 70:88] = True  # by the top right corner: no central window to fit in
+    Image.fromarray(hole.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    inpaint(tmp_path / "in.png", random_mask_checkpoint, str(tmp_path / "mask.png"),
+            tmp_path / "out.png")
+    changed = np.any(np.asarray(Image.open(tmp_path / "out.png")) != np.asarray(image), axis=2)
+    assert changed[hole].mean() > 0.5 and not (changed & ~hole).any()
 
 
 def test_inpaint_keeps_the_aspect_ratio_of_a_wide_image(checkpoint_128, tmp_path):
@@ -189,10 +209,12 @@ def test_eval_reports_the_table1_variants_and_the_nn_baseline(tiny_checkpoint, f
     # The window adds the overlap band, where the fill keeps the true context.
     assert fill["psnr_window_db"] > fill["psnr_db"]
     assert set(result["nearest_neighbour"]) == set(fill)
+    assert all(-1 <= result[row]["ssim"] <= 1 for row in ("model", "mean_fill",
+                                                           "nearest_neighbour"))
 
 
 def test_nearest_neighbour_of_a_train_image_is_itself(tiny_checkpoint, facade_shards):
     generator, cfg, _ = load_generator(tiny_checkpoint)
     images, _ = load_eval_images(facade_shards, "train", cfg.data.image_size, limit=6)
-    scores = nearest_neighbour(generator, cfg, images, facade_shards)
-    assert scores["l2_pct"] == 0.0 and scores["l1_pct"] == 0.0
+    pasted = nearest_neighbour_fill(generator, cfg, images, facade_shards)
+    assert torch.equal(pasted, to_model_range(images))

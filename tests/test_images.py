@@ -6,15 +6,10 @@ import io
 
 import numpy as np
 import pytest
+from helpers import encode as encoded
 from PIL import Image
 
 from cectl.images import Skip, decode, prepare_sample
-
-
-def encoded(img: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kwargs)
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "RGB"])

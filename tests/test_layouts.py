@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from helpers import cectl
+from helpers import shard_images
 from PIL import Image
 
 from cectl.sources import detect_layout, held_out, list_items
@@ -17,8 +17,8 @@ def write_images(root: Path, paths: list[str]) -> None:
         Image.new("RGB", (96, 80), (i * 20 % 255, 100, 50)).save(root / rel, "JPEG")
 
 
-def shard_manifest(src: Path, dst: Path, *args: str) -> dict:
-    cectl("shard", src, dst, *args, check=True)
+def shard_manifest(src: Path, dst: Path, **flags) -> dict:
+    shard_images(src, dst, **flags)
     return json.loads((dst / "manifest.json").read_text())
 
 
@@ -39,18 +39,20 @@ def test_imagenet_tree_keeps_wnid_labels_and_val_split(tmp_path):
                       "val/n02102040/ILSVRC2012_val_2": "n02102040"}
 
 
-def test_paris_tree_uses_eval_gt_as_val(tmp_path):
-    write_images(tmp_path / "in", ["paris_train/1.jpg", "paris_train/2.jpg",
-                                   "paris_eval_gt/3_im.png"])
-    manifest = shard_manifest(tmp_path / "in", tmp_path / "out")
-    assert manifest["layout"] == "paris"
-    assert (manifest["splits"]["train"]["samples"], manifest["splits"]["val"]["samples"]) == (2, 1)
+def test_paris_tree_uses_eval_gt_as_val():
+    layout, items = list_items(["paris_train/1.jpg", "paris_train/2.jpg",
+                                "paris_eval_gt/3_im.png"], "auto", 0.0, "src")
+    assert layout == "paris"
+    assert [(i.source, i.split) for i in items] == [("paris_eval_gt/3_im.png", "val"),
+                                                    ("paris_train/1.jpg", "train"),
+                                                    ("paris_train/2.jpg", "train")]
 
 
-def test_forced_layout_beats_detection(tmp_path):
-    write_images(tmp_path / "in", ["paris_train/1.jpg", "other/2.jpg"])
-    manifest = shard_manifest(tmp_path / "in", tmp_path / "out", "--layout", "folder")
-    assert manifest["layout"] == "folder" and manifest["totals"]["samples"] == 2
+def test_forced_layout_beats_detection():
+    layout, items = list_items(["paris_train/1.jpg", "other/2.jpg"], "folder", 0.0, "src")
+    assert layout == "folder"
+    assert [(i.source, i.split) for i in items] == [("other/2.jpg", "train"),
+                                                    ("paris_train/1.jpg", "train")]
 
 
 def test_detection_and_keys():

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import os
 import tarfile
+import time
 from dataclasses import replace
 
 import pytest
-from PIL import Image
+from helpers import image_bytes
 
 from cectl.config import load_config
 from cectl.schema import ShardConfig
@@ -63,9 +64,7 @@ def test_a_changed_input_changes_only_the_fingerprint_of_its_own_shard(change):
 
 
 def jpeg(size: tuple[int, int] = (96, 80)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, (120, 40, 200)).save(buf, "JPEG")
-    return buf.getvalue()
+    return image_bytes(size, "JPEG", (120, 40, 200))
 
 
 @pytest.fixture
@@ -94,6 +93,11 @@ def test_shard_record_matches_the_bytes_written_and_names_skipped_inputs(source,
 def test_shard_bytes_depend_only_on_the_inputs_not_on_when_they_were_written(source, tmp_path):
     task = plan(items(5), PARAMS)[0]
     write_shard(source, str(tmp_path / "a"), task, PARAMS)
+    # The clock past its next whole second (tar stores whole seconds), and the inputs
+    # touched: a writer that let either time into the tar would now write other bytes.
+    time.sleep(1.05 - time.time() % 1)
+    for path in os.scandir(source):
+        os.utime(path.path, (time.time() - 86400, time.time() - 86400))
     write_shard(source, str(tmp_path / "b"), task, PARAMS)
     assert (tmp_path / "a" / task.name).read_bytes() == (tmp_path / "b" / task.name).read_bytes()
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import pickle
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 from helpers import TINY, cectl
+
+pytestmark = pytest.mark.slow  # Ray Tune trials: minutes (the space's parsing is test_config's)
 
 SWEEP = """\
 job: demo
@@ -22,6 +26,16 @@ space:
   optim.lr_ratio: uniform(1, 30)
   loss.lambda_adv: loguniform(1e-4, 1e-1)
 """
+
+
+class Planted:
+    """A pickle that creates a file when it is loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
 
 
 def sweep_args(tmp_path, facade_shards) -> list[str]:
@@ -64,11 +78,18 @@ def test_an_interrupted_sweep_resumes_with_the_same_command(tmp_path, facade_sha
     assert first.poll() is None, "the sweep ended before it could be interrupted"
     first.send_signal(signal.SIGINT)  # Ctrl-C, once the first trial is training
     first.communicate(timeout=120)
+    assert first.returncode == 130
     best = tmp_path / "store" / "sweeps" / "tiny-sweep-best.yaml"
     assert not best.exists()
+    # Tune's own state is never read back: a planted pickle there must not run.
+    marker = tmp_path / "unpickled"
+    (tmp_path / "store" / "sweeps" / "tiny-sweep" / "tuner.pkl").write_bytes(
+        pickle.dumps(Planted(marker)))
 
     again = cectl(*args, "--output", tmp_path / "best.yaml", "--json", timeout=600)
     assert again.returncode == 0, again.stderr
     assert "resuming sweep tiny-sweep" in again.stderr
-    assert len(json.loads(again.stdout)["trials"]) == 4
+    report = json.loads(again.stdout)
+    assert len(report["trials"]) == 4 and not marker.exists()
+    assert sorted(p.name for p in runs.iterdir()) == [f"tiny-sweep-{i:03d}" for i in range(4)]
     assert best.exists() and (tmp_path / "best.yaml").read_text() == best.read_text()

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import shutil
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
-from helpers import tiny_job
+from helpers import assert_refused, tiny_job
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from cectl.checkpoint import Checkpointer, load_checkpoint, restore_tensors, write_checkpoint
+from cectl.checkpoint import Checkpointer, write_checkpoint
 from cectl.data import TrainLoader
-from cectl.model import build_models
+from cectl.model import build_models, weights_digest
+from cectl.restore import load_checkpoint, restore_tensors
 from cectl.runs import FORMATS, Run
 from cectl.shard_format import open_manifest
 from cectl.storage import open_store
@@ -42,6 +50,12 @@ def metrics(store: Path, run: str) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
+def losses(store: Path, run: str) -> dict[int, dict]:
+    """The loss lines of a run's metrics.jsonl, by step."""
+    return {m["step"]: m for m in metrics(store, run) if "loss_rec" in m}
+
+
+@pytest.mark.slow  # 60 steps: the fast lane's trainings take a few
 def test_a_short_run_lowers_the_reconstruction_loss(facade_shards, tmp_path):
     # Reconstruction alone trains at optim.lr_d (train.lua); 2e-3 learns within 60 steps.
     cfg = tiny_job(facade_shards, "train.steps=60", "loss.mode=rec", "optim.lr_d=2e-3")
@@ -52,7 +66,26 @@ def test_a_short_run_lowers_the_reconstruction_loss(facade_shards, tmp_path):
     run = tmp_path / "runs" / "learn"
     assert (run / "config.yaml").is_file()
     assert (run / "samples" / "step-000060.png").is_file()
-    assert list((run / "tensorboard").iterdir())
+    assert [p.name for p in (run / "tensorboard").iterdir()
+            if p.name.startswith("events.out.tfevents.")]
+
+
+def test_every_validation_writes_its_sample_grid_to_tensorboard(facade_shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_job(facade_shards, "train.steps=3", "train.eval_every=2")
+    train(cfg, open_store(str(tmp_path)), "tb")
+    run = tmp_path / "runs" / "tb"
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert events.Tags()["images"] == ["samples"]
+    grids = events.Images("samples")
+    assert [g.step for g in grids] == [2, 3]  # every eval_every steps, and the last
+    for grid in grids:
+        png = (run / "samples" / f"step-{grid.step:06d}.png").read_bytes()
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(grid.encoded_image_string))),
+                              np.asarray(Image.open(io.BytesIO(png))))
+    assert {"loss_rec", "val_psnr_db", "val_ssim"} <= set(events.Tags()["scalars"])
 
 
 def test_checkpoint_round_trip_restores_networks_and_optimizers(facade_shards, tmp_path):
@@ -70,7 +103,9 @@ def test_checkpoint_round_trip_restores_networks_and_optimizers(facade_shards, t
         if not key.startswith(("rng.", "optim.D.")):
             assert torch.equal(value, tensors[key]), key
     # Plain safetensors: readable by any tool, no pickle involved.
-    assert load_file(tmp_path / "runs/rt/checkpoints/step-000002/model.safetensors")
+    plain = load_file(tmp_path / "runs/rt/checkpoints/step-000002/model.safetensors")
+    assert plain.keys() == tensors.keys()
+    assert all(torch.equal(plain[key], value) for key, value in tensors.items())
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(facade_shards, tmp_path):
@@ -91,6 +126,24 @@ def test_resume_gives_the_same_weights_as_a_straight_run(facade_shards, tmp_path
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_resume_drops_the_metrics_logged_after_its_checkpoint(facade_shards, tmp_path):
+    # A run that logged steps 4 and 5 and died before their checkpoint was complete
+    # (here: step 5's checkpoint removed) resumes from step 3 and logs 4 and 5 again.
+    store = open_store(str(tmp_path))
+    common = ["train.checkpoint_every=3", "train.eval_every=1000"]
+    train(tiny_job(facade_shards, "train.steps=5", *common), store, "died")
+    assert sorted(losses(tmp_path, "died")) == [1, 2, 3, 4, 5]
+    first = losses(tmp_path, "died")
+    shutil.rmtree(tmp_path / "runs/died/checkpoints/step-000005")
+    train(tiny_job(facade_shards, "train.steps=6", *common), store, "died", resume=True)
+    lines = metrics(tmp_path, "died")
+    assert [m["step"] for m in lines if "loss_rec" in m] == [1, 2, 3, 4, 5, 6]
+    assert [(i, m["step"]) for i, m in enumerate(lines) if "resumed" in m] == [(3, 3)]
+    again = losses(tmp_path, "died")
+    assert all(again[step] == first[step] for step in (1, 2, 3))  # kept, not rewritten
+    assert again[4]["loss_rec"] == first[4]["loss_rec"]  # the same step, redone exactly
+
+
 def test_loader_resumes_mid_epoch_with_the_same_batches(facade_shards):
     cfg = tiny_job(facade_shards, "data.workers=2")
     manifest = open_manifest(facade_shards)
@@ -107,7 +160,7 @@ def test_loader_resumes_mid_epoch_with_the_same_batches(facade_shards):
 def test_pruning_keeps_the_last_checkpoints_and_the_best_and_no_empty_folders(tmp_path):
     run = Run(open_store(str(tmp_path)), "r")
     for step in range(1, 7):
-        state = {"step": step, "best_step": 2, "config": {}}
+        state = {"step": step, "best_step": 2, "config": {}, "data_position": {"samples": 0}}
         write_checkpoint(run, step, {"x": torch.zeros(1)}, state)
     assert run.steps() == [2, 4, 5, 6]
     assert run.checkpoint("best").uri.endswith("step-000002")
@@ -202,6 +255,7 @@ def _ddp_rank(rank: int, world: int, port: int, shards: str, store: str, log: st
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes that each import torch and train: the Ray tests' DDP, unit-sized
 def test_ddp_ranks_end_with_identical_weights(facade_shards, tmp_path):
     from helpers import free_port
 
@@ -214,6 +268,11 @@ def test_ddp_ranks_end_with_identical_weights(facade_shards, tmp_path):
     assert ends[0]["weights"] == ends[1]["weights"]
     summary = Run(open_store(str(tmp_path / "store")), "ddp").summary()
     assert summary["step"] == 3 and summary["workers"] == 2
+    # ... and they are the weights rank 0 checkpointed.
+    generator, discriminator = build_models(tiny_job(facade_shards))
+    tensors, _ = load_checkpoint(str(tmp_path / "store/runs/ddp/checkpoints/step-000003"))
+    restore_tensors(tensors, {"G": generator, "D": discriminator}, {})
+    assert weights_digest(generator, discriminator) == ends[0]["weights"]
 
 
 def test_the_encoded_loader_path_gives_the_same_batches_and_resumes(facade_shards):
@@ -254,7 +313,8 @@ def test_loader_processes_on_one_machine_fetch_each_s3_shard_once(facade_shards,
     for _ in range(-(-manifest["splits"]["train"]["samples"] // 8)):  # one epoch
         next(loader)
     assert train_bytes < proxy.passed < 1.2 * train_bytes
-    assert len(list((tmp_path / "cectl-shard-cache").glob("*.tar"))) == 6
+    cached = {p.stem for p in tmp_path.glob("cectl-shard-cache-*/*.tar")}
+    assert cached == {s["sha256"] for s in manifest["splits"]["train"]["shards"]}
 
 
 def test_losses_are_the_same_whether_read_every_step_or_not(facade_shards, tmp_path):
@@ -269,12 +329,79 @@ def test_losses_are_the_same_whether_read_every_step_or_not(facade_shards, tmp_p
             assert m[key] == each[m["step"]][key], key
 
 
-def test_gpu_decoding_without_a_gpu_is_a_usage_error(facade_shards, tmp_path):
-    from helpers import TINY, cectl
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU host decodes on its GPU")
+def test_gpu_decoding_without_a_gpu_is_a_usage_error(cli, facade_shards, tmp_path):
+    from helpers import TINY
 
-    result = cectl("train", *TINY, "data.decode=gpu", "--local", "--data", facade_shards,
-                   "--store", tmp_path)
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: data.decode=gpu needs a CUDA GPU and torchvision")
-    assert "Traceback" not in result.stderr
+    result = cli("train", *TINY, "data.decode=gpu", "--local", "--data", facade_shards,
+                 "--store", tmp_path, "--name", "gpu")
+    assert_refused(result, 2, "data.decode=gpu")
+    assert not (tmp_path / "runs" / "gpu" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("kind", ["random-block", "random-region"])
+def test_random_mask_training_validates_on_whole_images(kind, facade_shards, tmp_path):
+    from cectl.evaluate import evaluate
+    from cectl.pixels import load_eval_images
+    from cectl.restore import load_generator
+
+    cfg = tiny_job(facade_shards, f"mask.kind={kind}", "train.steps=2", "train.eval_every=1")
+    train(cfg, open_store(str(tmp_path)), "random")
+    lines = metrics(tmp_path, "random")
+    assert [m["step"] for m in lines if "loss_rec" in m] == [1, 2]
+    assert [m["step"] for m in lines if "val_l2_pct" in m] == [1, 2]
+    assert all(math.isfinite(v) for m in lines for v in m.values())
+    grid = tmp_path / "runs/random/samples/step-000002.png"
+    assert Image.open(grid).size == (8 * 32, 3 * 32)  # input | prediction | truth
+    # The last validation is the checkpoint's score on the val images with these masks.
+    generator, saved, _ = load_generator(str(tmp_path / "runs/random/checkpoints/step-000002"))
+    assert saved.mask.kind == kind
+    images, _ = load_eval_images(facade_shards, "val", 32, limit=8)
+    scores = evaluate(generator, saved, images, kind)["model"]
+    assert lines[-1]["val_l2_pct"] == pytest.approx(scores["l2_pct"], rel=1e-5)
+    assert lines[-1]["val_psnr_db"] == pytest.approx(scores["psnr_db"], rel=1e-5)
+
+
+def test_fp16_and_bf16_train_in_their_precision(facade_shards, tmp_path):
+    store = open_store(str(tmp_path))
+    digests = {}
+    for precision in ("fp32", "fp16", "bf16"):
+        cfg = tiny_job(facade_shards, "train.steps=2", f"train.precision={precision}")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "this CPU has no native bf16")
+            train(cfg, store, precision)
+        logged = losses(tmp_path, precision)
+        assert sorted(logged) == [1, 2] and all(math.isfinite(m["loss_rec"])
+                                                 for m in logged.values())
+        generator, discriminator = build_models(cfg)
+        tensors, _ = load_checkpoint(str(tmp_path / f"runs/{precision}/checkpoints/step-000002"))
+        restore_tensors(tensors, {"G": generator, "D": discriminator}, {})
+        digests[precision] = weights_digest(generator, discriminator)
+    # The same seed and batches: only the arithmetic differs, so each precision is in use.
+    assert len(set(digests.values())) == 3
+    fp32, fp16 = losses(tmp_path, "fp32")[1], losses(tmp_path, "fp16")[1]
+    assert fp16["loss_rec"] == pytest.approx(fp32["loss_rec"], rel=0.05)
+
+
+def test_an_fp16_step_whose_gradients_overflow_is_skipped_and_lowers_the_scale(facade_shards):
+    from cectl.masks import draw_holes
+    from cectl.pixels import to_model_range
+    from cectl.train import make_optimizer, train_step
+
+    cfg = tiny_job(facade_shards, "train.precision=fp16")
+    torch.manual_seed(0)
+    generator, discriminator = build_models(cfg)
+    optimizers = [make_optimizer(m, 1e-3, 0.5) for m in (generator, discriminator)]
+    images = to_model_range(next(TrainLoader(facade_shards, open_manifest(facade_shards), cfg,
+                                             0, 1)))
+    holes = draw_holes("center", len(images), 32, 2, 0)
+    before = weights_digest(generator, discriminator)
+    # A scale no fp16 gradient survives: the scaler finds infinities and skips the updates.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)
+    train_step(generator, discriminator, *optimizers, images, holes, cfg, scaler)
+    assert weights_digest(generator, discriminator) == before
+    assert scaler.get_scale() == 2.0**59
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    step = train_step(generator, discriminator, *optimizers, images, holes, cfg, scaler)
+    assert weights_digest(generator, discriminator) != before
+    assert scaler.get_scale() == 1.0 and all(torch.isfinite(v) for v in step.values())

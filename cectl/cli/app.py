@@ -15,6 +15,8 @@ from cectl.render import err
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train Context Encoders at scale: shard, train, sweep, evaluate, inpaint.")
+# click's UsageError, which Typer (with its own copy of click) exports only as a base class.
+UsageError = typer.BadParameter.__mro__[1]
 DEFAULT_STORE = "cectl-store"
 StoreOption = Annotated[str, typer.Option("--store", help="runs live here (path or s3://)")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
@@ -34,21 +36,25 @@ def run(argv: list[str]) -> int:
     """Run one command line in this process; its exit code: 0, 1 (a failure), 2 (bad
     input or usage), 130 (interrupted)."""
     try:
-        app(args=argv, prog_name="cectl")
-    except SystemExit as e:  # Typer's own exit: help, usage errors
-        return e.code if isinstance(e.code, int) else int(e.code is not None)
+        # Not standalone: usage errors come here as exceptions, to be printed as one
+        # sentence like every other error rather than in Typer's box.
+        code = app(args=argv, prog_name="cectl", standalone_mode=False)
+    except UsageError as e:  # an unknown option, a value of the wrong type
+        if type(e).__name__ != "NoArgsIsHelpError":  # that one has printed the help
+            where = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
+            _print_error(f"{e.format_message()}{where}")
+        return e.exit_code
     except CectlError as e:
         _print_error(str(e))
         return e.exit_code
-    except KeyboardInterrupt:
-        err.print("interrupted: run the same command again to resume")
-        return 130
     except Exception as e:  # never a bare traceback, unless asked for
         if os.environ.get("CECTL_DEBUG"):
             raise
         _print_error(f"unexpected {type(e).__name__}: {e} (set CECTL_DEBUG=1 for the traceback)")
         return 1
-    return 0
+    if code == 130:  # Typer turns Ctrl-C in a command into exit code 130
+        err.print("interrupted: run the same command again to resume")
+    return code if isinstance(code, int) else 0
 
 
 def main() -> None:

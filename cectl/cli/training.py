@@ -113,6 +113,8 @@ def runs(store: StoreOption = DEFAULT_STORE,
         render.print_json(summaries)
         return
     out.print(render.runs_table(summaries, run_store.uri))
+    out.print(f"TensorBoard (losses, val metrics, sample grids): "
+              f"tensorboard --logdir {run_store.url('runs')}", soft_wrap=True)
 
 
 @app.command()

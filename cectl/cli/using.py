@@ -1,4 +1,4 @@
-"""Using a model: `cectl eval`, `inpaint`, `export`, `probe`, `neighbors`."""
+"""Using a model: `cectl eval`, `inpaint`, `serve`, `export`, `probe`, `neighbors`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,14 @@ from cectl.errors import BadInput
 from cectl.render import err, out
 
 
+def _check_image(path: Path, what: str) -> None:
+    """BadInput unless `path` is a file (an image, its reader will find out)."""
+    if path.is_dir():
+        raise BadInput(f"{what}{path} is a folder, not an image")
+    if not path.is_file():
+        raise BadInput(f"{what}{path} does not exist")
+
+
 @app.command(name="eval")
 def eval_command(
     ckpt: CheckpointArgument,
@@ -28,22 +36,31 @@ def eval_command(
     split: Annotated[str, typer.Option(help="split to score")] = "val",
     mask: Annotated[str | None, typer.Option(help="center | random-block | random-region "
                                              "(default: the one trained with)")] = None,
+    lpips_weights: Annotated[Path | None, typer.Option(
+        help="torchvision's AlexNet weights for LPIPS, alexnet-owt-7be5be79.pth "
+             "(default: torch hub's cache)")] = None,
+    fid_weights: Annotated[Path | None, typer.Option(
+        help="the TorchScript FID Inception, inception-2015-12-05.pt "
+             "(default: torch hub's cache)")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Score a checkpoint on held-out images: L1 %, L2 %, PSNR dB on the hole."""
+    """Score a checkpoint on held-out images: L1 %, L2 %, PSNR dB on the hole, SSIM, and
+    LPIPS and FID where their weights are at hand."""
     from cectl.evaluate import evaluate_checkpoint
     from cectl.masks import KINDS
+    from cectl.perceptual import load_perceptual
     from cectl.storage import open_store
 
     if mask is not None and mask not in KINDS:
         raise BadInput(f"--mask {mask!r} is not one of {', '.join(KINDS)}")
-    with err.status(f"scoring the {split} split of {data}"):
-        result = evaluate_checkpoint(open_store(ckpt), data, split, mask)
+    perceptual = load_perceptual(lpips_weights, fid_weights)
+    with render.status(err, f"scoring the {split} split of {data}"):
+        result = evaluate_checkpoint(open_store(ckpt), data, split, mask, perceptual)
     if as_json:
         render.print_json(result)
         return
-    out.print(render.score_table(result, f"{ckpt} (step {result['step']}) on {result['images']} "
-                                  f"{split} images, {result['mask']} mask"))
+    render.score_report(out, result, f"{ckpt} (step {result['step']}) on {result['images']} "
+                                     f"{split} images, {result['mask']} mask")
 
 
 @app.command(name="inpaint")
@@ -58,10 +75,22 @@ def inpaint_command(
     """Fill a hole in an image of any size and mode."""
     from cectl.inpaint import inpaint
 
-    if not img.is_file():
-        raise BadInput(f"{img} does not exist")
+    _check_image(img, "")
     result = inpaint(img, ckpt, mask, output or img.with_name(f"{img.stem}-inpainted.png"), seed)
     out.print(f"wrote {result['out']} ({result['hole_pixels']:,} hole pixels filled)")
+
+
+@app.command()
+def serve(
+    ckpt: CheckpointArgument,
+    port: Annotated[int, typer.Option(help="port of the page")] = 7860,
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every "
+                                      "interface)")] = "127.0.0.1",
+) -> None:
+    """A local web page: upload a photo, paint the hole, see it filled (the ui extra)."""
+    from cectl.serve import serve as serve_page
+
+    serve_page(ckpt, host, port, out, err)
 
 
 @app.command(name="export")
@@ -128,8 +157,7 @@ def neighbors(
     if k < 1:
         raise BadInput("-k must be at least 1")
     for path in query:
-        if not path.is_file():
-            raise BadInput(f"query {path} does not exist")
+        _check_image(path, "query ")
     result = find_neighbors(ckpt, data, query, k, split, err)
     grid = neighbor_grid(result)
     output.parent.mkdir(parents=True, exist_ok=True)

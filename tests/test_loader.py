@@ -1,0 +1,140 @@
+"""The loader: a data position that holds whatever the world size, a global batch policy,
+and the shard cache that loader processes on one machine share."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import tempfile
+import time
+
+import pytest
+import torch
+from helpers import assert_refused, tiny_job, train_keys
+
+from cectl.data import SAMPLE_LOG, TrainLoader
+from cectl.errors import BadInput
+from cectl.shard_format import open_manifest
+from cectl.storage import open_store
+
+
+def consume(shards: str, worlds: list[tuple[int, int]], log, *overrides: str) -> dict[int, str]:
+    """Run loaders through phases of (world, steps), restoring rank 0's position between
+    phases as a resize does; the sample key at each global position consumed."""
+    manifest, position = open_manifest(shards), {"samples": 0}
+    for world, steps in worlds:
+        cfg = tiny_job(shards, *overrides)
+        loaders = [TrainLoader(shards, manifest, cfg, rank, world) for rank in range(world)]
+        for loader in loaders:
+            loader.load_state_dict(position)
+        for _ in range(steps):
+            for loader in loaders:
+                next(loader)
+        position = loaders[0].state_dict()
+        assert all(loader.state_dict() == position for loader in loaders)
+    by_position: dict[int, str] = {}
+    for line in log.read_text().splitlines():
+        batch = json.loads(line)
+        for i, key in enumerate(batch["keys"]):
+            assert batch["position"] + i not in by_position, "a position consumed twice"
+            by_position[batch["position"] + i] = key
+    assert sorted(by_position) == list(range(position["samples"]))
+    return by_position
+
+
+def test_a_world_going_2_1_3_consumes_every_sample_of_the_epoch_once(facade_shards, tmp_path,
+                                                                      monkeypatch):
+    keys = train_keys(facade_shards)
+    monkeypatch.setenv(SAMPLE_LOG, str(tmp_path / "elastic.jsonl"))
+    # Batches of 8: 2 x 2 steps, 1 x 3, then 3 x 3 is 104 samples, past one epoch.
+    elastic = consume(facade_shards, [(2, 2), (1, 3), (3, 3)], tmp_path / "elastic.jsonl")
+    epoch = [elastic[p] for p in range(len(keys))]
+    assert sorted(epoch) == sorted(keys)  # each once: none repeated, none skipped
+    monkeypatch.setenv(SAMPLE_LOG, str(tmp_path / "fixed.jsonl"))
+    fixed = consume(facade_shards, [(2, 7)], tmp_path / "fixed.jsonl", "data.workers=2")
+    assert [fixed[p] for p in range(len(keys))] == epoch  # the same order, not just the set
+
+
+def test_a_sample_gets_the_same_crop_whatever_the_world(facade_shards):
+    manifest = open_manifest(facade_shards)
+    cfg = tiny_job(facade_shards, "data.workers=2")
+    alone = TrainLoader(facade_shards, manifest, cfg, 0, 1)
+    first, second = next(alone), next(alone)
+    pair = [TrainLoader(facade_shards, manifest, cfg, rank, 2) for rank in range(2)]
+    assert torch.equal(next(pair[0]), first) and torch.equal(next(pair[1]), second)
+
+
+@pytest.mark.parametrize("kind", ["random-block", "random-region"])
+def test_a_sample_gets_the_same_hole_whatever_the_world(facade_shards, kind):
+    from cectl.masks import holes_for_positions
+
+    manifest = open_manifest(facade_shards)
+    cfg = tiny_job(facade_shards, "data.batch_policy=global", "data.batch_size=16")
+    alone = TrainLoader(facade_shards, manifest, cfg, 0, 1)
+    next(alone)
+    whole = holes_for_positions(kind, alone.positions, 32, 2, 0)
+    parts = []
+    for rank in range(3):
+        loader = TrainLoader(facade_shards, manifest, cfg, rank, 3)
+        next(loader)
+        parts.append(holes_for_positions(kind, loader.positions, 32, 2, 0))
+    assert torch.equal(torch.cat(parts), whole)
+    assert not torch.equal(whole[0], whole[1])
+
+
+def test_a_per_worker_position_converts_only_on_its_world(facade_shards):
+    manifest, cfg = open_manifest(facade_shards), tiny_job(facade_shards)
+    loader = TrainLoader(facade_shards, manifest, cfg, 0, 2)
+    loader.load_state_dict({"batches": 3, "world": 2})
+    assert loader.state_dict() == {"samples": 3 * 2 * 8}
+    with pytest.raises(BadInput) as caught:
+        loader.load_state_dict({"batches": 3, "world": 1})
+    assert_refused(caught.value, 2, "data position", "for 1 workers, not 2")
+
+
+def test_a_global_batch_is_the_same_images_whatever_the_world(facade_shards):
+    manifest = open_manifest(facade_shards)
+    cfg = tiny_job(facade_shards, "data.batch_policy=global", "data.batch_size=16")
+    whole = next(TrainLoader(facade_shards, manifest, cfg, 0, 1))
+    for world, shares in ((2, [8, 8]), (3, [6, 5, 5])):
+        parts = [next(TrainLoader(facade_shards, manifest, cfg, rank, world))
+                 for rank in range(world)]
+        assert [len(p) for p in parts] == shares
+        assert torch.equal(torch.cat(parts), whole)
+
+
+def test_a_global_batch_smaller_than_the_world_is_refused(facade_shards):
+    cfg = tiny_job(facade_shards, "data.batch_policy=global", "data.batch_size=2")
+    with pytest.raises(BadInput) as caught:
+        TrainLoader(facade_shards, open_manifest(facade_shards), cfg, 0, 3)
+    assert_refused(caught.value, 2, "data.batch_size=2", "data.batch_policy=global", "3 workers")
+
+
+def test_the_shard_cache_keeps_the_newest_shards_and_those_in_use(tmp_path, monkeypatch):
+    from cectl.shard_cache import ShardCache
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(ShardCache, "KEEP", 2)
+    store = open_store(str(tmp_path / "shards"))
+    shards = []
+    for i in range(5):
+        store.write_bytes(f"train/shard-{i:06d}.tar", bytes([i]) * 100)
+        shards.append({"name": f"train/shard-{i:06d}.tar", "sha256": f"{i:064x}"})
+    cache = ShardCache(store)
+
+    def fetch(i: int) -> None:
+        time.sleep(0.02)  # past the file clock's tick: each fetch is newer than the last
+        with cache.open(shards[i]) as f:
+            assert f.read() == bytes([i]) * 100
+
+    fetch(0)
+    with open(cache.folder / f"{shards[0]['sha256']}.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # held, as by a loader process opening it
+        for i in range(1, 5):
+            fetch(i)
+    cached = sorted(p.stem for p in cache.folder.glob("*.tar"))
+    # Shards 3 and 4 are the newest two; shard 0 was in use when it was due to go.
+    assert cached == [shards[i]["sha256"] for i in (0, 3, 4)]
+    fetch(1)  # dropped, so fetched again; shard 0, no longer held, goes
+    assert sorted(p.stem for p in cache.folder.glob("*.tar")) == [
+        shards[i]["sha256"] for i in (1, 4)]
