@@ -62,7 +62,7 @@ def test_shard_verify_train_pull_resume_on_seaweedfs(facade_shards, seaweed_buck
 def test_uploads_and_reads_ride_out_a_server_killed_and_restarted(seaweed, seaweed_bucket,
                                                                   small_parts, tmp_path):
     store = open_store(f"s3://{seaweed_bucket}/x")
-    big, small = os.urandom(13 * 2**20), os.urandom(2**20)
+    big, small = os.urandom(40 * 2**20), os.urandom(2**20)
     (tmp_path / "big").write_bytes(big)
     store.write_bytes("old", small)
     done: dict[str, object] = {}
@@ -73,16 +73,17 @@ def test_uploads_and_reads_ride_out_a_server_killed_and_restarted(seaweed, seawe
         except Exception as e:  # noqa: BLE001 - reported by the assertion below
             done[name] = e
 
-    seaweed.pause()  # every request from here on waits, then meets a dead server
+    upload = lambda: store.put_file(tmp_path / "big", "big")  # noqa: E731
+    threads = [threading.Thread(target=attempt, args=("multipart", upload))]
+    threads[0].start()
+    wait_until_uploading(seaweed_bucket)
+    seaweed.kill()  # 8 parts in flight: together they used to spend the retry budget at once
     began = time.monotonic()
-    threads = [threading.Thread(target=attempt, args=args) for args in (
-        ("multipart", lambda: store.put_file(tmp_path / "big", "big")),
+    threads += [threading.Thread(target=attempt, args=args) for args in (
         ("put", lambda: store.write_bytes("small", small)),
         ("get", lambda: store.read_bytes("old")))]
-    for thread in threads:
+    for thread in threads[1:]:
         thread.start()
-    time.sleep(0.5)
-    seaweed.kill()
     time.sleep(2)
     seaweed.start()
     outage = time.monotonic() - began
@@ -90,8 +91,16 @@ def test_uploads_and_reads_ride_out_a_server_killed_and_restarted(seaweed, seawe
         thread.join(120)
     assert done == {"multipart": None, "put": None, "get": small}, done
     assert store.read_bytes("big") == big and store.read_bytes("small") == small
-    assert pending_uploads(seaweed_bucket) == []
+    assert pending_uploads(seaweed_bucket) == []  # the upload was completed, not restarted
     print(f"rode out an outage of {outage:.1f} s")
+
+
+def wait_until_uploading(bucket: str) -> None:
+    """Until a multipart upload is pending in `bucket`: its parts are going up."""
+    deadline = time.monotonic() + 30
+    while not pending_uploads(bucket):
+        assert time.monotonic() < deadline, "no multipart upload started"
+        time.sleep(0.01)
 
 
 def test_a_failed_upload_leaves_nothing_once_its_run_is_claimed_again(seaweed, seaweed_bucket,
@@ -110,9 +119,7 @@ def test_a_failed_upload_leaves_nothing_once_its_run_is_claimed_again(seaweed, s
 
     thread = threading.Thread(target=upload)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not pending_uploads(seaweed_bucket) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until_uploading(seaweed_bucket)
     seaweed.kill()  # mid-upload: its abort cannot reach the server either
     thread.join(60)
     assert_refused(failed[0], 1, "cannot reach S3", seaweed.endpoint)
