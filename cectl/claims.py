@@ -58,8 +58,13 @@ def take_claim(run: Run, resume: bool) -> Claim:
             now = read_claim(run.store)
             written = now[1] if now and now[0].get("token") == record["token"] else None
         if written is not None:
-            run.store.clear_partial_writes()
-            return Claim(run, record, written)
+            claim = Claim(run, record, written)
+            try:
+                run.store.clear_partial_writes()
+            except BaseException:
+                claim.release()
+                raise
+            return claim
     raise BadInput(f"run {run.name!r} was claimed by another process just now: only one "
                    "training of a run may run at a time")
 

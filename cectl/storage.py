@@ -235,10 +235,8 @@ class LocalStore(Store):
             try:
                 tmp.write_bytes(data)
                 os.link(tmp, final)  # fails if `final` exists; readers never see it half written
-            except FileExistsError:
-                return None
-            except FileNotFoundError:  # the winner of a race cleared the folder's partial files
-                return None
+            except (FileExistsError, FileNotFoundError):  # taken (and maybe our partial file
+                return None  # cleared by the winner)
             finally:
                 tmp.unlink(missing_ok=True)
             return _version(data)
