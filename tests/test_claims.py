@@ -35,7 +35,7 @@ from cectl.storage import open_store
 FAST_CLAIMS = "import cectl.claims as c; c.HEARTBEAT_S, c.STALE_S = 0.5, 3.0"
 
 
-@pytest.fixture(params=["local", "moto", "seaweed"])
+@pytest.fixture(params=["local", "moto", pytest.param("seaweed", marks=pytest.mark.slow)])
 def store_uri(request, tmp_path) -> str:
     if request.param == "local":
         return str(tmp_path / "store")
