@@ -4,7 +4,6 @@ images, the CLI in this process, and shards and checkpoints built once per sessi
 from __future__ import annotations
 
 import logging
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -50,12 +49,11 @@ def bucket(s3_env) -> str:
 
 
 @pytest.fixture(scope="session")
-def seaweed_server():
+def seaweed_server(tmp_path_factory):
     """SeaweedFS for the whole session, started on first use (about 3.5 s)."""
     from seaweed import seaweed_server
 
-    # A short root: the server's unix sockets live below it.
-    with seaweed_server(Path(tempfile.mkdtemp(prefix="seaweed-"))) as server:
+    with seaweed_server(tmp_path_factory.mktemp("seaweed")) as server:
         yield server
 
 

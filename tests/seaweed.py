@@ -68,6 +68,7 @@ class SeaweedServer:
                    "-volume.preStopSeconds=0"]
         # One volume per bucket (7 by default): otherwise a dozen buckets use up the slots.
         env = {**os.environ, "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
+        self._remove_sockets()
         began = time.monotonic()
         with open(self.root / "weed.log", "ab") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -128,6 +129,11 @@ class SeaweedServer:
             self.proc.kill()
             self.proc.wait(30)
         self.proc = None
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        """/tmp/seaweedfs-KIND-PORT.sock of our ports (gRPC ones too): a server killed
+        before, or one of an earlier test process on a port we now hold, left them."""
         for port in self.ports.values():
             for number in (port, port + 10000):
                 for leftover in Path("/tmp").glob(f"seaweedfs-*-{number}.sock"):
