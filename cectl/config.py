@@ -93,6 +93,8 @@ def load_config(
         raise BadInput(f"bad config{where}: not valid YAML ({_quiet(str(e))})") from None
     except ValueError as e:
         raise BadInput(f"bad config{where}: {e}") from None
+    except RecursionError:  # nested far deeper than any config: a damaged or hostile file
+        raise BadInput(f"bad config{where}: nested too deeply") from None
 
 
 def validate_job(cfg: DictConfig) -> DictConfig:

@@ -50,15 +50,16 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def connect(address: str | None) -> None:
-    """Join the cluster at `address` (default: RAY_ADDRESS, else a new local instance)."""
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    parsed = urlparse(address if address and "://" in address else f"tcp://{address}")
-    on_this_machine = address in (None, "local") or parsed.hostname in LOOPBACK
+    """Join the cluster at `address` (default: RAY_ADDRESS, else a new local instance:
+    never the cluster `ray start` last recorded on this machine, maybe someone else's)."""
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    on_this_machine = address == "local" or parsed.hostname in LOOPBACK
     if on_this_machine:
         use_loopback()
     import ray
 
-    if address and address not in ("auto", "local") and not answers(address):
+    if address not in ("auto", "local") and not answers(address):
         raise BadInput(f"cannot reach a Ray cluster at {address}: check --address "
                        "(host:port of the head node) and that the cluster is up")
     # Workers get the driver's S3 settings (on a cloud cluster, instance roles do instead)
@@ -184,10 +185,10 @@ def _worker(config: dict) -> None:
         rank=rank, world=context.get_world_size(), device=device,
         wrap=ddp_wrapper(device, cfg.train.grad_reduce),
         on_log=on_log if rank == 0 else None, on_checkpoint=on_checkpoint)
-    # A restarted worker group finds the checkpoints of the attempt before it.
-    store = open_store(config["store"])
-    resume = config["resume"] or bool(Run(store, config["name"]).steps())
-    train(cfg, store, config["name"], session, resume=resume)
+    # A restarted worker group finds the checkpoints of the attempt before it. The driver
+    # holds the run: rank 0 writes under its claim, wherever Ray places it.
+    train(cfg, open_store(config["store"]), config["name"], session, resume=True,
+          claim=config["claim"])
 
 
 def parse_nodes(text: str) -> tuple[int, int]:
@@ -212,58 +213,78 @@ def train_on_ray(cfg: DictConfig, store: Store, name: str, nodes: tuple[int, int
         os.environ.setdefault(*ELASTIC_START_TIMEOUT)
     workers, most = join_cluster(nodes, gpus_per_node, cpu, address)
     import ray
+
+    try:
+        # The driver holds the run for the whole Ray run, through every restart of the
+        # worker group: a claim taken by rank 0 would be refused to the next rank 0 on
+        # another host.
+        run = Run(store, name)
+        claim = run.claim(resume)
+        try:
+            return _fit(cfg, run, claim.record, (workers, most), nodes, cpu, console)
+        finally:
+            claim.release()
+    finally:
+        ray.shutdown()
+
+
+def _fit(cfg: DictConfig, run: Run, claim: dict, sizes: tuple[int, int],
+         nodes: tuple[int, int], cpu: bool, console: Console) -> dict:
+    """The Ray Train run on the joined cluster, `sizes` the (fewest, most) workers, all
+    writing under the driver's `claim`; the run's summary."""
+    (workers, most), (low, high) = sizes, nodes
+    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    try:
-        fs, root = store.arrow_fs()
-        # On the driver's node: the queue must outlive any worker node that is lost.
-        progress_queue = Queue(actor_options={
-            "num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=False)})
-        kind = "CPU" if cpu else "GPU"
-        if most == workers:
-            console.print(f"{workers} {kind} workers on {low} node(s), "
-                          f"{describe_batch(cfg, workers)}")
-        else:
-            console.print(f"{workers} to {most} {kind} workers on {low} to {high} nodes "
-                          f"(elastic), {describe_batch(cfg, workers)} to "
-                          f"{describe_batch(cfg, most)}")
-        trainer = TorchTrainer(
-            _worker,
-            train_loop_config={"cfg": OmegaConf.to_container(cfg), "store": store.uri,
-                               "name": name, "resume": resume, "progress": progress_queue},
-            torch_config=TorchConfig(backend="gloo" if cpu else "nccl"),
-            scaling_config=ScalingConfig(
-                num_workers=workers if most == workers else (workers, most), use_gpu=not cpu,
-                resources_per_worker={"CPU": 1} if cpu else {"GPU": 1},
-                placement_strategy="SPREAD" if high > 1 else "PACK",
-                elastic_resize_monitor_interval_s=cfg.train.resize_check_s),
-            run_config=RunConfig(name=name, storage_path=f"{root}/ray", storage_filesystem=fs,
-                                 failure_config=FailureConfig(max_failures=MAX_FAILURES)),
-        )
-        done = threading.Event()
-        with TrainProgress(console, cfg.train.steps) as progress:
+    store, name = run.root, run.name
+    fs, root = store.arrow_fs()
+    # On the driver's node: the queue must outlive any worker node that is lost.
+    progress_queue = Queue(actor_options={
+        "num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)})
+    kind = "CPU" if cpu else "GPU"
+    if most == workers:
+        console.print(f"{workers} {kind} workers on {low} node(s), "
+                      f"{describe_batch(cfg, workers)}")
+    else:
+        console.print(f"{workers} to {most} {kind} workers on {low} to {high} nodes "
+                      f"(elastic), {describe_batch(cfg, workers)} to "
+                      f"{describe_batch(cfg, most)}")
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"cfg": OmegaConf.to_container(cfg), "store": store.uri,
+                           "name": name, "claim": claim, "progress": progress_queue},
+        torch_config=TorchConfig(backend="gloo" if cpu else "nccl"),
+        scaling_config=ScalingConfig(
+            num_workers=workers if most == workers else (workers, most), use_gpu=not cpu,
+            resources_per_worker={"CPU": 1} if cpu else {"GPU": 1},
+            placement_strategy="SPREAD" if high > 1 else "PACK",
+            elastic_resize_monitor_interval_s=cfg.train.resize_check_s),
+        run_config=RunConfig(name=name, storage_path=f"{root}/ray", storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=MAX_FAILURES)),
+    )
+    done = threading.Event()
+    with TrainProgress(console, cfg.train.steps) as progress:
 
-            def pump() -> None:
-                while not done.is_set():
-                    try:
-                        progress.update(*progress_queue.get(timeout=0.5))
-                    except Empty:
-                        continue
+        def pump() -> None:
+            while not done.is_set():
+                try:
+                    progress.update(*progress_queue.get(timeout=0.5))
+                except Empty:
+                    continue
 
-            thread = threading.Thread(target=pump, daemon=True)
-            thread.start()
-            try:
-                trainer.fit()
-            except ray.train.TrainingFailedError as e:
-                raise Failure(f"training failed after {MAX_FAILURES} restarts: "
-                              f"{str(e).strip().splitlines()[-1]}") from None
-            finally:
-                done.set()
-                thread.join()
-        return Run(store, name).summary()
-    finally:
-        ray.shutdown()
+        thread = threading.Thread(target=pump, daemon=True)
+        thread.start()
+        try:
+            trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            run.check_claim()  # lost: that is why, and the sentence to say
+            raise Failure(f"training failed after {MAX_FAILURES} restarts: "
+                          f"{str(e).strip().splitlines()[-1]}") from None
+        finally:
+            done.set()
+            thread.join()
+    return run.summary()

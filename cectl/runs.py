@@ -2,9 +2,7 @@
 
 STORE/runs/RUN/ holds config.yaml, metrics.jsonl, samples/step-NNNNNN.png, tensorboard/
 and checkpoints/step-NNNNNN/{model.safetensors,state.json}; claim.json while a process
-trains the run. The claim is created atomically, so a second training of a run is
-refused; its holder rewrites it every HEARTBEAT_S, and a claim left for STALE_S (or
-whose process is gone from this host) belongs to a dead process and may be taken over.
+trains the run (`cectl.claims`: one writer per run, checked before every write).
 
 state.json is a checkpoint's last file: a checkpoint without it is incomplete and
 ignored. It holds everything but tensors (step, data position, config, metrics, best
@@ -13,19 +11,15 @@ step) and is checked as data when read. The tensors are `cectl.checkpoint`'s.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import socket
-import threading
 import time
-import uuid
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
+from cectl.claims import CLAIM, Claim, take_claim
 from cectl.config import load_config, validate_job
 from cectl.errors import BadInput
 from cectl.schema import JobConfig, is_count
@@ -35,9 +29,6 @@ FORMAT = "cectl-checkpoint/2"
 FORMATS = ("cectl-checkpoint/1", FORMAT)  # /1 keyed optimizer states by parameter index
 STEP_DIR = re.compile(r"checkpoints/step-(\d+)/state\.json$")
 KEEP_LAST = 3  # older checkpoints are deleted, except the best one
-CLAIM = "claim.json"  # who is training the run now
-HEARTBEAT_S = 10.0  # the holder rewrites its claim this often
-STALE_S = 60.0  # a claim not rewritten for this long is a dead process's
 
 
 def step_dir(step: int) -> str:
@@ -54,7 +45,8 @@ class Run:
 
     def __init__(self, store: Store, name: str):
         self.name = check_name(name, "run name")
-        self.store = store.child(f"runs/{name}")
+        self.root, self.store = store, store.child(f"runs/{name}")
+        self.held: Claim | None = None  # the claim this process writes the run under
 
     def exists(self) -> bool:
         """Whether the run holds anything but a claim."""
@@ -86,41 +78,15 @@ class Run:
                 "metrics": state.get("metrics", {}), "checkpoints": self.store.url("checkpoints")}
 
     def claim(self, resume: bool) -> Claim:
-        """Hold the run for this process, or raise BadInput: two trainings of one run would
-        interleave their checkpoints. With `resume`, a dead holder's claim (its process is
-        gone from this host, or its heartbeat stopped) is taken over."""
-        record = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
-        for _ in range(2):
-            if self.store.create(CLAIM, _claim_bytes(record)):
-                return Claim(self, record)
-            holder = self._holder()
-            if holder is None:
-                continue  # released meanwhile
-            if holder.get("token") == record["token"]:
-                return Claim(self, record)  # our create got through; its reply did not
-            # Without `resume`, only a dead holder's claim on an empty run (it died before
-            # writing anything) is taken over: there is nothing to continue.
-            if _alive(holder) or (not resume and self.exists()):
-                raise BadInput(
-                    f"run {self.name!r} in {self.store.uri} is being trained by process "
-                    f"{holder.get('pid')} on {holder.get('host')}: pick another --name, or "
-                    f"once that process is gone, add --resume (after {STALE_S:.0f} s if it "
-                    "ran on another machine)")
-            self.store.delete(CLAIM)
-        raise BadInput(f"run {self.name!r} was claimed by another process just now: "
-                       "only one training of a run may run at a time")
+        """Hold the run for this process (`cectl.claims`), or raise BadInput."""
+        self.held = take_claim(self, resume)
+        return self.held
 
-    def _holder(self) -> dict | None:
-        """The current claim (empty if unreadable: cut short by a crash), or None."""
-        if not self.store.exists(CLAIM):
-            return None
-        try:
-            holder = json.loads(self.store.read_bytes(CLAIM))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return {}
-        return holder if isinstance(holder, dict) else {}
+    def check_claim(self, read: bool = True) -> None:
+        """Before a write (and, without `read`, every step): raise Failure if this process
+        writes under a claim it has lost."""
+        if self.held is not None:
+            self.held.check(read)
 
     def checkpoint(self, which: str = "latest") -> Store:
         """The store of a checkpoint: latest, best or a step number."""
@@ -138,50 +104,6 @@ class Run:
             raise BadInput(f"run {self.name!r} has no checkpoint {which!r}; it has steps "
                            f"{', '.join(map(str, steps))}, latest and best")
         return self.store.child(step_dir(step))
-
-
-def _claim_bytes(record: dict) -> bytes:
-    return json.dumps({**record, "heartbeat": time.time()}).encode()
-
-
-def _alive(holder: dict) -> bool:
-    """Whether a claim's holder may still be training."""
-    try:
-        if not time.time() - float(holder.get("heartbeat", 0)) < STALE_S:
-            return False
-    except (TypeError, ValueError):
-        return False
-    if holder.get("host") != socket.gethostname():
-        return True
-    try:
-        os.kill(int(holder.get("pid", 0)), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        pass  # someone else's process, or a pid we cannot test: assume it lives
-    return True
-
-
-class Claim:
-    """A process's hold on a run, kept fresh by a heartbeat until `release()`."""
-
-    def __init__(self, run: Run, record: dict):
-        self.run, self.record = run, record
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-        self._thread.start()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            with contextlib.suppress(Exception):  # a missed beat only ages the claim
-                self.run.store.write_bytes(CLAIM, _claim_bytes(self.record))
-
-    def release(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        holder = self.run._holder()
-        if holder and holder.get("token") == self.record["token"]:
-            self.run.store.delete(CLAIM)
 
 
 def read_state(ckpt: Store) -> dict:

@@ -1,8 +1,9 @@
 """The S3 store: `s3://bucket/prefix` through boto3, for AWS or any S3-compatible server.
 
-S3 settings come from the standard AWS chain (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
-boto3's managed transfer does the uploads and botocore's retry policy the retries; cectl
-adds only the atomic names, the reopening reader and one-sentence errors.
+S3 settings come from the standard AWS chain (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...);
+`cectl.s3_client` makes the client and retries each request. Here: atomic uploads (one
+PUT, or a multipart upload that is aborted when it fails), a reader that reopens dropped
+connections, and the compare-and-swap of a run's claim as conditional requests.
 """
 
 from __future__ import annotations
@@ -10,100 +11,25 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 from urllib.parse import urlparse
 
-from cectl.errors import BadInput, Failure
+from cectl.errors import BadInput
+from cectl.s3_client import S3Config, client_for, code, explain, request, status, transient
 from cectl.storage import Store, checked_key, mask_userinfo
 
 MULTIPART_THRESHOLD = 64 * 2**20
 PART_SIZE = 32 * 2**20
-THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
-                  "RequestLimitExceeded", "TooManyRequestsException", "InternalError"}
+PARALLEL_PARTS = 8
+REFUSED = (409, 412)  # a condition not met, or a conflicting conditional request in flight
+T = TypeVar("T")
 
-
-def endpoint_url() -> str | None:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-
-
-@dataclass(frozen=True)
-class S3Config:
-    """The one S3 client configuration, for cectl's boto3 client and Ray's pyarrow filesystem."""
-
-    endpoint: str | None
-    region: str
-    # Total attempts per request, as AWS_MAX_ATTEMPTS counts them. botocore's standard mode
-    # backs off with jitter from 50 ms (1 s when throttled), doubling up to 20 s: ten
-    # attempts ride out some 13 s (at most 25 s) of lost connection.
-    max_attempts: int = 10
-    connect_timeout: float = 3.0
-    read_timeout: float = 30.0
-
-    @classmethod
-    def from_environment(cls) -> S3Config:
-        """Endpoint, region and attempts from the standard AWS chain."""
-        import botocore.session
-
-        chain = botocore.session.get_session()
-        return cls(endpoint=endpoint_url(),
-                   region=chain.get_config_variable("region") or "us-east-1",
-                   max_attempts=chain.get_config_variable("max_attempts") or cls.max_attempts)
-
-    def boto_client(self):
-        import boto3
-        from botocore.config import Config
-
-        config = Config(
-            region_name=self.region,
-            retries={"mode": "standard", "total_max_attempts": self.max_attempts},
-            connect_timeout=self.connect_timeout,
-            read_timeout=self.read_timeout,
-            s3={"addressing_style": "path"} if self.endpoint else {},
-        )
-        return boto3.session.Session().client("s3", endpoint_url=self.endpoint, config=config)
-
-    def arrow_filesystem(self):
-        import pyarrow.fs
-
-        endpoint = {}
-        if self.endpoint:
-            parsed = urlparse(self.endpoint)
-            endpoint = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
-        return pyarrow.fs.S3FileSystem(
-            region=self.region,
-            connect_timeout=self.connect_timeout,
-            request_timeout=self.read_timeout,
-            retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts),
-            **endpoint,
-        )
-
-
-def _transfer_config():
-    from boto3.s3.transfer import TransferConfig
-
-    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=PART_SIZE)
-
-
-def _transient(e: Exception) -> bool:
-    from botocore.exceptions import (
-        ClientError,
-        HTTPClientError,
-        IncompleteReadError,
-        ResponseStreamingError,
-    )
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-
-    if isinstance(e, ClientError):
-        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return status >= 500 or e.response.get("Error", {}).get("Code") in THROTTLE_CODES
-    return isinstance(e, HTTPClientError | BotoConnectionError | ResponseStreamingError
-                      | IncompleteReadError | ConnectionError | TimeoutError)
-
-
-_clients: dict[int, object] = {}
+_conditions_checked: set[tuple[str | None, str]] = set()  # (endpoint, bucket), per process
 
 
 class S3Store(Store):
@@ -116,22 +42,34 @@ class S3Store(Store):
                            "s3://bucket/prefix and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
         self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self._config: S3Config | None = None
 
     def _key(self, key: str) -> str:
         key = checked_key(key)
         return f"{self.prefix}/{key}".strip("/") if self.prefix else key
 
+    def _below(self, prefix: str) -> str:
+        """The full-key prefix of the keys below `prefix`; for '', the store's folder with
+        its slash, so that the run `a` never lists the run `ab`."""
+        full = self._key(prefix)
+        return f"{full}/" if full and not prefix else full
+
+    @property
+    def config(self) -> S3Config:
+        if self._config is None:
+            self._config = S3Config.from_environment()
+        return self._config
+
     @property
     def client(self):
-        # One client per process: boto3 clients are thread-safe but must not cross a fork.
-        pid = os.getpid()
-        if pid not in _clients:
-            _clients[pid] = S3Config.from_environment().boto_client()
-        return _clients[pid]
+        return client_for(self.config)
+
+    def _request(self, call: Callable[[], T], stop: threading.Event | None = None) -> T:
+        return request(self.config, call, stop)
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
-        """Raise S3 failures as one-sentence CectlErrors, once botocore has retried them."""
+        """Raise S3 failures as one-sentence CectlErrors."""
         try:
             yield
         except Exception as e:
@@ -141,94 +79,158 @@ class S3Store(Store):
             raise error from None
 
     def _explain(self, e: Exception) -> Exception:
-        """Turn a boto error into a one-sentence CectlError; leave others alone."""
-        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
-
-        where = mask_userinfo(endpoint_url() or "AWS S3")
-        if isinstance(e, NoCredentialsError | PartialCredentialsError):
-            return BadInput("no S3 credentials found: set AWS_ACCESS_KEY_ID and "
-                            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
-        if isinstance(e, ClientError):
-            code = e.response.get("Error", {}).get("Code", "")
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if code in ("NoSuchBucket",) or (status == 404 and code in ("404", "NotFound", "")):
-                return BadInput(f"bucket {self.bucket!r} does not exist at {where}: "
-                                "create it or fix the URI")
-            if code in ("NoSuchKey",):
-                return BadInput(f"an object is missing in s3://{self.bucket}/{self.prefix}")
-            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
-                        "InvalidToken", "ExpiredToken", "403", "Forbidden"):
-                return BadInput(f"access to s3://{self.bucket} denied ({code}): check "
-                                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the profile")
-            return Failure(f"S3 request to {where} failed: {code or status}")
-        if _transient(e):
-            return Failure(f"cannot reach S3 at {where} ({type(e).__name__}): check "
-                           "AWS_ENDPOINT_URL and the network")
-        return e
+        return explain(e, self.config, self.bucket, self.prefix)
 
     def check(self, create: bool = False) -> None:
         with self._errors():
-            self.client.head_bucket(Bucket=self.bucket)
+            self._request(lambda: self.client.head_bucket(Bucket=self.bucket))
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
         with self._errors():
             try:
-                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+                self._request(lambda: self.client.head_object(Bucket=self.bucket,
+                                                              Key=self._key(key)))
                 return True
             except ClientError as e:
-                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                if status(e) == 404:
                     return False
                 raise
 
     def open(self, key: str) -> BinaryIO:
         return io.BufferedReader(_S3Reader(self, self._key(key)), buffer_size=2**20)
 
-    def _upload(self, fileobj: BinaryIO, key: str) -> None:
-        # One PUT below the threshold, a multipart upload above it (aborted if it fails):
-        # either way the object appears under its name only once it is whole.
-        with self._errors():
-            self.client.upload_fileobj(fileobj, self.bucket, self._key(key),
-                                       Config=_transfer_config())
-
     def write_bytes(self, key: str, data: bytes) -> None:
-        self._upload(io.BytesIO(data), key)
+        with self._errors():
+            self._request(lambda: self.client.put_object(Bucket=self.bucket,
+                                                         Key=self._key(key), Body=data))
 
-    def create(self, key: str, data: bytes) -> bool:
+    def put_file(self, local_path: str | Path, key: str) -> None:
+        # One PUT up to the threshold, a multipart upload above it: either way the object
+        # appears under its name only once it is whole.
+        if os.path.getsize(local_path) <= MULTIPART_THRESHOLD:
+            self.write_bytes(key, Path(local_path).read_bytes())
+            return
+        with self._errors():
+            self._put_parts(Path(local_path), self._key(key))
+
+    def _put_parts(self, path: Path, full_key: str) -> None:
+        """A multipart upload of `path`, PARALLEL_PARTS parts at a time, each retried on its
+        own; aborted if it fails (its parts would stay on the server, billed and unlisted)."""
+        where = {"Bucket": self.bucket, "Key": full_key}
+        upload = self._request(lambda: self.client.create_multipart_upload(
+            **where, ChecksumAlgorithm="CRC32"))["UploadId"]
+        failed = threading.Event()
+
+        def send(number: int) -> dict:
+            with open(path, "rb") as f:
+                f.seek((number - 1) * PART_SIZE)
+                body = f.read(PART_SIZE)
+            sent = self._request(lambda: self.client.upload_part(
+                **where, UploadId=upload, PartNumber=number, Body=body,
+                ChecksumAlgorithm="CRC32"), stop=failed)
+            return {"PartNumber": number, "ETag": sent["ETag"],
+                    **{k: v for k, v in sent.items() if k == "ChecksumCRC32"}}
+
+        pool = ThreadPoolExecutor(PARALLEL_PARTS, thread_name_prefix="s3-part")
+        try:
+            parts = list(pool.map(send, range(1, -(-path.stat().st_size // PART_SIZE) + 1)))
+            self._request(lambda: self.client.complete_multipart_upload(
+                **where, UploadId=upload, MultipartUpload={"Parts": parts}))
+        except BaseException:
+            failed.set()
+            pool.shutdown(cancel_futures=True)  # the parts in flight end before the abort
+            # One try: when the server is out of reach, the next claim of the run clears it.
+            with contextlib.suppress(Exception):
+                self.client.abort_multipart_upload(**where, UploadId=upload)
+            raise
+        finally:
+            pool.shutdown()
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        from botocore.exceptions import ClientError
+
+        def get() -> tuple[bytes, str]:
+            reply = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return reply["Body"].read(), reply["ETag"]
+
+        with self._errors():
+            try:
+                return self._request(get)
+            except ClientError as e:
+                if code(e) == "NoSuchKey":
+                    return None
+                raise
+
+    def write_if(self, key: str, data: bytes, version: str | None) -> str | None:
+        from botocore.exceptions import ClientError
+
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        with self._errors():
+            try:
+                return self._request(lambda: self.client.put_object(
+                    Bucket=self.bucket, Key=self._key(key), Body=data, **condition))["ETag"]
+            except ClientError as e:
+                if status(e) in REFUSED or code(e) == "NoSuchKey":
+                    return None
+                raise
+
+    def delete_if(self, key: str, version: str) -> bool:
         from botocore.exceptions import ClientError
 
         with self._errors():
-            try:  # a conditional PUT: S3 refuses it (412) when the key exists
-                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
-                                       IfNoneMatch="*")
+            try:
+                self._request(lambda: self.client.delete_object(
+                    Bucket=self.bucket, Key=self._key(key), IfMatch=version))
                 return True
             except ClientError as e:
-                # 409: a concurrent conditional PUT of the same key is in flight
-                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                if status(e) in REFUSED or code(e) == "NoSuchKey":
                     return False
                 raise
 
-    def put_file(self, local_path: str | Path, key: str) -> None:
-        with open(local_path, "rb") as f:
-            self._upload(f, key)
+    def check_conditional_writes(self) -> None:
+        """Once per server and bucket: a throwaway key created twice, then replaced with a
+        wrong version, must be refused both times."""
+        if (self.config.endpoint, self.bucket) in _conditions_checked:
+            return
+        key = f".cectl-conditions-{uuid.uuid4().hex}"
+        self.write_if(key, b"first", None)
+        try:
+            for header, version in (("If-None-Match", None), ("If-Match", '"not-its-etag"')):
+                if self.write_if(key, b"again", version) is not None:
+                    raise BadInput(
+                        f"the S3 server at {self.config.where} ignores {header} on PUT, so "
+                        "it cannot keep two trainings of one run apart: train on a server "
+                        "that honours conditional writes (AWS S3, SeaweedFS)")
+        finally:
+            self.delete(key)
+        _conditions_checked.add((self.config.endpoint, self.bucket))
+
+    def clear_partial_writes(self, prefix: str = "") -> None:
+        with self._errors():
+            pages = self._request(lambda: list(self.client.get_paginator(
+                "list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                   Prefix=self._below(prefix))))
+            for upload in (u for page in pages for u in page.get("Uploads", [])):
+                self._request(lambda u=upload: self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"]))
 
     def list(self, prefix: str = "") -> list[str]:
         root = f"{self.prefix}/" if self.prefix else ""
-        found = []
         with self._errors():
-            paginator = self.client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
-                found += [obj["Key"][len(root):] for obj in page.get("Contents", [])]
-        return sorted(found)
+            pages = self._request(lambda: list(self.client.get_paginator(
+                "list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._below(prefix))))
+        return sorted(obj["Key"][len(root):] for page in pages
+                      for obj in page.get("Contents", []))
 
     def delete(self, key: str) -> None:
         with self._errors():
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+            self._request(lambda: self.client.delete_object(Bucket=self.bucket,
+                                                            Key=self._key(key)))
 
     def arrow_fs(self) -> tuple[object, str]:
-        fs = S3Config.from_environment().arrow_filesystem()
-        return fs, f"{self.bucket}/{self.prefix}".rstrip("/")
+        return self.config.arrow_filesystem(), f"{self.bucket}/{self.prefix}".rstrip("/")
 
 
 class _S3Reader(io.RawIOBase):
@@ -248,12 +250,13 @@ class _S3Reader(io.RawIOBase):
 
         if self._body is None:
             extra = {"Range": f"bytes={self._pos}-"} if self._pos else {}
-            with self._store._errors():
+            store = self._store
+            with store._errors():
                 try:
-                    response = self._store.client.get_object(
-                        Bucket=self._store.bucket, Key=self._key, **extra)
+                    response = store._request(lambda: store.client.get_object(
+                        Bucket=store.bucket, Key=self._key, **extra))
                 except ClientError as e:
-                    if e.response.get("Error", {}).get("Code") == "InvalidRange":
+                    if code(e) == "InvalidRange":
                         return None  # the drop happened exactly at the end
                     raise
             self._body = response["Body"]
@@ -269,7 +272,7 @@ class _S3Reader(io.RawIOBase):
                 break
             except Exception as e:
                 self._body = None
-                if not _transient(e) or drop == self.REOPENS:
+                if not transient(e) or drop == self.REOPENS:
                     raise self._store._explain(e) from None
         buffer[: len(data)] = data
         self._pos += len(data)

@@ -6,16 +6,23 @@ place; S3 objects only appear once their single PUT or multipart upload complete
 Names are checked here: a key never leaves its store's root ('..', absolute keys), a run
 name is one safe path segment, and credentials in URLs are masked in messages. This
 module holds the interface and the local store; `cectl.s3` the S3 one.
+
+A few keys (a run's claim) are written by compare-and-swap: `read_versioned` gives a key's
+bytes with a version, and `write_if` / `delete_if` act only while the key still holds the
+version read, so of several processes racing for one key exactly one wins.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -90,8 +97,26 @@ class Store:
     def write_bytes(self, key: str, data: bytes) -> None:
         raise NotImplementedError
 
-    def create(self, key: str, data: bytes) -> bool:
-        """Write `key` only if it does not exist, atomically; whether this call created it."""
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """`key`'s bytes and its version (which every write changes), or None if it is missing."""
+        raise NotImplementedError
+
+    def write_if(self, key: str, data: bytes, version: str | None) -> str | None:
+        """Write `key` atomically if it still holds `version` (None: if it does not exist);
+        the new version, or None when refused (then nothing was written)."""
+        raise NotImplementedError
+
+    def delete_if(self, key: str, version: str) -> bool:
+        """Delete `key` if it still holds `version`; whether this call deleted it."""
+        raise NotImplementedError
+
+    def check_conditional_writes(self) -> None:
+        """Raise BadInput if `write_if` cannot be trusted here (an S3 server that ignores
+        conditional requests)."""
+
+    def clear_partial_writes(self, prefix: str = "") -> None:
+        """Remove what interrupted writes below `prefix` left behind (partial files, pending
+        multipart uploads). Only for the one process that writes there."""
         raise NotImplementedError
 
     def put_file(self, local_path: str | Path, key: str) -> None:
@@ -144,6 +169,13 @@ def is_partial(key: str) -> bool:
     return name.startswith(".") and ".partial-" in name
 
 
+LOCK_SUFFIX = ".cectl-lock"  # .NAME.cectl-lock: the lock of a local compare-and-swap of NAME
+
+
+def _version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 class LocalStore(Store):
     def __init__(self, uri: str):
         self.root = Path(os.path.abspath(os.path.expanduser(uri)))
@@ -188,18 +220,76 @@ class LocalStore(Store):
     def write_file(self, key: str, write: Callable[[Path], None]) -> None:
         self._atomic(key, write)
 
-    def create(self, key: str, data: bytes) -> bool:
-        final = self.path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _partial_name(final)
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
         try:
-            tmp.write_bytes(data)
-            os.link(tmp, final)  # fails if `final` exists; readers never see it half written
-            return True
-        except FileExistsError:
+            data = self.path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, _version(data)
+
+    def write_if(self, key: str, data: bytes, version: str | None) -> str | None:
+        final = self.path(key)
+        if version is None:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _partial_name(final)
+            try:
+                tmp.write_bytes(data)
+                os.link(tmp, final)  # fails if `final` exists; readers never see it half written
+            except (FileExistsError, FileNotFoundError):  # taken (and maybe our partial file
+                return None  # cleared by the winner)
+            finally:
+                tmp.unlink(missing_ok=True)
+            return _version(data)
+        try:
+            with self._locked(final):
+                current = self.read_versioned(key)
+                if current is None or current[1] != version:
+                    return None
+                self.write_bytes(key, data)
+        except FileNotFoundError:  # its folder is gone, and the key with it
+            return None
+        return _version(data)
+
+    def delete_if(self, key: str, version: str) -> bool:
+        path = self.path(key)
+        try:
+            with self._locked(path) as lock:
+                current = self.read_versioned(key)
+                if current is None or current[1] != version:
+                    return False
+                path.unlink()
+                lock.unlink()  # with its key: whoever waits for it sees it gone, and retries
+        except FileNotFoundError:
             return False
+        self._remove_empty_folders(path)
+        return True
+
+    @contextlib.contextmanager
+    def _locked(self, path: Path) -> Iterator[Path]:
+        """Hold `path`'s lock file exclusively, for a compare and a write that nothing may
+        come between (every `write_if` and `delete_if` of an existing key takes it; a create
+        needs none, the link is atomic). flock works across hosts on NFS too."""
+        lock = path.with_name(f".{path.name}{LOCK_SUFFIX}")
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                        break  # still the file under that name: deleted ones lock nothing
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        try:
+            yield lock
         finally:
-            tmp.unlink(missing_ok=True)
+            os.close(fd)
+
+    def clear_partial_writes(self, prefix: str = "") -> None:
+        for key in self.list(prefix):
+            if is_partial(key):
+                self.path(key).unlink(missing_ok=True)
 
     def put_file(self, local_path: str | Path, key: str) -> None:
         self._atomic(key, lambda tmp: shutil.copyfile(local_path, tmp))
@@ -211,13 +301,17 @@ class LocalStore(Store):
         keys = []
         for dirpath, _, filenames in os.walk(base):
             rel = Path(dirpath).relative_to(self.root).as_posix()
-            keys += [name if rel == "." else f"{rel}/{name}" for name in filenames]
+            keys += [name if rel == "." else f"{rel}/{name}" for name in filenames
+                     if not name.endswith(LOCK_SUFFIX)]
         return sorted(keys)
 
     def delete(self, key: str) -> None:
         """Delete `key` and the folders it leaves empty (S3 has no empty folders either)."""
         path = self.path(key)
         path.unlink(missing_ok=True)
+        self._remove_empty_folders(path)
+
+    def _remove_empty_folders(self, path: Path) -> None:
         for folder in path.parents:
             if folder == self.root:
                 break

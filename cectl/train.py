@@ -27,6 +27,7 @@ from PIL import Image
 from torch import nn
 
 from cectl.checkpoint import Checkpointer
+from cectl.claims import Claim
 from cectl.config import to_yaml
 from cectl.data import SAMPLE_LOG, TrainLoader, batch_shares, debug_log, gpu_decoding
 from cectl.evaluate import evaluate
@@ -157,6 +158,7 @@ class Validator:
             grid = sample_grid(fill_holes(truth, holes), completed, truth)
         finally:
             generator.train()
+        self.run.check_claim()
         self.run.store.write_bytes(f"samples/step-{step:06d}.png", png_bytes(grid))
         self.logger.log_grid(step, grid)
         return {f"val_{k}": v for k, v in result["model"].items()}
@@ -218,6 +220,7 @@ class MetricsLogger:
     def flush(self) -> None:
         if not self.active:
             return
+        self.run.check_claim()
         self.run.store.write_bytes("metrics.jsonl", ("\n".join(self.lines) + "\n").encode())
         self.writer.flush()
         if self.tb_local is None:
@@ -231,17 +234,24 @@ class MetricsLogger:
 
 
 def train(cfg: DictConfig, store: Store, run_name: str, session: Session | None = None,
-          resume: bool = False) -> dict | None:
-    """Train `run_name` in `store` up to `cfg.train.steps`; rank 0 returns the run's summary."""
+          resume: bool = False, claim: dict | None = None) -> dict | None:
+    """Train `run_name` in `store` up to `cfg.train.steps`; rank 0 returns the run's summary.
+
+    Rank 0 holds the run while it trains (a second `cectl train` of it is refused), or,
+    given the `claim` record a Ray driver holds for the whole run, writes under that.
+    `resume` of a run without a complete checkpoint starts it again from step 0."""
     session = session or Session()
-    # Rank 0 holds the run while it trains: a second `cectl train` of it is refused.
     run = Run(store, run_name)
-    claim = run.claim(resume) if session.rank == 0 else None
+    if session.rank == 0 and claim is None:
+        run.claim(resume)
+    elif session.rank == 0:
+        run.held = Claim(run, claim)
     try:
-        return _train(cfg, run, session, resume)
+        run.check_claim()
+        return _train(cfg, run, session, resume and bool(run.steps()))
     finally:
-        if claim:
-            claim.release()
+        if run.held is not None:
+            run.held.release()
 
 
 def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | None:
@@ -271,6 +281,7 @@ def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | 
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
 
     if rank == 0:
+        run.check_claim()
         run.store.write_bytes("config.yaml", to_yaml(cfg).encode())
     logger = MetricsLogger(run, cfg, session, start)
     validator = Validator(cfg, manifest, session, run, logger)
@@ -279,6 +290,7 @@ def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | 
 
     metrics: dict[str, float] = {}
     for step in range(start + 1, cfg.train.steps + 1):
+        run.check_claim(read=False)  # stop as soon as the heartbeat finds the run taken over
         images = to_model_range(next(loader))
         holes = holes_for_positions(cfg.mask.kind, loader.positions, cfg.data.image_size,
                              cfg.mask.overlap, cfg.train.seed)

@@ -1,5 +1,5 @@
-"""Shared fixtures: a real S3 server over HTTP on 127.0.0.1, the shared images, the CLI in
-this process, and shards and checkpoints built once per session."""
+"""Shared fixtures: real S3 servers over HTTP on 127.0.0.1 (moto, SeaweedFS), the shared
+images, the CLI in this process, and shards and checkpoints built once per session."""
 
 from __future__ import annotations
 
@@ -48,6 +48,42 @@ def bucket(s3_env) -> str:
     return name
 
 
+@pytest.fixture(scope="session")
+def seaweed_server(tmp_path_factory):
+    """SeaweedFS for the whole session, started on first use (about 3.5 s)."""
+    from seaweed import seaweed_server
+
+    with seaweed_server(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
+
+
+@pytest.fixture
+def seaweed(seaweed_server, monkeypatch):
+    """The AWS settings pointed at SeaweedFS; the server, for tests to kill or pause. It is
+    running again after the test."""
+    from seaweed import ACCESS_KEY, SECRET_KEY
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", seaweed_server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    yield seaweed_server
+    seaweed_server.ensure_up()
+
+
+@pytest.fixture
+def seaweed_bucket(seaweed) -> str:
+    """A new bucket; deleted with its objects after the test (each holds a volume)."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=seaweed.endpoint)
+    client.create_bucket(Bucket=name)
+    yield name
+    seaweed.ensure_up()
+    client.delete_bucket(Bucket=name)  # SeaweedFS deletes non-empty buckets
+
+
 @pytest.fixture
 def paris() -> Path:
     if not PARIS.is_dir():
@@ -60,15 +96,15 @@ def cli(capsys, monkeypatch):
     """`cectl ARGS...` in this process, through `cectl.cli.run`: its exit code and output.
 
     The consoles print to sys.stdout and sys.stderr as they are at print time, which capsys
-    holds. `env` is set for the test (and a fresh S3 client made for it)."""
-    from cectl import s3
+    holds. `env` is set for the test (and fresh S3 clients made for it)."""
+    from cectl import s3_client
     from cectl.cli import run
 
     def invoke(*args, env: dict[str, str] | None = None) -> Result:
         for key, value in (env or {}).items():
             monkeypatch.setenv(key, value)
         if env:
-            monkeypatch.setattr(s3, "_clients", {})
+            monkeypatch.setattr(s3_client, "_clients", {})
         capsys.readouterr()
         code = run([str(a) for a in args])
         captured = capsys.readouterr()

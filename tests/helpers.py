@@ -69,6 +69,31 @@ def cectl(*args: str, env: dict | None = None, check: bool = False,
     return result
 
 
+def cectl_process(*args: str, setup: str = "", env: dict | None = None) -> subprocess.Popen:
+    """The real CLI in a background process (output piped); `setup` is Python run first in
+    it, to shorten a timeout that a test would otherwise wait out."""
+    return subprocess.Popen(
+        [sys.executable, "-c", f"{setup}\nfrom cectl.cli import main\nmain()", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Until `condition()` holds; fails if `process` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except (FileNotFoundError, ValueError):
+            pass  # not written yet, or being replaced
+        if process.poll() is not None:
+            raise AssertionError(f"exited early ({process.returncode}): "
+                                 f"{process.stderr.read() if process.stderr else ''}")
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
 @contextlib.contextmanager
 def local_cluster(nodes: int, cpus: int = 2):
     """`cectl cluster local`: raylets on this machine; yields (address, its process id)."""
@@ -280,3 +305,56 @@ def tiny_job(data_uri: str, *overrides: str):
 
     return validate_job(load_config(JobConfig, overrides=[*TINY, *overrides],
                                     flags={"data": {"uri": data_uri}}))
+
+
+class HeaderStrippingProxy:
+    """An HTTP/1.1 proxy to 127.0.0.1:`target` that drops one request header on the way, as
+    a server (or a gateway in front of it) that ignores that header would."""
+
+    def __init__(self, target: int, header: str):
+        self.target, self.header = target, header.lower().encode() + b":"
+        self.port, self.stripped = free_port(), 0
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._replies, args=(upstream, client), daemon=True).start()
+
+    def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
+        """Each request's head without the header, then its body as it is."""
+        stream = client.makefile("rb")
+        with contextlib.suppress(OSError):
+            while True:
+                lines = []
+                while (line := stream.readline()) not in (b"\r\n", b""):
+                    lines.append(line)
+                if not lines:
+                    break
+                kept = [line for line in lines if not line.lower().startswith(self.header)]
+                self.stripped += len(lines) - len(kept)
+                upstream.sendall(b"".join(kept) + b"\r\n")
+                length = next((int(line.split(b":", 1)[1]) for line in kept
+                               if line.lower().startswith(b"content-length:")), 0)
+                upstream.sendall(stream.read(length))
+        for sock in (client, upstream):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _replies(self, upstream: socket.socket, client: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := upstream.recv(65536):
+                client.sendall(data)
+
+    def close(self) -> None:
+        self._server.close()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 
+import boto3
 import pytest
 from helpers import FlakyProxy, assert_refused
 
 from cectl import s3
-from cectl.errors import BadInput
+from cectl.errors import BadInput, Failure
 from cectl.storage import open_store
 
 
@@ -62,7 +63,6 @@ def test_s3_stream_resumes_when_the_connection_drops(s3_env, bucket, monkeypatch
     open_store(f"s3://{bucket}").write_bytes("blob", data)
     proxy = FlakyProxy(int(s3_env.rsplit(":", 1)[1]))
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-    monkeypatch.setattr(s3, "_clients", {})
     reader = open_store(f"s3://{bucket}").open("blob")
     first = reader.read(2**20)
     proxy.drop_for(0.3)  # mid-body: the reader must reopen at its offset
@@ -75,12 +75,12 @@ def test_s3_stream_resumes_when_the_connection_drops(s3_env, bucket, monkeypatch
 def test_boto_client_and_arrow_filesystem_share_one_configuration(s3_env, bucket, monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "4")
-    monkeypatch.setattr(s3, "_clients", {})
     store = open_store(f"s3://{bucket}/x")
     fs, _ = store.arrow_fs()
     assert store.client.meta.region_name == fs.region == "eu-west-3"
     assert store.client.meta.endpoint_url == s3_env
-    assert store.client.meta.config.retries == {"mode": "standard", "total_max_attempts": 4}
+    assert store.config.max_attempts == 4  # cectl's own retries: botocore tries once
+    assert store.client.meta.config.retries == {"mode": "standard", "total_max_attempts": 1}
 
 
 def test_unknown_scheme_is_bad_input():
@@ -98,3 +98,18 @@ def test_arrow_filesystem_reads_what_the_store_wrote(store):
         assert f.read() == b"arrow sees this"
     infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/dir"))
     assert [info.base_name for info in infos] == ["file.txt"]
+
+
+def test_a_multipart_upload_the_server_refuses_is_aborted(bucket, tmp_path, monkeypatch):
+    monkeypatch.setattr(s3, "MULTIPART_THRESHOLD", 6 * 2**20)
+    monkeypatch.setattr(s3, "PART_SIZE", 2**20)  # below S3's 5 MiB: refused at completion
+    (tmp_path / "big").write_bytes(os.urandom(7 * 2**20))
+    with pytest.raises(Failure, match="EntityTooSmall"):
+        open_store(f"s3://{bucket}/x").put_file(tmp_path / "big", "big")
+    assert boto3.client("s3").list_multipart_uploads(Bucket=bucket).get("Uploads") is None
+
+
+def test_a_run_folder_lists_only_its_own_keys_not_longer_names(store):
+    store.write_bytes("runs/a/config.yaml", b"a")
+    store.write_bytes("runs/ab/config.yaml", b"ab")
+    assert store.child("runs/a").list() == ["config.yaml"]
