@@ -1,13 +1,13 @@
-"""A training batch on its way from a loader process to the device: packed there, a few
-tensors whatever the batch size, and unpacked here, with the JPEGs decoded on the GPU.
+"""A training batch on its way from a loader process to the device: packed there into one
+tensor whatever the batch size, and unpacked here, with the JPEGs decoded on the GPU.
 
 A loader process plans every sample's crop (`cectl.pixels.plan_crop`) and draws its hole
 (`cectl.masks`). With GPU decoding, a baseline JPEG that needs no resize travels as its
 bytes, to be decoded by nvJPEG and cut on the GPU; any other sample (a PNG, a progressive
 JPEG, one that needs a resize) is decoded and cut in the loader process and travels as
-pixels, as every sample does with CPU decoding. The batch is one tensor of JPEG bytes,
-one of crop plans, one of pixels, one of packed holes and the sample names: receiving it
-costs the training thread the same for 8 samples or 512.
+pixels, as every sample does with CPU decoding. Crop plans, pixels, packed holes and JPEG
+bytes share one uint8 tensor: receiving a batch costs the training thread one shared
+memory handle whatever its size, and reaching the GPU one copy.
 """
 
 from __future__ import annotations
@@ -22,22 +22,44 @@ import torch
 
 from cectl.errors import BadInput, Failure
 from cectl.masks import derive_seed, holes_for_positions, pack_holes, unpack_holes
-from cectl.pixels import Crop, cut_sample, plan_crop, to_batch
+from cectl.pixels import Crop, cut_sample, plan_crop
 
 JpegDecoder = Callable[[list[torch.Tensor]], list[torch.Tensor]]  # bytes -> (3, H, W) uint8
 
 
 class PackedBatch(NamedTuple):
-    """A batch as a loader process sends it. Row i of the batch is row `order[i]` of the
-    GPU-decoded crops followed by `pixels`."""
+    """A batch as a loader process sends it: `data` holds its `Fields` end to end."""
 
-    jpegs: torch.Tensor  # uint8: the JPEGs to decode, end to end
-    crops: torch.Tensor  # int64 (k, 7): start, end in `jpegs`, height, width, x, y, flip
-    pixels: torch.Tensor  # uint8 (n - k, 3, size, size): the crops cut in the loader process
-    order: torch.Tensor  # int64 (n,)
-    holes: torch.Tensor  # uint8: masks.pack_holes
+    data: torch.Tensor  # uint8
+    count: int  # samples
+    encoded: int  # of them, those whose JPEG travels encoded
+    size: int  # the images' side
     keys: list[str]
     shards: list[str]
+
+
+class Fields(NamedTuple):
+    """Views of a packed batch's data. Row i of the batch is row `order[i]` of the
+    decoded JPEGs' crops followed by `pixels`."""
+
+    crops: torch.Tensor  # int64 (encoded, 7): start, end in `jpegs`, height, width, x, y, flip
+    order: torch.Tensor  # int64 (count,)
+    pixels: torch.Tensor  # uint8 (count - encoded, 3, size, size): cut in the loader process
+    holes: torch.Tensor  # uint8 (count, 1, size, size / 8): masks.pack_holes
+    jpegs: torch.Tensor  # uint8: the encoded JPEGs, end to end (last: not copied to a GPU)
+
+
+def fields(batch: PackedBatch, data: torch.Tensor | None = None) -> Fields:
+    """The fields of `batch`, as views of its data or of `data`, a copy of its head."""
+    data = batch.data if data is None else data
+    n, k, s = batch.count, batch.encoded, batch.size
+    ints = data[: 8 * (7 * k + n)].view(torch.int64)
+    at = 8 * (7 * k + n)
+    pixels = data[at : at + (n - k) * 3 * s * s].view(n - k, 3, s, s)
+    at += pixels.numel()
+    holes = data[at : at + n * s * -(-s // 8)].view(n, 1, s, -(-s // 8))
+    return Fields(ints[: 7 * k].view(k, 7), ints[7 * k :], pixels, holes,
+                  data[at + holes.numel() :])
 
 
 def pack_batch(samples: list[dict], positions: range, seed: int, load_size: int,
@@ -58,18 +80,22 @@ def pack_batch(samples: list[dict], positions: range, seed: int, load_size: int,
         else:
             cut.append(cut_sample(sample, crop, image_size))
             rows[1].append(len(rows[0]) + len(rows[1]))
-    jpegs = np.empty(end, dtype=np.uint8)
-    for (start, stop, *_), data in zip(crops, encoded, strict=True):
-        jpegs[start:stop] = np.frombuffer(data, dtype=np.uint8)
-    order = np.empty(len(samples), dtype=np.int64)
-    order[rows[0] + rows[1]] = np.arange(len(samples))
-    holes = holes_for_positions(mask_kind, positions, image_size, overlap, seed)
-    return PackedBatch(
-        jpegs=torch.from_numpy(jpegs), crops=torch.tensor(crops, dtype=torch.int64).reshape(-1, 7),
-        pixels=(to_batch(cut) if cut else torch.empty(0, 3, image_size, image_size,
-                                                       dtype=torch.uint8)),
-        order=torch.from_numpy(order), holes=pack_holes(holes),
-        keys=[s["__key__"] for s in samples], shards=[s["__url__"] for s in samples])
+    n, k, s = len(samples), len(encoded), image_size
+    order = np.empty(n, dtype=np.int64)
+    order[rows[0] + rows[1]] = np.arange(n)
+    holes = pack_holes(holes_for_positions(mask_kind, positions, s, overlap, seed)).numpy()
+    ints = np.concatenate([np.array(crops, dtype=np.int64).reshape(-1), order])
+    data = np.empty(8 * len(ints) + len(cut) * 3 * s * s + holes.size + end, dtype=np.uint8)
+    batch = PackedBatch(torch.from_numpy(data), n, k, s, [x["__key__"] for x in samples],
+                        [x["__url__"] for x in samples])
+    views = fields(batch)
+    data[: 8 * len(ints)] = ints.view(np.uint8)
+    for out, array in zip(views.pixels.numpy(), cut, strict=True):
+        out[...] = array.transpose(2, 0, 1)
+    views.holes.numpy()[...] = holes
+    for (start, stop, *_), jpeg in zip(crops, encoded, strict=True):
+        views.jpegs.numpy()[start:stop] = np.frombuffer(jpeg, dtype=np.uint8)
+    return batch
 
 
 def _gpu_decodable(sample: dict, crop: Crop) -> bool:
@@ -89,28 +115,30 @@ def _gpu_decodable(sample: dict, crop: Crop) -> bool:
     return False
 
 
-def unpack_batch(batch: PackedBatch, image_size: int, device: torch.device,
+def unpack_batch(batch: PackedBatch, device: torch.device,
                  decoded: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 NCHW images, bool holes) on `device`, from a batch whose JPEGs
-    `decode_jpegs` decoded into `decoded`: the crops are cut in one gather, no host sync."""
-    holes = unpack_holes(batch.holes.to(device, non_blocking=True), image_size)
-    pixels = batch.pixels.to(device, non_blocking=True)
-    if not len(batch.crops):
-        return pixels, holes
-    crops = batch.crops.to(device, non_blocking=True)
-    images = _cut(decoded, crops, image_size)
-    if len(pixels):
-        images = torch.cat([images, pixels])[batch.order.to(device, non_blocking=True)]
+    `decode_jpegs` decoded into `decoded`: one copy of the batch to the device (from pinned
+    memory there: no host sync), the crops cut in one gather."""
+    head = batch.data[: batch.data.numel() - len(fields(batch).jpegs)]
+    on = fields(batch, head.to(device, non_blocking=True))
+    holes = unpack_holes(on.holes, batch.size)
+    if not batch.encoded:
+        return on.pixels, holes
+    images = _cut(decoded, on.crops, batch.size)
+    if batch.encoded < batch.count:
+        images = torch.cat([images, on.pixels])[on.order]
     return images, holes
 
 
 def decode_jpegs(batch: PackedBatch, decode: JpegDecoder) -> list[torch.Tensor]:
     """The batch's JPEGs decoded by `decode`, checked against their crop plans; a JPEG the
     decoder fails on is named."""
-    if not len(batch.crops):
+    if not batch.encoded:
         return []
-    spans = batch.crops[:, :2].tolist()  # a host tensor: reading it waits for nothing
-    jpegs = list(batch.jpegs.split([stop - start for start, stop in spans]))
+    host = fields(batch)
+    plans = host.crops.tolist()  # host memory: reading it waits for nothing
+    jpegs = list(host.jpegs.split([plan[1] - plan[0] for plan in plans]))
     try:
         images = decode(jpegs)
     except (RuntimeError, ValueError) as e:
@@ -122,7 +150,7 @@ def decode_jpegs(batch: PackedBatch, decode: JpegDecoder) -> list[torch.Tensor]:
                                "`cectl verify`") from None
         raise Failure(f"decoding a batch of JPEGs failed ({_first_line(e)}), though each "
                       "decodes alone") from None
-    sizes = [(3, height, width) for height, width in batch.crops[:, 2:4].tolist()]
+    sizes = [(3, plan[2], plan[3]) for plan in plans]
     if [tuple(image.shape) for image in images] != sizes:
         for image, size, name in zip(images, sizes, _jpeg_names(batch), strict=True):
             if tuple(image.shape) != size:
@@ -132,10 +160,10 @@ def decode_jpegs(batch: PackedBatch, decode: JpegDecoder) -> list[torch.Tensor]:
 
 
 def _jpeg_names(batch: PackedBatch) -> list[str]:
-    """The names of the batch's encoded samples, in the order of its `crops`."""
-    rows = sorted(range(len(batch.keys)), key=batch.order.tolist().__getitem__)
+    """The names of the batch's encoded samples, in the order of its crop plans."""
+    rows = sorted(range(batch.count), key=fields(batch).order.tolist().__getitem__)
     return [f"sample {batch.keys[i]} of shard {batch.shards[i]}"
-            for i in rows[: len(batch.crops)]]
+            for i in rows[: batch.encoded]]
 
 
 def _first_line(error: Exception) -> str:

@@ -86,14 +86,17 @@ def evaluate(generator: nn.Module, cfg: DictConfig, images: torch.Tensor, mask_k
 
 @torch.no_grad()
 def nearest_neighbour(generator: nn.Module, cfg: DictConfig, images: torch.Tensor,
-                      data_uri: str, batch_size: int = 32) -> dict[str, float]:
-    """Center-mask NN inpainting from the train split, scored like the model."""
+                      data_uri: str, batch_size: int = 32,
+                      device: torch.device | None = None) -> dict[str, float]:
+    """Center-mask NN inpainting from the train split, scored like the model; the
+    features are computed on `device`."""
+    device = device or torch.device("cpu")
     size = cfg.data.image_size
     window = output_window(size, cfg.mask.kind)
     holes = eval_holes("center", 1, size, cfg.mask.overlap, 0)
 
     def features(batch: torch.Tensor) -> torch.Tensor:
-        filled = fill_holes(to_model_range(batch), holes)
+        filled = fill_holes(to_model_range(batch.to(device)), holes.to(device))
         return F.normalize(generator.encoder(filled).flatten(1), dim=1)
 
     queries = torch.cat([features(images[i : i + batch_size])
@@ -102,6 +105,7 @@ def nearest_neighbour(generator: nn.Module, cfg: DictConfig, images: torch.Tenso
     matches = torch.zeros_like(images)
     for candidates, _ in split_batches(data_uri, "train", size, batch_size):
         score, index = (queries @ features(candidates).T).max(dim=1)
+        score, index = score.cpu(), index.cpu()
         better = score > best
         best[better] = score[better]
         matches[better] = candidates[index[better]]
@@ -114,13 +118,18 @@ def nearest_neighbour(generator: nn.Module, cfg: DictConfig, images: torch.Tenso
 def evaluate_checkpoint(ckpt: Store, data_uri: str, split: str = "val",
                         mask: str | None = None) -> dict:
     """Load a checkpoint and score it on a split (mask: the one it trained with by default),
-    with the nearest-neighbour baseline where it applies (center masks, a train split)."""
+    with the nearest-neighbour baseline where it applies (center masks, a train split); on
+    the GPU when there is one."""
     from cectl.checkpoint import load_generator
+    from cectl.runs import best_device
 
     generator, cfg, state = load_generator(ckpt)
+    device = best_device()
+    generator.to(device)
     images, _ = load_eval_images(data_uri, split, cfg.data.image_size)
-    result = evaluate(generator, cfg, images, mask or cfg.mask.kind)
+    result = evaluate(generator, cfg, images, mask or cfg.mask.kind, device=device)
     splits = read_manifest(open_store(data_uri))["splits"]
     if result["mask"] == "center" and split != "train" and "train" in splits:
-        result["nearest_neighbour"] = nearest_neighbour(generator, cfg, images, data_uri)
+        result["nearest_neighbour"] = nearest_neighbour(generator, cfg, images, data_uri,
+                                                        device=device)
     return {**result, "checkpoint": ckpt.uri, "step": state["step"], "split": split}

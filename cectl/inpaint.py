@@ -35,6 +35,7 @@ from cectl.masks import (
     output_window,
 )
 from cectl.pixels import to_batch, to_model_range
+from cectl.runs import best_device
 
 KEEP_MODES = ("RGB", "RGBA", "L", "LA")
 
@@ -110,7 +111,11 @@ def cut_square(array: np.ndarray, x: int, y: int, side: int, mode: str) -> np.nd
 
 
 def inpaint(image_path: Path, ckpt: str, mask: str, out_path: Path, seed: int = 0) -> dict:
+    """Fill the hole (`mask`: a kind or a mask file) of an image; the network runs on the
+    GPU when there is one."""
     generator, cfg, _ = load_generator(ckpt)
+    device = best_device()
+    generator.to(device)
     original, rgb = _read_image(image_path)
     width, height = rgb.size
     size = cfg.data.image_size
@@ -139,7 +144,7 @@ def inpaint(image_path: Path, ckpt: str, mask: str, out_path: Path, seed: int = 
     # A network pixel is a hole if any image pixel it covers is.
     small = F.adaptive_max_pool2d(square_hole.float(), size) > 0
     with torch.no_grad():
-        pred = generator(fill_holes(net_input, small)).float()
+        pred = generator(fill_holes(net_input.to(device), small.to(device))).float().cpu()
     canvas = net_input.clone()
     canvas[..., window.offset : window.offset + window.size,
            window.offset : window.offset + window.size] = pred

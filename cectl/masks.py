@@ -47,6 +47,7 @@ BLOCK_DRAWS = 37  # a random-block hole takes at most: its target, then 12 x (si
 GRID = 6  # a random-region hole is drawn from 6 x 6 noise
 REGION_DRAWS = GRID * GRID + 1  # the noise, then the area
 REGION_EPS = 1e-5  # bound on |float32 matrix-product field - torch's field|, with margin
+_TWISTER = np.random.RandomState()  # reseeded at each use: one per process saves its setup
 
 
 class Window(NamedTuple):
@@ -152,15 +153,12 @@ def _mt_outputs(seed: int, count: int) -> list[int]:
     return _TWISTER.randint(0, 2**32, count, dtype=np.uint32).tolist()
 
 
-_TWISTER = np.random.RandomState()  # reseeded at each use: one per process saves its setup
-
-
 def _block(draws: Iterator[int], size: int) -> np.ndarray:
     """A random-block hole: squares with sides from 1/8 to 1/4 of the image, added until
     they cover a drawn target of 15-25%; a square that would pass 1/4 is not added."""
     hole = np.zeros((size, size), dtype=bool)
-    covered, most = 0, _coverage_count(size, 0.25, above=False)
-    enough = _coverage_count(size, 0.15 + 0.10 * ((next(draws) & 0xFFFFFF) / 2**24))  # rand()
+    covered, most = 0, _coverage_at_least(size, 0.25, strict=True) - 1
+    enough = _coverage_at_least(size, 0.15 + 0.10 * ((next(draws) & 0xFFFFFF) / 2**24))
     low, high = size // 8, size // 4 + 1
     for _ in range(12):
         if covered >= enough:
@@ -175,22 +173,13 @@ def _block(draws: Iterator[int], size: int) -> np.ndarray:
     return hole
 
 
-def _coverage_count(size: int, fraction: float, above: bool = True) -> int:
-    """The fewest pixels whose coverage is at least `fraction` (`above`), or the most whose
-    coverage is at most it, coverage and fraction compared in float32 as the torch
-    loop's `mean()` compared them."""
+def _coverage_at_least(size: int, fraction: float, strict: bool = False) -> int:
+    """The fewest pixels whose coverage reaches `fraction` (passes it, if `strict`),
+    compared in float32 as the torch loop's `mean()` was."""
     area, limit = np.float32(size * size), np.float32(fraction)
-    k = int(float(limit) * size * size)
-    if above:
-        while k > 0 and np.float32(k - 1) / area >= limit:
-            k -= 1
-        while np.float32(k) / area < limit:
-            k += 1
-        return k
-    while np.float32(k + 1) / area <= limit:
+    k = max(int(fraction * size * size) - 2, 0)
+    while not (np.float32(k) / area > limit if strict else np.float32(k) / area >= limit):
         k += 1
-    while k > 0 and np.float32(k) / area > limit:
-        k -= 1
     return k
 
 
@@ -230,7 +219,7 @@ def _highest(field: np.ndarray, count: np.ndarray, low: np.ndarray, high: np.nda
     candidates = np.flatnonzero((field >= low[:, None]) ^ holes)
     rows, values = candidates // pixels, field.reshape(-1)[candidates]
     starts = np.searchsorted(rows, np.arange(n + 1))
-    ranks = count - holes.view(np.uint8).sum(axis=1, dtype=np.int64)
+    ranks = count - holes.view(np.uint8).sum(axis=1, dtype=np.int32)
     threshold = np.full(n, np.nan)
     for i in np.flatnonzero((ranks > 0) & (ranks <= np.diff(starts))):
         threshold[i] = _largest(values[starts[i] : starts[i + 1]], ranks[i])
@@ -245,14 +234,14 @@ def _highest(field: np.ndarray, count: np.ndarray, low: np.ndarray, high: np.nda
     holes.reshape(-1)[candidates[sure]] = True
     if eps:  # a band around each threshold: there the exact values decide
         band = kept & ~sure & (values > at - 2 * eps)
-        band_rows, band_cells = rows[band], candidates[band]
-        truth = exact(band_rows, band_cells % pixels)
-        left = ranks - np.bincount(rows[sure], minlength=n)
-        starts = np.searchsorted(band_rows, np.arange(n + 1))
-        for i in np.flatnonzero(np.diff(starts)):
-            mine = truth[starts[i] : starts[i + 1]]
-            holes.reshape(-1)[band_cells[starts[i] : starts[i + 1]][
-                mine >= _largest(mine, left[i])]] = True
+        left = ranks - np.bincount(rows[sure], minlength=n)  # the threshold's rank in it
+        rows, cells = rows[band], candidates[band]
+        truth = exact(rows, cells % pixels)
+        if len(truth):
+            ordered = np.lexsort((-truth, rows))  # by row, each row's highest first
+            first = np.searchsorted(rows[ordered], np.arange(n))
+            cut = truth[ordered][np.clip(first + left - 1, 0, len(truth) - 1)]
+            holes.reshape(-1)[cells[truth >= cut[rows]]] = True
     return holes
 
 

@@ -12,7 +12,14 @@ from helpers import tiny_job
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cectl.batches import _gpu_decodable, cpu_jpegs, decode_jpegs, pack_batch, unpack_batch
+from cectl.batches import (
+    _gpu_decodable,
+    cpu_jpegs,
+    decode_jpegs,
+    fields,
+    pack_batch,
+    unpack_batch,
+)
 from cectl.data import GlobalOrder, TrainBatches, TrainLoader, batch_shares, train_shards
 from cectl.errors import BadInput
 from cectl.masks import derive_seed, holes_for_positions
@@ -59,25 +66,27 @@ def test_gpu_decoding_gets_baseline_jpegs_that_need_no_resize():
 def test_a_mixed_batch_unpacks_to_the_loaders_own_crops_in_order():
     samples, positions = mixed_samples(), range(100, 105)
     batch = pack_batch(samples, positions, 0, 40, 32, "random-block", 2, gpu_jpegs=True)
-    assert len(batch.crops) == 2 and len(batch.pixels) == 3
-    images, holes = unpack_batch(batch, 32, torch.device("cpu"), decode_jpegs(batch, cpu_jpegs))
+    assert batch.encoded == 2 and len(fields(batch).pixels) == 3
+    images, holes = unpack_batch(batch, torch.device("cpu"), decode_jpegs(batch, cpu_jpegs))
     assert torch.equal(images, expected_crops(samples, positions))
     assert torch.equal(holes, holes_for_positions("random-block", positions, 32, 2, 0))
 
 
-def test_a_batch_is_the_same_few_tensors_whatever_its_size():
+def test_a_batch_is_one_tensor_whatever_its_size():
     samples = mixed_samples() * 8
-    small = pack_batch(samples[:5], range(5), 0, 40, 32, "center", 2, gpu_jpegs=True)
-    large = pack_batch(samples, range(40), 0, 40, 32, "center", 2, gpu_jpegs=True)
-    for batch in (small, large):
-        assert sum(isinstance(field, torch.Tensor) for field in batch) == 5
-    assert large.holes.numel() == 40 * 32 * 32 // 8  # a bit per pixel
+    for count in (5, 40):
+        batch = pack_batch(samples[:count], range(count), 0, 40, 32, "center", 2,
+                           gpu_jpegs=True)
+        assert [type(field) for field in batch if isinstance(field, torch.Tensor)] == [
+            torch.Tensor]
+        assert fields(batch).holes.numel() == count * 32 * 32 // 8  # a bit per pixel
 
 
 def test_a_jpeg_the_decoder_fails_on_is_named():
     samples = mixed_samples()
     batch = pack_batch(samples, range(5), 0, 40, 32, "center", 2, gpu_jpegs=True)
-    bad = bytes(batch.jpegs[batch.crops[1, 0] : batch.crops[1, 1]].tolist())
+    start, stop = fields(batch).crops[1, :2].tolist()
+    bad = bytes(fields(batch).jpegs[start:stop].tolist())
 
     def stub(jpegs: list[torch.Tensor]) -> list[torch.Tensor]:  # as nvJPEG fails: the batch
         if any(bytes(j.tolist()) == bad for j in jpegs):
@@ -172,8 +181,8 @@ def test_nvjpeg_on_its_stream_decodes_the_loaders_pixels(facade_shards):
     decoder = NvJpeg(device)
     decoded = decode_jpegs(batch, decoder)
     decoder.wait()
-    images, _ = unpack_batch(batch, 32, device, decoded)
-    cpu, _ = unpack_batch(batch, 32, torch.device("cpu"), decode_jpegs(batch, cpu_jpegs))
+    images, _ = unpack_batch(batch, device, decoded)
+    cpu, _ = unpack_batch(batch, torch.device("cpu"), decode_jpegs(batch, cpu_jpegs))
     # nvJPEG's IDCT and chroma upsampling round a little differently from libjpeg-turbo.
     assert (images.cpu().int() - cpu.int()).abs().float().mean() < 2
 

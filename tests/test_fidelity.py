@@ -89,10 +89,10 @@ def test_loader_with_flips_resumes_exactly(facade_shards):
     cfg = tiny_job(facade_shards)
     manifest = open_manifest(facade_shards)
     straight = TrainLoader(facade_shards, manifest, cfg, 0, 1)
-    batches = [next(straight) for _ in range(5)]
+    batches = [next(straight)[0] for _ in range(5)]
     resumed = TrainLoader(facade_shards, manifest, cfg, 0, 1)
     resumed.load_state_dict({"samples": 3 * cfg.data.batch_size})
-    assert torch.equal(next(resumed), batches[3]) and torch.equal(next(resumed), batches[4])
+    assert torch.equal(next(resumed)[0], batches[3]) and torch.equal(next(resumed)[0], batches[4])
 
 
 @pytest.mark.parametrize(("mode", "step_size"), [("rec", 2e-4), ("joint", 2e-3)])
