@@ -99,6 +99,8 @@ def holes_for_positions(kind: str, positions: range, size: int, overlap: int,
                         seed: int) -> torch.Tensor:
     """The holes of training samples, each drawn from the sample's global position: a
     sample's hole does not depend on the batch, rank or world size it lands in."""
+    if kind == "center":
+        return _center(len(positions), size, overlap)
     seeds = [derive_seed(seed, "mask", p) for p in positions]
     if kind == "random-block":
         holes = [_block(iter(_mt_outputs(s, BLOCK_DRAWS)), size) for s in seeds]
@@ -108,7 +110,7 @@ def holes_for_positions(kind: str, positions: range, size: int, overlap: int,
         for row, s in zip(draws, seeds, strict=True):
             torch.rand(REGION_DRAWS, generator=gen.manual_seed(s), out=row)
         return _regions(draws[:, :-1].reshape(-1, 1, GRID, GRID), draws[:, -1], size)
-    return draw_holes(kind, len(positions), size, overlap, seed)
+    raise ValueError(f"mask.kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
 def pack_holes(holes: torch.Tensor) -> torch.Tensor:

@@ -287,3 +287,35 @@ def test_gpu_decoding_without_a_gpu_is_a_usage_error(facade_shards, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: data.decode=gpu needs a CUDA GPU and torchvision")
     assert "Traceback" not in result.stderr
+
+
+def test_precision_auto_is_bf16_only_where_the_device_does_it_natively(monkeypatch):
+    from cectl import train as training
+
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, expected in ((False, False, "fp32"), (True, False, "bf16"),
+                                       (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        training.resolve_precision.cache_clear()
+        assert training.resolve_precision("auto", cpu) == expected
+        assert training.resolve_precision("fp32", cpu) == "fp32"
+    training.resolve_precision.cache_clear()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_checkpoint_restores_the_cuda_generator(facade_shards, tmp_path):
+    from cectl.train import Session, make_optimizer
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    cfg = tiny_job(facade_shards, "train.steps=2", "train.checkpoint_every=2")
+    train(cfg, open_store(str(tmp_path)), "rng", Session(device=device))
+    tensors, _ = load_checkpoint(str(tmp_path / "runs/rng/checkpoints/step-000002"))
+    generator, discriminator = (m.to(device) for m in build_models(cfg))
+    modules = {"G": generator, "D": discriminator}
+    optimizers = {name: make_optimizer(m, 1e-3, 0.5) for name, m in modules.items()}
+    loader = TrainLoader(facade_shards, open_manifest(facade_shards), cfg, 0, 1, device)
+    torch.cuda.manual_seed(12345)
+    Checkpointer(Run(open_store(str(tmp_path)), "rng"), cfg, modules, optimizers,
+                 loader).restore()
+    assert torch.equal(torch.cuda.get_rng_state(device), tensors["rng.cuda.0"])
