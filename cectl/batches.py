@@ -107,6 +107,9 @@ def _gpu_decodable(sample: dict, crop: Crop) -> bool:
     data, i = sample["jpg"], 2
     while i + 4 <= len(data) and data[i] == 0xFF:
         marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte
+            i += 1
+            continue
         if marker in (0xC0, 0xC1):  # start of frame: baseline, extended sequential
             return True
         if 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker == 0xDA:
@@ -198,9 +201,10 @@ class NvJpeg:
     private stream that waits for nothing (pytorch/vision PR 9606): on the training
     stream it could be handed a block that queued kernels still read. On a side stream
     its outputs come from that stream's blocks, which hold only earlier outputs, and
-    `record_stream` keeps each of those until the training stream is done with it
-    (bench/gpu.py checks this against a host barrier, which costs the step 24%). The
-    training stream waits for the decode only when the batch is handed out.
+    `record_stream` keeps each of those until the training stream is done with it. The
+    other remedy, a host barrier before each decode, costs the decode 24% and stalls the
+    step; bench/gpu.py checks all three ways for corruption. The training stream waits
+    for the decode only when the batch is handed out (`wait`).
     """
 
     def __init__(self, device: torch.device):

@@ -154,7 +154,7 @@ class TrainBatches(IterableDataset):
         process, processes = (info.id, info.num_workers) if info else (0, 1)
         # The batches in flight, and a few more: the last reference to a batch's shared
         # memory frees its pages (~4 us per image), better here than in the training thread.
-        sent = collections.deque(maxlen=PREFETCH + 4)
+        sent = collections.deque(maxlen=PREFETCH + 2)
         try:
             order = GlobalOrder(open_store(self.data_uri), self.shards, self.seed)
             for batch in self.batches(order, process, processes):

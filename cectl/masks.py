@@ -21,7 +21,7 @@ in tests/test_masks.py as the reference):
 - a random-region hole is the top `count` pixels of bicubically upsampled noise. The
   upsampling runs as two small matrix products (float32, off from torch's by < 3e-6), the
   `count`-th value is found among the pixels near a quantile of a 1-in-16 subsample, and
-  the few pixels within `REGION_EPS` of it get their exact value from torch's own
+  the few pixels within 2 x `REGION_EPS` of it get their exact value from torch's own
   arithmetic, replayed: its weights, its tap order, its fused multiply-adds. Where this
   torch build computes otherwise (checked once per size), torch's upsampling is called.
 """

@@ -61,6 +61,15 @@ def test_holes_drawn_in_batches_are_those_of_the_per_sample_loop(kind, size, rep
     assert torch.equal(draw_holes(kind, 24, size, 4, 11), reference_holes(kind, 24, size, 11))
 
 
+@pytest.mark.parametrize("size", [32, 128, 227])
+def test_the_fast_upsampling_stays_well_within_its_error_bound(size):
+    noise = torch.rand(200, 1, 6, 6, generator=torch.Generator().manual_seed(size))
+    taps = masks._bicubic_taps(size)
+    fast = taps.matrix @ (noise.numpy()[:, 0] @ taps.matrix.T)
+    exact = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)
+    assert abs(fast - exact[:, 0].numpy()).max() < masks.REGION_EPS / 3
+
+
 def test_packed_holes_unpack_to_the_same_holes():
     holes = draw_holes("random-region", 5, 227, 4, 3)
     packed = pack_holes(holes)
