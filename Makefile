@@ -37,3 +37,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/checkpoint.py
 	$(BIN)/python bench/elastic.py
 	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/feed.py

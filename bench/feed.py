@@ -5,8 +5,9 @@ as Paris StreetView or ImageNet shards are). Figures, printed as one JSON line:
 
 - `images_per_s`: per loader process, with 1 and 2 processes (batch 64, center holes), in
   the GPU-decode layout (the processes parse, plan crops, draw holes and pack; the JPEGs
-  are left for nvJPEG: the batches go to the meta device, which runs no kernel) and with
-  CPU decoding (the processes also decode and cut the crops).
+  are left for nvJPEG) and with CPU decoding (the processes also decode and cut the
+  crops). The training side only receives the batches: decoding the JPEGs and unpacking
+  the batch are a GPU's work.
 - `parse_amplification`: bytes of tar parsed (headers, indexes, images) per image byte
   delivered over one epoch, with 1, 2 and 4 loader processes (played one after another,
   each with its own reader, sharing this machine's shard index as real ones do).
@@ -106,11 +107,10 @@ def loader(shards: str, batch: int, processes: int, gpu_layout: bool,
 
 
 def images_per_s(shards: str, processes: int, gpu_layout: bool, batches: int) -> float:
-    """Per loader process. In the GPU-decode layout the training side is skipped: the
-    JPEGs' decode and the batch's unpacking are the GPU's."""
+    """Per loader process: the training side only receives the batches (decoding the
+    JPEGs and unpacking the batch are the GPU's work)."""
     real = data.decode_jpegs, data.unpack_batch
-    if gpu_layout:
-        data.decode_jpegs, data.unpack_batch = (lambda *a: []), (lambda *a: (None, None))
+    data.decode_jpegs, data.unpack_batch = (lambda *a: []), (lambda *a: (None, None))
     try:
         feed = loader(shards, 64, processes, gpu_layout)
         start = time.perf_counter()
