@@ -34,12 +34,7 @@ class ShardFile:
     def __init__(self, cache: ShardCache, shard: dict, path: Path, entries: list[ImageEntry]):
         self.cache, self.name, self.entries = cache, shard["name"], entries
         self.where = cache.store.url(shard["name"])
-        with readable_shard(cache.store, shard["name"]):
-            self.fd = os.open(path, os.O_RDONLY)
-        if os.fstat(self.fd).st_size != shard["bytes"]:
-            self.close()
-            raise BadInput(f"shard {self.where} is not the size its manifest entry says: run "
-                           "`cectl verify`")
+        self.fd = os.open(path, os.O_RDONLY)
 
     def image(self, entry: ImageEntry) -> bytes:
         data = os.pread(self.fd, entry.size, entry.offset)
@@ -76,6 +71,11 @@ class ShardCache:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.remote and not path.exists():
                 self.store.get_file(shard["name"], path)
+            with readable_shard(self.store, shard["name"]):
+                size = path.stat().st_size
+            if size != shard["bytes"]:  # not the shard the index would be named after
+                raise BadInput(f"shard {self.store.url(shard['name'])} is not the size its "
+                               "manifest entry says: run `cectl verify`")
             if index.exists():
                 text = index.read_bytes()
                 self.bytes_read += len(text)
