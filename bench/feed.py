@@ -138,7 +138,8 @@ def train_thread_us(shards: str, batches: int) -> float:
 def parse_amplification(shards: str, processes: int) -> float:
     """Over one epoch, `processes` loader processes played in turn, on a fresh machine
     (no shard index yet)."""
-    tempfile.tempdir = tempfile.mkdtemp(prefix="cectl-bench-feed-cache-")
+    cache = tempfile.TemporaryDirectory(prefix="cectl-bench-feed-cache-")
+    tempfile.tempdir = cache.name
     try:
         cfg = job(shards, 64, processes)
         manifest = open_manifest(shards)
@@ -155,6 +156,7 @@ def parse_amplification(shards: str, processes: int) -> float:
         return read / delivered
     finally:
         tempfile.tempdir = None
+        cache.cleanup()
 
 
 def holes_per_s(kind: str, batches: int) -> float:
@@ -172,7 +174,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    shards = make_shards(Path(tempfile.mkdtemp(prefix="cectl-bench-feed-")), args.images)
+    root = tempfile.TemporaryDirectory(prefix="cectl-bench-feed-")
+    shards = make_shards(Path(root.name), args.images)
     threads = torch.get_num_threads()
     best: dict = {}
 
@@ -200,6 +203,7 @@ def main() -> None:
         for part in path:
             node = node.setdefault(part, {})
         node[leaf] = round(value, 3 if "amplification" in key else 1)
+    root.cleanup()
     line = json.dumps(report)
     if args.json:
         args.json.write_text(line + "\n")
