@@ -38,3 +38,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/features.py --steps 60 --layers conv1 conv3 conv5 pool5
 	$(BIN)/python bench/checkpoint.py --rounds 8
 	$(BIN)/python bench/elastic.py
+	$(BIN)/python bench/feed.py

@@ -1,4 +1,5 @@
-"""GPU figures: the step alone, GPU JPEG decoding, the loader alone, the whole `--local` run.
+"""GPU figures: the step alone, GPU JPEG decoding, the loop's host syncs, the loader alone,
+the whole `--local` run.
 
 Runs on a bare GPU host with the repo and a wheel bundle (`../shared/gpu/wheels.sh`); it
 makes its own images and finds `cectl` without PYTHONPATH. Parts, in order, the JSON
@@ -6,20 +7,25 @@ rewritten after each so a late failure loses nothing:
 
 1. `step`: the dcgan128 joint-loss step on synthetic batches already on the device, batch
    64 and 256: the plain eager-fp32 baseline (bench/train_step.py's reference layers,
-   default Adam), cectl fp32, bf16 autocast, a world-of-one NCCL DDP (the `--local` path
-   today), then with cudnn.benchmark + TF32: fp32, bf16, bf16 + channels_last.
-   images/s, peak GPU memory, MFU against this GPU's measured bf16 matmul rate.
-2. `syncs`: the training loop's body (batch copy, holes, step) for steady-state steps
-   under `torch.cuda.set_sync_debug_mode("warn")`: every host sync it makes.
-3. `decode`: torchvision's batched nvJPEG decode while queued kernels still write blocks
+   default Adam, no tuning), then with cectl's GPU set-up (`prepare_device`:
+   cudnn.benchmark, TF32 matmuls) fp32 and bf16 autocast, each in NCHW and channels_last
+   (cectl's default: channels_last, `train.precision=auto` = bf16). images/s, peak GPU
+   memory, MFU against this GPU's measured bf16 matmul rate.
+2. `decode`: torchvision's batched nvJPEG decode while queued kernels still write blocks
    the caching allocator has freed: iterations whose output differs from a clean decode,
-   for the decode as cectl calls it today, on a side stream (`wait_stream` +
-   `record_stream`), and after a host barrier; and each one's images/s.
-4. `loader`: the loader alone on 467x350 JPEG shards, 1, 4, 8, 16 processes, CPU decode
-   and GPU decode.
-5. `whole_run`: `cectl train --local` at batch 256 (the real loop, loader, logging),
-   images/s and its share of the step alone.
-6. `compile`: bf16 + torch.compile, batch 64 and 256 (last: compilation is slow).
+   for the plain call, cectl's decoder (`cectl.batches.NvJpeg`: a side stream,
+   `wait_stream` + `record_stream`) and the plain call after a host barrier; and each
+   one's images/s.
+3. `syncs`: the training loop's body (next batch from the loader with GPU decoding and
+   random-region holes, float conversion, step) for steady-state steps under
+   `torch.cuda.set_sync_debug_mode("warn")`: every host sync it makes (target: none).
+4. `loader`: the loader alone on 467x350 JPEG shards (batch 64), 1, 4, 8, 16 processes,
+   CPU decode and GPU decode.
+5. `whole_run`: `cectl train --local` at batch 256 (the real loop, loader, logging), GPU
+   and CPU decode with center holes, GPU decode with random-region holes: images/s and
+   the share of the step alone.
+6. `compile`: bf16 + channels_last + torch.compile, batch 64 and 256 (last: compiling is
+   slow).
 
     python3 bench/gpu.py [--quick] [--steps 30] [--json OUT.json]
 
@@ -29,9 +35,7 @@ rewritten after each so a late failure loses nothing:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import random
 import sys
 import tempfile
 import time
@@ -41,29 +45,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # cectl, without PYTHONPATH
 
 import torch  # noqa: E402
+from feed import make_shards  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
-from rich.console import Console  # noqa: E402
 from train_step import baseline_step, reference_layers  # noqa: E402
 
 from cectl.config import load_config, validate_job  # noqa: E402
-from cectl.data import TrainLoader  # noqa: E402
-from cectl.demo import facade  # noqa: E402
-from cectl.distributed import ddp_wrapper, local_session  # noqa: E402
-from cectl.masks import derive_seed, draw_holes, holes_for_positions  # noqa: E402
+from cectl.data import TrainLoader, gpu_decoding  # noqa: E402
+from cectl.masks import derive_seed, draw_holes  # noqa: E402
 from cectl.model import build_models  # noqa: E402
 from cectl.pixels import to_model_range  # noqa: E402
-from cectl.schema import JobConfig, ShardConfig  # noqa: E402
-from cectl.shard import run_shard  # noqa: E402
-from cectl.shard_format import open_manifest  # noqa: E402
+from cectl.schema import JobConfig  # noqa: E402
+from cectl.shard_format import open_manifest, read_manifest, read_samples  # noqa: E402
 from cectl.storage import open_store  # noqa: E402
-from cectl.train import make_optimizer, train, train_step  # noqa: E402
+from cectl.train import Session, make_optimizer, prepare_device, train, train_step  # noqa: E402
 
 
 def job(batch: int, precision: str, quick: bool, **data) -> DictConfig:
     tiny = ["model.width=8", "model.bottleneck=32", "data.image_size=32",
             "data.load_size=40", "mask.overlap=2"] if quick else []
+    mask = data.pop("mask", "center")
     return validate_job(load_config(JobConfig, "inpaint-center", tiny + [
-        f"data.batch_size={batch}", f"train.precision={precision}",
+        f"data.batch_size={batch}", f"train.precision={precision}", f"mask.kind={mask}",
         "train.log_every=10", "train.eval_every=100000", "train.checkpoint_every=100000"],
         {"data": {"uri": data.get("uri", "unused"), **data}}))
 
@@ -73,22 +75,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_shards(root: Path, count: int) -> str:
-    """`count` generated 500x375 facade JPEGs sharded at 350 px (stored 467x350, as Paris
-    StreetView or ImageNet shards are), 100 per shard."""
-    images = root / "images"
-    images.mkdir(parents=True)
-    rng = random.Random(0)
-    for i in range(count):
-        facade(rng, 375).resize((500, 375)).save(images / f"{i:05d}.jpg", quality=90)
-    run_shard(str(images), str(root / "shards"),
-              load_config(ShardConfig, flags={"shard_size": 100, "workers": 8,
-                                              "val_fraction": 0.0}),
-              Console(quiet=True))
-    return str(root / "shards")
-
-
 def models(cfg, device: torch.device, variant: str):
+    """(G, D, their optimizers) for a variant: baseline, nchw, channels_last, compile."""
     torch.manual_seed(0)
     g, d = (m.to(device) for m in build_models(cfg))
     if variant == "baseline":
@@ -98,13 +86,10 @@ def models(cfg, device: torch.device, variant: str):
     else:
         opt_g = make_optimizer(g, 2e-3, 0.5)
         opt_d = make_optimizer(d, 2e-4, 0.5)
-    if variant == "channels_last":
+    if variant in ("channels_last", "compile"):
         g, d = g.to(memory_format=torch.channels_last), d.to(memory_format=torch.channels_last)
     if variant == "compile":
         g, d = torch.compile(g), torch.compile(d)
-    if variant == "ddp":
-        wrap = ddp_wrapper(device, "bf16")
-        g, d = wrap(g), wrap(d)
     return g, d, opt_g, opt_d
 
 
@@ -112,16 +97,14 @@ def step_rate(cfg, device: torch.device, steps: int, variant: str) -> dict:
     """images/s and peak memory of `steps` steps of one contender on synthetic data."""
     g, d, opt_g, opt_d = models(cfg, device, variant)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    n = cfg.data.batch_size
-    images = torch.randint(0, 256, (n, 3, cfg.data.image_size, cfg.data.image_size),
-                           dtype=torch.uint8, device=device)
-    holes = draw_holes(cfg.mask.kind, n, cfg.data.image_size, cfg.mask.overlap,
+    n, size = cfg.data.batch_size, cfg.data.image_size
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
+    holes = draw_holes(cfg.mask.kind, n, size, cfg.mask.overlap,
                        derive_seed(0, "bench")).to(device)
+    layout = torch.contiguous_format if variant in ("baseline", "nchw") else torch.channels_last
 
     def one() -> None:
-        x = to_model_range(images)
-        if variant == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = to_model_range(images.contiguous(memory_format=layout))
         if variant == "baseline":
             baseline_step(g, d, opt_g, opt_d, x, holes, cfg)
         else:
@@ -145,11 +128,11 @@ def step_rate(cfg, device: torch.device, steps: int, variant: str) -> dict:
 def flops_per_step(cfg, device: torch.device) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    g, d, opt_g, opt_d = models(cfg, device, "cectl")
+    g, d, opt_g, opt_d = models(cfg, device, "nchw")
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     n, size = cfg.data.batch_size, cfg.data.image_size
     images = to_model_range(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8,
-                                    device=device))
+                                          device=device))
     holes = draw_holes(cfg.mask.kind, n, size, cfg.mask.overlap, 0).to(device)
     with FlopCounterMode(display=False) as counter:
         train_step(g, d, opt_g, opt_d, images, holes, cfg, scaler)
@@ -170,51 +153,53 @@ def matmul_tflops(device: torch.device, n: int) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
 
 
-def loop_syncs(cfg, device: torch.device, steps: int) -> dict:
-    """Host syncs in steady-state iterations of the training loop's body, as train runs it."""
-    g, d, opt_g, opt_d = models(cfg, device, "cectl")
+def loop_syncs(shards: str, device: torch.device, batch: int, quick: bool, steps: int) -> dict:
+    """Host syncs in steady-state iterations of the training loop's body, as train runs
+    it: the loader (GPU decoding where torchvision is, random-region holes), float
+    conversion, the step."""
+    cfg = job(batch, "auto", quick, uri=shards, workers=4, mask="random-region")
+    layout = prepare_device(device)
+    loader = TrainLoader(shards, open_manifest(shards), cfg, 0, 1, device,
+                         gpu_jpegs=gpu_decoding(cfg.data.decode, device))
+    g, d, opt_g, opt_d = models(cfg, device, "channels_last")
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    n, size = cfg.data.batch_size, cfg.data.image_size
-    batch = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8).pin_memory()
 
-    def one(step: int) -> None:
-        images = to_model_range(batch.to(device, non_blocking=True))
-        holes = holes_for_positions(cfg.mask.kind, range(step * n, (step + 1) * n), size,
-                             cfg.mask.overlap, cfg.train.seed)
-        train_step(g, d, opt_g, opt_d, images, holes.to(device), cfg, scaler)
+    def one() -> None:
+        images, holes = next(loader)
+        images = to_model_range(images.contiguous(memory_format=layout))
+        train_step(g, d, opt_g, opt_d, images, holes, cfg, scaler)
 
-    for step in range(3):
-        one(step)
+    for _ in range(3):
+        one()
     sync(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            for step in range(3, 3 + steps):
-                one(step)
+            for _ in range(steps):
+                one()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    messages = sorted({str(w.message).splitlines()[0] for w in caught})
-    return {"steps": steps, "syncs": len(caught), "kinds": messages}
+    messages = sorted({f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}"
+                       for w in caught})
+    return {"steps": steps, "syncs": len(caught), "gpu_decode": loader.gpu_jpegs,
+            "where": messages}
 
 
 def decode_check(device: torch.device, jpegs: list[torch.Tensor], iterations: int) -> dict:
     """Corrupted iterations and images/s of three ways to call the batched nvJPEG decode."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    from cectl.batches import NvJpeg
+
     def plain() -> list[torch.Tensor]:
         return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
 
-    side = torch.cuda.Stream(device)
+    decoder = NvJpeg(device)
 
-    def side_stream() -> list[torch.Tensor]:
-        main = torch.cuda.current_stream(device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            out = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
-        main.wait_stream(side)
-        for t in out:
-            t.record_stream(main)
+    def side_stream() -> list[torch.Tensor]:  # as cectl's loader decodes
+        out = decoder(jpegs)
+        decoder.wait()
         return out
 
     def barrier() -> list[torch.Tensor]:
@@ -256,8 +241,6 @@ def decode_check(device: torch.device, jpegs: list[torch.Tensor], iterations: in
 
 
 def shard_jpegs(shards: str, count: int) -> list[torch.Tensor]:
-    from cectl.shard_format import read_manifest, read_samples
-
     store = open_store(shards)
     out = []
     for shard in read_manifest(store)["splits"]["train"]["shards"]:
@@ -270,8 +253,8 @@ def shard_jpegs(shards: str, count: int) -> list[torch.Tensor]:
 
 def loader_rate(shards: str, processes: int, batches: int, device: torch.device,
                 gpu_decode: bool) -> float:
-    cfg = job(64, "fp32", False, uri=shards, workers=processes)
-    loader = TrainLoader(shards, open_manifest(shards), cfg, 0, 1, device, encoded=gpu_decode)
+    cfg = job(64, "auto", False, uri=shards, workers=processes)
+    loader = TrainLoader(shards, open_manifest(shards), cfg, 0, 1, device, gpu_jpegs=gpu_decode)
     for _ in range(max(2, processes)):  # every process started and busy
         next(loader)
     sync(device)
@@ -283,13 +266,12 @@ def loader_rate(shards: str, processes: int, batches: int, device: torch.device,
 
 
 def whole_run(shards: str, device: torch.device, batch: int, steps: int, quick: bool,
-              decode: str) -> float:
-    cfg = job(batch, "bf16" if device.type == "cuda" else "fp32", quick, uri=shards,
-              workers=8 if not quick else 1, decode=decode)
+              decode: str, mask: str) -> float:
+    cfg = job(batch, "auto", quick, uri=shards, workers=8 if not quick else 1, decode=decode,
+              mask=mask)
     cfg.train.steps = steps
     store = open_store(tempfile.mkdtemp(prefix="cectl-bench-gpu-"))
-    with local_session(cfg, device, lambda step, metrics: None) as session:
-        summary = train(cfg, store, "bench", session)
+    summary = train(cfg, store, "bench", Session(device=device, on_log=lambda *a: None))
     return summary["metrics"]["images_per_s"]  # the last log window: past the warm-up
 
 
@@ -307,7 +289,7 @@ class Report:
 
 def step_line(name: str, result: dict) -> None:
     peak = f"{result['peak_gib']:.2f} GiB" if result["peak_gib"] is not None else "-"
-    print(f"  {name:40s} {result['images_per_s']:9.0f} images/s {result['ms_per_step']:8.2f}"
+    print(f"  {name:36s} {result['images_per_s']:9.0f} images/s {result['ms_per_step']:8.2f}"
           f" ms  peak {peak:>10s}  MFU {100 * result['mfu']:.1f}%", flush=True)
 
 
@@ -333,10 +315,7 @@ def main() -> None:
     steps_report: dict = {}
 
     def measure(batch: int, variant: str, precision: str, label: str) -> None:
-        cfg = job(batch, precision, args.quick)
-        with (local_session(cfg, device, lambda *a: None) if variant == "ddp"
-              else contextlib.nullcontext()):
-            result = step_rate(cfg, device, steps, variant)
+        result = step_rate(job(batch, precision, args.quick), device, steps, variant)
         result["mfu"] = flops[batch] * result["images_per_s"] / batch / 1e12 / report.data[
             "matmul_tflops"]
         name = f"batch {batch} {label}"
@@ -345,41 +324,33 @@ def main() -> None:
         report.part("step", steps_report)
 
     print("step alone (synthetic batches on the device):", flush=True)
-    plain = (("baseline", "fp32", "baseline eager fp32"), ("cectl", "fp32", "cectl fp32"),
-             ("cectl", "bf16", "cectl bf16"), ("ddp", "bf16", "cectl bf16 DDP world of 1"))
-    tuned = (("cectl", "fp32", "cectl fp32 tf32+benchmark"),
-             ("cectl", "bf16", "cectl bf16 benchmark"),
-             ("channels_last", "bf16", "cectl bf16 channels_last benchmark"))
     for batch in batches:
-        for variant, precision, label in plain:
-            if variant == "ddp" and not cuda:
-                continue  # the NCCL path
-            measure(batch, variant, precision, label)
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
+        measure(batch, "baseline", "fp32", "baseline eager fp32")
+    layout = prepare_device(device)  # cectl's set-up from here on
+    print(f"cectl's device set-up: cudnn.benchmark={torch.backends.cudnn.benchmark}, "
+          f"TF32 matmuls={torch.backends.cuda.matmul.fp32_precision}, {layout}", flush=True)
     for batch in batches:
-        for variant, precision, label in tuned:
+        for variant, precision, label in (
+                ("nchw", "fp32", "cectl fp32"), ("channels_last", "fp32", "cectl fp32 cl"),
+                ("nchw", "bf16", "cectl bf16"), ("channels_last", "bf16", "cectl bf16 cl")):
             measure(batch, variant, precision, label)
-
-    if cuda:
-        report.part("syncs", loop_syncs(job(batches[-1], "bf16", args.quick), device, 5))
-        print(f"host syncs in 5 loop iterations: {report.data['syncs']}", flush=True)
 
     root = Path(tempfile.mkdtemp(prefix="cectl-bench-gpu-"))
     start = time.perf_counter()
-    shards = make_shards(root, 100 if args.quick else 1600)
+    shards = make_shards(root, 100 if args.quick else 1600, workers=8)
     print(f"generated and sharded images in {time.perf_counter() - start:.0f} s", flush=True)
 
-    if cuda:
-        import importlib.util
+    if cuda and gpu_decoding("auto", device):
+        print("GPU decode of 256 JPEGs while freed blocks are still being written:")
+        report.part("decode", decode_check(device, shard_jpegs(shards, 256),
+                                           10 if args.quick else 50))
 
-        if importlib.util.find_spec("torchvision"):
-            print("GPU decode of 256 JPEGs while freed blocks are still being written:")
-            report.part("decode", decode_check(device, shard_jpegs(shards, 256),
-                                               10 if args.quick else 50))
+    if cuda:
+        report.part("syncs", loop_syncs(shards, device, batches[-1], args.quick, 5))
+        print(f"host syncs in 5 loop iterations: {report.data['syncs']}", flush=True)
 
     loader: dict = {}
-    for gpu_decode in (False, True) if cuda else (False,):
+    for gpu_decode in (False, True) if gpu_decoding("auto", device) else (False,):
         mode = "gpu" if gpu_decode else "cpu"
         for processes in (1, 2) if args.quick else (1, 4, 8, 16):
             rate = loader_rate(shards, processes, 4 if args.quick else 100, device, gpu_decode)
@@ -389,20 +360,22 @@ def main() -> None:
                   flush=True)
 
     batch = batches[-1]
+    alone = steps_report[f"batch {batch} cectl {'bf16' if cuda else 'fp32'} cl"]["images_per_s"]
     runs = {}
-    for decode in ("auto", "cpu") if cuda else ("cpu",):
-        rate = whole_run(shards, device, batch, 20 if args.quick else 200, args.quick, decode)
-        alone = steps_report[f"batch {batch} cectl "
-                             f"{'bf16 benchmark' if cuda else 'fp32 tf32+benchmark'}"]
-        runs[f"decode {decode}"] = {"images_per_s": rate,
-                                    "share_of_step": rate / alone["images_per_s"]}
+    for decode, mask in (("auto", "center"), ("cpu", "center"), ("auto", "random-region")):
+        if decode == "cpu" and not gpu_decoding("auto", device) and runs:
+            continue  # auto is cpu here: measured already
+        rate = whole_run(shards, device, batch, 20 if args.quick else 200, args.quick, decode,
+                         mask)
+        runs[f"decode {decode}, {mask} holes"] = {"images_per_s": rate,
+                                                  "share_of_step": rate / alone}
         report.part("whole_run", runs)
-        print(f"cectl train --local, batch {batch}, data.decode={decode}: {rate:.0f} images/s"
-              f" = {100 * rate / alone['images_per_s']:.0f}% of the step alone", flush=True)
+        print(f"cectl train --local, batch {batch}, data.decode={decode}, {mask} holes: "
+              f"{rate:.0f} images/s = {100 * rate / alone:.0f}% of the step alone", flush=True)
 
-    print("bf16 + torch.compile:", flush=True)
+    print("bf16 + channels_last + torch.compile:", flush=True)
     for batch in batches:
-        measure(batch, "compile", "bf16", "cectl bf16 compile benchmark")
+        measure(batch, "compile", "bf16", "cectl bf16 cl compile")
     report.part("seconds", time.perf_counter() - t0)
     print(f"done in {report.data['seconds']:.0f} s", flush=True)
 

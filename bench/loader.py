@@ -5,7 +5,7 @@ sharded by `cectl shard` at 350 px (so every stored JPEG is 467x350, as Paris St
 or ImageNet shards are). Each contender runs the whole per-process pipeline in this
 process (`data.workers=0`): tar parsing, shuffling, decode, resize to `data.load_size`,
 random 128 px crop, batching. The baseline is the per-sample path the loader had before
-(Pillow decode with `draft`, Pillow resize and crop); cectl's is `cectl.data.train_sample`
+(Pillow decode with `draft`, Pillow resize and crop); cectl's is `cectl.pixels.cut_sample`
 (simplejpeg decode, crop as an array slice). Rounds alternate so both see the same load.
 
     .venv/bin/python bench/loader.py [--copies 8] [--batches 40] [--rounds 3]
@@ -24,10 +24,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 from rich.console import Console
 
-from cectl import data
+from cectl import batches
 from cectl.config import load_config
 from cectl.data import TrainLoader
 from cectl.images import decode, resize_shorter
+from cectl.pixels import Crop, plan_crop
 from cectl.schema import JobConfig, ShardConfig
 from cectl.shard import run_shard
 from cectl.shard_format import open_manifest, read_manifest, read_samples
@@ -50,13 +51,10 @@ def make_shards(root: Path, copies: int) -> str:
     return str(root / "shards")
 
 
-def pillow_sample(sample: dict, load_size: int, image_size: int,
-                  rng: random.Random) -> np.ndarray:
-    img = decode(sample.get("jpg") or sample["png"], draft_to=load_size).image
-    img = resize_shorter(img, max(load_size, image_size), upscale=True)
-    x = rng.randint(0, img.size[0] - image_size)
-    y = rng.randint(0, img.size[1] - image_size)
-    return np.asarray(img.crop((x, y, x + image_size, y + image_size)))
+def pillow_sample(sample: dict, crop: Crop, image_size: int) -> np.ndarray:
+    img = decode(sample.get("jpg") or sample["png"], draft_to=min(crop.height, crop.width)).image
+    img = resize_shorter(img, min(crop.height, crop.width), upscale=True)
+    return np.asarray(img.crop((crop.x, crop.y, crop.x + image_size, crop.y + image_size)))
 
 
 def rate(shards: str, batches: int) -> float:
@@ -76,7 +74,7 @@ def per_sample_rate(shards: str, fn) -> float:
     samples = read_samples(store, read_manifest(store)["splits"]["train"]["shards"][0]["name"])
     start = time.perf_counter()
     for i, sample in enumerate(samples):
-        fn(sample, 350, 128, random.Random(i))
+        fn(sample, plan_crop(sample, 350, 128, random.Random(i)), 128)
     return len(samples) / (time.perf_counter() - start)
 
 
@@ -87,16 +85,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     shards = make_shards(Path(tempfile.mkdtemp(prefix="cectl-bench-loader-")), args.copies)
-    cectl_sample = data.train_sample
+    cectl_sample = batches.cut_sample
     names = ("Pillow (baseline)", "cectl (simplejpeg)")
     loader: dict[str, list[float]] = {name: [] for name in names}
     sample: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.rounds):
         for name, fn in zip(names, (pillow_sample, cectl_sample), strict=True):
-            data.train_sample = fn  # the only difference between the contenders
+            batches.cut_sample = fn  # the only difference between the contenders
             loader[name].append(rate(shards, args.batches))
             sample[name].append(per_sample_rate(shards, fn))
-    data.train_sample = cectl_sample
+    batches.cut_sample = cectl_sample
     for title, results in (("loader process", loader), ("decode + crop alone", sample)):
         base = max(results[names[0]])
         for name, rates in results.items():

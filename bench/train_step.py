@@ -205,7 +205,7 @@ def loader_rate(cfg, batches: int = 30) -> float:
     next(loader)
     start = time.perf_counter()
     for _ in range(batches):
-        to_model_range(next(loader))
+        to_model_range(next(loader)[0])
     return BATCH * batches / (time.perf_counter() - start)
 
 

@@ -1,10 +1,11 @@
 """Checkpoints written in the background, and restored into a training job.
 
 A checkpoint is `model.safetensors` (both networks, both optimizers keyed by parameter
-name, the RNG) and `state.json` (the rest; its format and the run folders are
-`cectl.runs`', reading one back is `cectl.restore`'s). Saving is off the training loop's
-critical path: the loop copies only buffers and the RNG; a background thread copies the
-weights and optimizer states, then serialises and uploads them while training goes on
+name, the CPU RNG and every rank's CUDA RNG) and `state.json` (the rest; its format and
+the run folders are `cectl.runs`', reading one back is `cectl.restore`'s). Saving is off
+the training loop's critical path: the loop copies only buffers and the RNG; a background
+thread copies the weights and optimizer states, then serialises and uploads them while
+training goes on
 (see `Checkpointer`).
 """
 
@@ -98,6 +99,8 @@ class Checkpointer:
                  loader: DataPosition, rank: int = 0, world: int = 1):
         self.run, self.cfg, self.rank, self.world = run, cfg, rank, world
         self.modules, self.optimizers, self.loader = modules, optimizers, loader
+        first = next(m for m in modules.values() if m is not None)
+        self.device = next(first.parameters()).device
         self.every, self.final = cfg.train.checkpoint_every, cfg.train.steps
         self.best_step: int | None = None
         self.best_val = float("inf")
@@ -120,14 +123,15 @@ class Checkpointer:
 
     def save(self, step: int, metrics: dict[str, float]) -> None:
         """Snapshot this step: buffers and the RNG now, weights and optimizer states in the
-        background, which then writes the checkpoint to storage."""
+        background, which then writes the checkpoint to storage. Every rank calls it."""
+        cuda_rng = self._cuda_rng_states()
         if self.rank != 0:
             return
         self.wait()
         state = {"step": step, "world": self.world, "data_position": self.loader.state_dict(),
                  "config": OmegaConf.to_container(self.cfg), "metrics": dict(metrics),
                  "best_step": self.best_step, "best_val": self.best_val}
-        buffers = _buffer_copies(self.modules)
+        buffers = _buffer_copies(self.modules) | cuda_rng
         live = _live_weights(self.modules, self.optimizers)
         device = next(iter(live.values())).device
         ready = None
@@ -139,6 +143,20 @@ class Checkpointer:
                                         args=(step, state, buffers, live, ready),
                                         name=f"checkpoint-{step}")
         self._writer.start()
+
+    def _cuda_rng_states(self) -> dict[str, torch.Tensor]:
+        """Each rank's CUDA generator state (alexnet227's dropout draws from it), gathered
+        from every rank: a collective, on a GPU with more than one rank."""
+        if self.device.type != "cuda":
+            return {}
+        state = torch.cuda.get_rng_state(self.device)
+        states = [state]
+        if self.world > 1:
+            import torch.distributed as dist
+
+            states = [torch.empty_like(state, device=self.device) for _ in range(self.world)]
+            dist.all_gather(states, state.to(self.device))
+        return {f"rng.cuda.{rank}": s.cpu() for rank, s in enumerate(states)}
 
     def _before_update(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self._copy_done.wait()  # the copy in progress holds the weights before this
@@ -203,6 +221,8 @@ class Checkpointer:
         # data position became global) holds only for that world.
         self.loader.load_state_dict({"world": state.get("world", 1), **state["data_position"]})
         torch.set_rng_state(tensors["rng.torch"])
+        if self.device.type == "cuda" and f"rng.cuda.{self.rank}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rng.cuda.{self.rank}"], self.device)
         self.best_step, self.best_val = state.get("best_step"), state.get("best_val", self.best_val)
         self.restored_world = state.get("world", 1)
         return state["step"]

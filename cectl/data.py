@@ -12,19 +12,17 @@ number of steps the consumed samples are exactly a prefix of the global order: a
 worker group, of any size, starts at the same count and sees every sample of the epoch
 once, none twice; a rank may start in the middle of a shard.
 
-Reading stays sequential: positions only grow, so each loader process streams the shards
-it meets in order and keeps the current one in memory, reading each shard at most once
-per epoch and decoding only its own samples. The price of world independence: a shard is
-read by every loader process that takes a share of it, about min(ranks x processes,
-shard size / per-rank batch) of them (1000 / 64: ~16 with the defaults); the JPEG
-decoding, which dominates, is still split. From local disk those reads hit the page
-cache; shards on S3 are fetched once per machine into a `ShardCache` that the loader
-processes there share, so the network carries each shard once per machine and epoch.
+Positions only grow, so each loader process meets the shards in order and keeps the
+current one open. It reads only its own samples' images, at offsets from the shard's
+index, which the machine's `ShardCache` builds once from the tar headers: each byte of a
+shard is parsed about once per machine and epoch, whatever the number of processes and
+ranks taking shares of it. Shards on S3 are fetched once per machine into the same cache.
 
-Random crops (and flips) are seeded per sample from its global position, so a sample's
-crop does not depend on the world size either.
+Random crops, flips and holes are seeded per sample from its global position, so they do
+not depend on the world size either. A loader process plans the crops, draws the holes and
+packs the batch (`cectl.batches`); JPEGs are decoded there or, with GPU decoding, here.
 
-Samples come from webdataset's tar reader (`cectl.shard_format.read_samples`), but the read order
+Samples follow webdataset's tar rules (`cectl.shard_format.index_tar`), but the read order
 is cectl's own: webdataset's shuffles and shard lists keep no state that can be saved and
 restored, so they cannot resume mid-epoch at an exact sample, let alone on another world.
 """
@@ -32,6 +30,8 @@ restored, so they cannot resume mid-epoch at an exact sample, let alone on anoth
 from __future__ import annotations
 
 import bisect
+import collections
+import contextlib
 import importlib.util
 import itertools
 import json
@@ -42,13 +42,14 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cectl.batches import NvJpeg, PackedBatch, cpu_jpegs, decode_jpegs, pack_batch, unpack_batch
 from cectl.errors import BadInput, CectlError, Failure
 from cectl.masks import derive_seed
-from cectl.pixels import EncodedBatch, decode_batch, encoded_sample, to_batch, train_sample
-from cectl.shard_cache import ShardCache
-from cectl.shard_format import read_samples
+from cectl.shard_cache import ShardCache, ShardFile
+from cectl.shard_format import ImageEntry
 from cectl.storage import Store, open_store
 
+PREFETCH = 4  # batches each loader process keeps ready
 SAMPLE_LOG = "CECTL_SAMPLE_LOG"  # debug: a file each rank appends its batches' sample keys to
 
 
@@ -84,17 +85,23 @@ def batch_shares(cfg, world: int) -> list[int]:
 class GlobalOrder:
     """The seed-determined order of all train samples, epoch after epoch, by position.
 
-    `sample(position)` streams: positions asked for in increasing order read each shard
-    once, when its first sample is asked for.
+    `sample(position)` streams: positions asked for in increasing order open each shard
+    once, when its first sample is asked for, and read only the images asked for.
+    `bytes_read` and `bytes_delivered` count the bytes parsed (tar headers, indexes,
+    images) and the image bytes handed out.
     """
 
     def __init__(self, store: Store, shards: list[dict], seed: int):
-        self.store, self.shards, self.seed = store, shards, seed
-        # On local disk the page cache serves the repeated reads; S3 needs a copy here.
-        self.cache = None if store.local_path("") else ShardCache(store)
+        self.shards, self.seed = shards, seed
+        self.cache = ShardCache(store)
         self.epoch_len = sum(s["samples"] for s in shards)
+        self.bytes_delivered = 0
         self._epoch: tuple[int, list[dict], list[int]] | None = None  # epoch, order, starts
-        self._shard: tuple[int, str, list[dict]] | None = None  # epoch, name, samples
+        self._shard: tuple[int, ShardFile, list[ImageEntry]] | None = None  # epoch, file, order
+
+    @property
+    def bytes_read(self) -> int:
+        return self.cache.bytes_read
 
     def shard_order(self, epoch: int) -> tuple[list[dict], list[int]]:
         """The shards of an epoch in order, and the position in the epoch each starts at."""
@@ -106,42 +113,72 @@ class GlobalOrder:
         return self._epoch[1], self._epoch[2]
 
     def sample(self, position: int) -> dict:
+        """The sample at `position`: its key, its shard's name and its image's bytes."""
         epoch, offset = divmod(position, self.epoch_len)
         order, starts = self.shard_order(epoch)
         i = bisect.bisect_right(starts, offset) - 1
         shard = order[i]
-        if self._shard is None or self._shard[:2] != (epoch, shard["name"]):
-            try:
-                copy = self.cache.open(shard) if self.cache else None
-                samples = read_samples(self.store, shard["name"], copy)
-            except OSError as e:  # a full disk, a broken link: the cause, not a traceback
-                raise Failure(f"cannot read {self.store.url(shard['name'])}: "
-                              f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}"
-                              ) from None
-            if len(samples) != shard["samples"]:
-                raise BadInput(f"{shard['name']} holds {len(samples)} samples, the manifest "
-                               f"says {shard['samples']}: run `cectl verify`")
-            random.Random(derive_seed(self.seed, shard["name"], epoch)).shuffle(samples)
-            self._shard = (epoch, shard["name"], samples)
-        return self._shard[2][offset - starts[i]]
+        if self._shard is None or (self._shard[0], self._shard[1].name) != (epoch, shard["name"]):
+            if self._shard is not None:
+                self._shard[1].close()
+            file = self._open(shard)
+            if len(file.entries) != shard["samples"]:
+                file.close()
+                raise BadInput(f"{shard['name']} holds {len(file.entries)} samples, the "
+                               f"manifest says {shard['samples']}: run `cectl verify`")
+            entries = list(file.entries)
+            random.Random(derive_seed(self.seed, shard["name"], epoch)).shuffle(entries)
+            self._shard = (epoch, file, entries)
+        _, file, entries = self._shard
+        entry = entries[offset - starts[i]]
+        sample = {"__key__": entry.key, "__url__": file.name}
+        if entry.ext:
+            with _named_os_errors(self.store, shard):
+                sample[entry.ext] = file.image(entry)
+            self.bytes_delivered += entry.size
+        return sample
+
+    def _open(self, shard: dict) -> ShardFile:
+        with _named_os_errors(self.store, shard):
+            return self.cache.open(shard)
+
+
+@contextlib.contextmanager
+def _named_os_errors(store: Store, shard: dict) -> Iterator[None]:
+    """A full disk, a broken link: the cause in one sentence, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise Failure(f"cannot read {store.url(shard['name'])}: {e.strerror or e}{where}"
+                      ) from None
 
 
 class TrainBatches(IterableDataset):
-    """One rank's batches, as (images or encoded batch, sample keys); each loader process
-    plays every `processes`-th batch from the global position `start` on."""
+    """One rank's batches (`PackedBatch`); each loader process plays every
+    `processes`-th batch from the global position `start` on."""
 
     def __init__(self, data_uri: str, shards: list[dict], start: int, shares: list[int],
-                 rank: int, seed: int, load_size: int, image_size: int, encoded: bool):
+                 rank: int, cfg, gpu_jpegs: bool):
         super().__init__()
         self.data_uri, self.shards, self.start = data_uri, shards, start
-        self.shares, self.rank, self.seed = shares, rank, seed
-        self.load_size, self.image_size, self.encoded = load_size, image_size, encoded
+        self.shares, self.rank, self.gpu_jpegs = shares, rank, gpu_jpegs
+        self.seed, self.load_size = cfg.train.seed, cfg.data.load_size
+        self.image_size, self.mask = cfg.data.image_size, (cfg.mask.kind, cfg.mask.overlap)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor | EncodedBatch, list[str]] | CectlError]:
+    def __iter__(self) -> Iterator[PackedBatch | CectlError]:
         # Errors are passed on as values: raised in a loader process, they would reach the
         # user wrapped in that process's traceback.
+        info = get_worker_info()
+        process, processes = (info.id, info.num_workers) if info else (0, 1)
+        # The batches in flight, and a few more: the last reference to a batch's shared
+        # memory frees its pages (~4 us per image), better here than in the training thread.
+        sent = collections.deque(maxlen=PREFETCH + 2)
         try:
-            yield from self._batches()
+            order = GlobalOrder(open_store(self.data_uri), self.shards, self.seed)
+            for batch in self.batches(order, process, processes):
+                sent.append(batch)
+                yield batch
         except CectlError as e:
             yield e
         except Exception as e:
@@ -149,22 +186,14 @@ class TrainBatches(IterableDataset):
                 raise
             yield Failure(f"unexpected {type(e).__name__} in the loader: {e}")
 
-    def _batches(self) -> Iterator[tuple[torch.Tensor | EncodedBatch, list[str]]]:
-        info = get_worker_info()
-        process, processes = (info.id, info.num_workers) if info else (0, 1)
-        order = GlobalOrder(open_store(self.data_uri), self.shards, self.seed)
+    def batches(self, order: GlobalOrder, process: int, processes: int) -> Iterator[PackedBatch]:
+        """The batches loader process `process` of `processes` plays, read through `order`."""
         global_batch, offset = sum(self.shares), sum(self.shares[:self.rank])
-        prepare = encoded_sample if self.encoded else train_sample
         for k in itertools.count(process, processes):
             first = self.start + k * global_batch + offset
             positions = range(first, first + self.shares[self.rank])
-            samples = [order.sample(p) for p in positions]
-            items = [prepare(s, self.load_size, self.image_size,
-                             random.Random(derive_seed(self.seed, "crop", p)))
-                     for s, p in zip(samples, positions, strict=True)]
-            batch = (EncodedBatch(*map(list, zip(*items, strict=True))) if self.encoded
-                     else to_batch(items))
-            yield batch, [s["__key__"] for s in samples]
+            yield pack_batch([order.sample(p) for p in positions], positions, self.seed,
+                             self.load_size, self.image_size, *self.mask, self.gpu_jpegs)
 
 
 def gpu_decoding(mode: str, device: torch.device) -> bool:
@@ -177,23 +206,28 @@ def gpu_decoding(mode: str, device: torch.device) -> bool:
 
 
 class TrainLoader:
-    """Batches for one rank, as uint8 NCHW on `device`. Its state, the number of samples the
-    whole job has consumed (`{"samples": N}`), is the data position a checkpoint saves and
-    restores.
+    """Batches for one rank: (uint8 NCHW images, bool holes) on `device`. Its state, the
+    number of samples the whole job has consumed (`{"samples": N}`), is the data position
+    a checkpoint saves and restores.
 
-    With `encoded`, loader processes only parse tars and read headers; the pixels are
-    decoded here, on the device (`decode_batch`).
+    With `gpu_jpegs`, loader processes leave baseline JPEGs encoded and `jpeg_decoder`
+    decodes them here: nvJPEG on a CUDA device, the loader's own CPU decoder elsewhere.
+    The loader works one batch ahead: when it hands out a batch, the next one has been
+    received and its decode started (on a GPU, beside the step that runs meanwhile).
     """
 
     def __init__(self, data_uri: str, manifest: dict, cfg, rank: int, world: int,
-                 device: torch.device | None = None, encoded: bool = False):
+                 device: torch.device | None = None, gpu_jpegs: bool = False):
         self.data_uri, self.cfg, self.rank, self.world = data_uri, cfg, rank, world
-        self.device, self.encoded = device or torch.device("cpu"), encoded
+        self.device, self.gpu_jpegs = device or torch.device("cpu"), gpu_jpegs
+        self.jpeg_decoder = NvJpeg(self.device) if self.device.type == "cuda" and gpu_jpegs \
+            else cpu_jpegs
         self.shards = train_shards(manifest)
         self.shares = batch_shares(cfg, world)
         self.samples = 0
         self.positions = range(0)  # global positions of the batch handed out last
         self._iter: Iterator | None = None
+        self._ahead: tuple[PackedBatch, list[torch.Tensor], range] | CectlError | None = None
 
     def state_dict(self) -> dict[str, int]:
         return {"samples": self.samples}
@@ -208,35 +242,49 @@ class TrainLoader:
                 raise BadInput(f"this checkpoint's data position holds for {state.get('world', 1)}"
                                f" workers, not {self.world}: resume it with that many workers")
             state = {"samples": int(state["batches"]) * sum(self.shares)}
-        self.samples, self._iter = int(state["samples"]), None
+        self.samples, self._iter, self._ahead = int(state["samples"]), None, None
 
     def _start(self) -> Iterator:
         cfg = self.cfg
         dataset = TrainBatches(self.data_uri, self.shards, self.samples, self.shares,
-                               self.rank, cfg.train.seed, cfg.data.load_size,
-                               cfg.data.image_size, self.encoded)
+                               self.rank, cfg, self.gpu_jpegs)
         # Its own generator: every random draw of the pipeline is seeded from the data
         # position, and the global RNG (dropout, a checkpoint's RNG state) stays untouched.
-        # Pinned pages let the copy to a GPU run without blocking this process.
+        # Pinned pages let the copies to a GPU run without blocking this thread.
         return iter(DataLoader(dataset, batch_size=None, num_workers=cfg.data.workers,
-                               prefetch_factor=4 if cfg.data.workers else None,
-                               pin_memory=self.device.type == "cuda" and not self.encoded,
+                               prefetch_factor=PREFETCH if cfg.data.workers else None,
+                               pin_memory=self.device.type == "cuda",
                                generator=torch.Generator().manual_seed(cfg.train.seed)))
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None:
             self._iter = self._start()
+            self._ahead = self._receive(self.samples)
+        ahead = self._ahead
+        if isinstance(ahead, CectlError):
+            raise ahead
+        batch, decoded, positions = ahead
+        if isinstance(self.jpeg_decoder, NvJpeg) and decoded:
+            self.jpeg_decoder.wait()
+        images, holes = unpack_batch(batch, self.device, decoded)
+        self.positions = positions
+        self.samples += sum(self.shares)
+        debug_log({"rank": self.rank, "world": self.world, "position": positions.start,
+                   "keys": batch.keys})
+        self._ahead = self._receive(self.samples)
+        return images, holes
+
+    def _receive(self, samples: int) -> tuple[PackedBatch, list[torch.Tensor], range] | CectlError:
+        """The next batch from the loader processes, its JPEGs' decode started."""
         item = next(self._iter)
         if isinstance(item, CectlError):
-            raise item
-        batch, keys = item
-        first = self.samples + sum(self.shares[:self.rank])
-        self.positions = range(first, first + len(keys))
-        debug_log({"rank": self.rank, "world": self.world, "position": first, "keys": keys})
-        self.samples += sum(self.shares)
-        if self.encoded:
-            return decode_batch(batch, self.cfg.data.image_size, self.device)
-        return batch.to(self.device, non_blocking=True)
+            return item
+        first = samples + sum(self.shares[:self.rank])
+        try:
+            decoded = decode_jpegs(item, self.jpeg_decoder)
+        except CectlError as e:
+            return e
+        return item, decoded, range(first, first + len(item.keys))

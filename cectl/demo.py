@@ -141,9 +141,9 @@ def comparison_grid(ckpt_uri: str, data_uri: str, count: int = 8) -> Image.Image
     from cectl.evaluate import eval_holes, nearest_neighbour_fill
     from cectl.masks import fill_holes, output_window
     from cectl.model import complete
+    from cectl.monitor import sample_grid
     from cectl.pixels import load_eval_images, to_model_range
     from cectl.restore import load_generator
-    from cectl.train import sample_grid
 
     generator, cfg, _ = load_generator(ckpt_uri)
     images, _ = load_eval_images(data_uri, "val", cfg.data.image_size, limit=count)

@@ -18,11 +18,10 @@ statistics); DDP broadcasts rank 0's running statistics before every forward, an
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from urllib.parse import urlparse
 
 import torch
@@ -137,31 +136,6 @@ def ddp_wrapper(device: torch.device, grad_reduce: str) -> Callable[[nn.Module],
         return ddp
 
     return wrap
-
-
-@contextlib.contextmanager
-def local_session(cfg: DictConfig, device: torch.device,
-                  on_log: Callable[[int, dict], None]) -> Iterator[Session]:
-    """`--local`: on a GPU, a world of one through the same NCCL DDP as Ray workers (so
-    one GPU exercises the multi-GPU path); on a CPU, the plain networks."""
-    if device.type != "cuda":
-        yield Session(device=device, on_log=on_log)
-        return
-    import torch.distributed as dist
-
-    if device.index is None:  # NCCL's device_id needs an index
-        device = torch.device("cuda", torch.cuda.current_device())
-    with socket.socket() as s:  # a free port for the one-process rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", rank=0, world_size=1, device_id=device)
-    try:
-        yield Session(device=device, wrap=ddp_wrapper(device, cfg.train.grad_reduce),
-                      on_log=on_log)
-    finally:
-        dist.destroy_process_group()
 
 
 def _worker(config: dict) -> None:

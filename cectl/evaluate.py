@@ -127,8 +127,8 @@ def evaluate(generator: nn.Module, cfg: DictConfig, images: torch.Tensor, mask_k
     size = cfg.data.image_size
     window = output_window(size, cfg.mask.kind)
     scores = Scores(window, images, perceptual)
-    pasted = (nearest_neighbour_fill(generator, cfg, images, neighbours_from, batch_size)
-              if neighbours_from else None)
+    pasted = (nearest_neighbour_fill(generator, cfg, images, neighbours_from, batch_size,
+                                     device) if neighbours_from else None)
     for start in range(0, len(images), batch_size):
         truth = to_model_range(images[start : start + batch_size].to(device))
         holes = eval_holes(mask_kind, len(truth), size, cfg.mask.overlap, start).to(device)
@@ -144,14 +144,17 @@ def evaluate(generator: nn.Module, cfg: DictConfig, images: torch.Tensor, mask_k
 
 @torch.no_grad()
 def nearest_neighbour_fill(generator: nn.Module, cfg: DictConfig, images: torch.Tensor,
-                           data_uri: str, batch_size: int = 32) -> torch.Tensor:
+                           data_uri: str, batch_size: int = 32,
+                           device: torch.device | None = None) -> torch.Tensor:
     """Center-mask NN inpainting from the train split: each of the uint8 `images`, in
-    [-1, 1], with the hole of the train image whose context is closest pasted in."""
+    [-1, 1], with the hole of the train image whose context is closest pasted in (the
+    features computed on `device`)."""
+    device = device or torch.device("cpu")
     size = cfg.data.image_size
     holes = eval_holes("center", 1, size, cfg.mask.overlap, 0)
 
     def features(batch: torch.Tensor) -> torch.Tensor:
-        filled = fill_holes(to_model_range(batch), holes)
+        filled = fill_holes(to_model_range(batch.to(device)), holes.to(device))
         return F.normalize(generator.encoder(filled).flatten(1), dim=1)
 
     queries = torch.cat([features(images[i : i + batch_size])
@@ -160,6 +163,7 @@ def nearest_neighbour_fill(generator: nn.Module, cfg: DictConfig, images: torch.
     matches = torch.zeros_like(images)
     for candidates, _ in split_batches(data_uri, "train", size, batch_size):
         score, index = (queries @ features(candidates).T).max(dim=1)
+        score, index = score.cpu(), index.cpu()
         better = score > best
         best[better] = score[better]
         matches[better] = candidates[index[better]]
@@ -170,20 +174,25 @@ def evaluate_checkpoint(ckpt: Store, data_uri: str, split: str = "val",
                         mask: str | None = None, perceptual: Perceptual | None = None) -> dict:
     """Load a checkpoint and score it on a split (mask: the one it trained with by default),
     with the nearest-neighbour baseline where it applies (center masks, a train split), and
-    LPIPS and FID where `perceptual` has their networks."""
+    LPIPS and FID where `perceptual` has their networks; on the GPU when there is one."""
     from cectl.restore import load_generator
+    from cectl.runs import best_device
 
     generator, cfg, state = load_generator(ckpt)
+    device = best_device()
+    generator.to(device)
     window = output_window(cfg.data.image_size, cfg.mask.kind)
-    if perceptual and perceptual.lpips and window.size < LPIPS_MIN_WINDOW:
-        raise BadInput(f"LPIPS needs an output window of at least {LPIPS_MIN_WINDOW} px and "
-                       f"this model's is {window.size} px")
+    if perceptual and perceptual.lpips:
+        if window.size < LPIPS_MIN_WINDOW:
+            raise BadInput(f"LPIPS needs an output window of at least {LPIPS_MIN_WINDOW} px "
+                           f"and this model's is {window.size} px")
+        perceptual.lpips.to(device)
     images, _ = load_eval_images(data_uri, split, cfg.data.image_size)
     mask = mask or cfg.mask.kind
     splits = read_manifest(open_store(data_uri))["splits"]
     with_neighbours = mask == "center" and split != "train" and "train" in splits
-    result = evaluate(generator, cfg, images, mask, neighbours_from=data_uri if with_neighbours
-                      else None, perceptual=perceptual)
+    result = evaluate(generator, cfg, images, mask, device=device, perceptual=perceptual,
+                      neighbours_from=data_uri if with_neighbours else None)
     if perceptual:
         result["unavailable"] = perceptual.unavailable
     return {**result, "checkpoint": ckpt.uri, "step": state["step"], "split": split}

@@ -38,6 +38,7 @@ from cectl.masks import (
 )
 from cectl.pixels import to_batch, to_model_range
 from cectl.restore import load_generator
+from cectl.runs import best_device
 
 KEEP_MODES = ("RGB", "RGBA", "L", "LA")
 
@@ -133,7 +134,9 @@ def cut_square(array: np.ndarray, x: int, y: int, side: int, mode: str) -> np.nd
 def fill(generator: nn.Module, cfg: DictConfig, image: Image.Image,
          hole: np.ndarray) -> tuple[Image.Image, dict]:
     """`image` with its `hole` (True = fill, of the image's size) filled by the network,
-    in the image's mode; and the context square the network saw ({x, y, side})."""
+    in the image's mode; and the context square the network saw ({x, y, side}). The
+    network runs where its weights are."""
+    device = next(generator.parameters()).device
     rgb = to_rgb(image)
     size = cfg.data.image_size
     window = output_window(size, cfg.mask.kind)
@@ -146,7 +149,7 @@ def fill(generator: nn.Module, cfg: DictConfig, image: Image.Image,
     # A network pixel is a hole if any image pixel it covers is.
     small = F.adaptive_max_pool2d(square_hole.float(), size) > 0
     with torch.no_grad():
-        pred = generator(fill_holes(net_input, small)).float()
+        pred = generator(fill_holes(net_input.to(device), small.to(device))).float().cpu()
     canvas = net_input.clone()
     canvas[..., window.offset : window.offset + window.size,
            window.offset : window.offset + window.size] = pred
@@ -168,8 +171,10 @@ def fill(generator: nn.Module, cfg: DictConfig, image: Image.Image,
 
 
 def inpaint(image_path: Path, ckpt: str, mask: str, out_path: Path, seed: int = 0) -> dict:
-    """`cectl inpaint`: fill IMG's hole (a mask kind or a mask file) and write OUT."""
+    """`cectl inpaint`: fill IMG's hole (a mask kind or a mask file) and write OUT; on the
+    GPU when there is one."""
     generator, cfg, _ = load_generator(ckpt)
+    generator.to(best_device())
     try:
         data = image_path.read_bytes()
     except OSError as e:

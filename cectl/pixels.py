@@ -2,7 +2,7 @@
 
 A training crop is planned from the image header alone (`plan_crop`: the JPEG DCT scale
 to decode at, the resize, the random crop and flip), then decoded and cut in a loader
-process (`train_sample`), or shipped encoded and decoded on the GPU (`decode_batch`).
+process (`cut_sample`), or shipped encoded and decoded on the GPU (`cectl.batches`).
 Evaluation, inpainting and the feature commands read center crops through the same
 decoder (`split_batches`). Pixels travel as uint8 NCHW and become float on the device.
 """
@@ -134,48 +134,12 @@ def eval_crop(pixels: np.ndarray, image_size: int) -> np.ndarray:
 def train_sample(sample: dict, load_size: int, image_size: int,
                  rng: random.Random) -> np.ndarray:
     """Decode, loadSize, then a random fineSize crop, as the reference code does."""
-    crop = plan_crop(sample, load_size, image_size, rng)
+    return cut_sample(sample, plan_crop(sample, load_size, image_size, rng), image_size)
+
+
+def cut_sample(sample: dict, crop: Crop, image_size: int) -> np.ndarray:
+    """A sample's crop as planned: decoded (at the plan's DCT scale), resized, cut, flipped."""
     return crop_pixels(sample_pixels(sample, crop.decoded), crop, image_size)
-
-
-class EncodedBatch(NamedTuple):
-    """A batch as the loader processes leave it for a GPU decoder: bytes and crops."""
-
-    data: list[torch.Tensor]  # encoded JPEG/PNG, uint8
-    jpeg: list[bool]
-    crops: list[Crop]
-
-
-def encoded_sample(sample: dict, load_size: int, image_size: int,
-                   rng: random.Random) -> tuple[torch.Tensor, bool, Crop]:
-    """The sample's bytes and its crop: tar parsing and a header read, no pixel work."""
-    crop = plan_crop(sample, load_size, image_size, rng)
-    data = sample["jpg"] if "jpg" in sample else sample["png"]
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8), "jpg" in sample, crop
-
-
-def decode_batch(batch: EncodedBatch, image_size: int, device: torch.device) -> torch.Tensor:
-    """NCHW uint8 crops on `device`: JPEGs through nvJPEG on a GPU (then a bicubic,
-    antialiased resize on the GPU), else through the loader's own CPU path."""
-    if device.type != "cuda":
-        crops = [crop_pixels(sample_pixels({"jpg" if jpeg else "png": data.numpy().tobytes()},
-                                   crop.decoded), crop, image_size)
-                 for data, jpeg, crop in zip(*batch, strict=True)]
-        return to_batch(crops).to(device)
-    from torchvision.io import ImageReadMode, decode_jpeg, decode_png
-
-    jpegs = [data for data, jpeg in zip(batch.data, batch.jpeg, strict=True) if jpeg]
-    decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
-    out = []
-    for data, jpeg, crop in zip(*batch, strict=True):
-        img = next(decoded) if jpeg else decode_png(data, ImageReadMode.RGB).to(device)
-        if img.shape[1:] != (crop.height, crop.width):
-            img = torch.nn.functional.interpolate(
-                img[None].float(), size=(crop.height, crop.width), mode="bicubic",
-                antialias=True)[0].round_().clamp_(0, 255).byte()
-        img = img[:, crop.y : crop.y + image_size, crop.x : crop.x + image_size]
-        out.append(img.flip(-1) if crop.flip else img)
-    return torch.stack(out)
 
 
 def to_batch(arrays: list[np.ndarray]) -> torch.Tensor:

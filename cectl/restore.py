@@ -99,6 +99,9 @@ def check_tensors(tensors: dict[str, torch.Tensor], modules: Modules, optimizers
     if rng:
         state = torch.get_rng_state()
         spec["rng.torch"] = (state.shape, state.dtype)
+        for key, tensor in tensors.items():
+            if re.fullmatch(r"rng\.cuda\.[0-9]+", key):  # a GPU run's, one per rank
+                spec[key] = (torch.Size([tensor.numel()]), torch.uint8)
     owners = {_owner(key) for key in spec}
     for key in tensors:
         if _owner(key) in owners and key not in spec:

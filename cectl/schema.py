@@ -43,6 +43,7 @@ class LossMode(StrEnum):
 
 
 class Precision(StrEnum):
+    auto = "auto"  # bf16 where the device computes in bf16 natively, else fp32
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
@@ -179,7 +180,7 @@ class TrainConfig:
     eval_every: int = 500  # steps between validations (sample grid, val metrics, best)
     log_every: int = 10  # steps between metrics.jsonl lines
     seed: int = 0  # weights, data order, crops and holes
-    precision: Precision = Precision.fp32  # autocast dtype: fp32 (none), bf16, fp16
+    precision: Precision = Precision.auto  # autocast dtype; auto: bf16 where native, else fp32
     grad_reduce: GradReduce = GradReduce.fp32  # how DDP all-reduces gradients
     resize_check_s: float = 30.0  # `--nodes MIN:MAX`: how often a group looks for more nodes
 

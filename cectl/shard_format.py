@@ -10,11 +10,12 @@ count, byte size and sha256, and is checked as data before anything trusts it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import tarfile
 from collections.abc import Iterator
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, NamedTuple
 
 from cectl.errors import BadInput
 from cectl.schema import is_count
@@ -51,12 +52,53 @@ def tar_samples(stream: IO[bytes], name: str) -> Iterator[dict]:
     return wds.tariterators.group_by_keys(files)
 
 
-def read_samples(store: Store, name: str, copy: IO[bytes] | None = None) -> list[dict]:
-    """All samples of one shard (training and evaluation read through this), read from
-    `copy` when given (a copy on this machine)."""
+def read_samples(store: Store, name: str) -> list[dict]:
+    """All samples of one shard, in order (evaluation and the feature commands read
+    through this; training reads single images through `index_tar`)."""
+    with readable_shard(store, name), store.open(name) as f:
+        return list(tar_samples(f, name))
+
+
+class ImageEntry(NamedTuple):
+    """Where a sample's image lies in its shard: the sample's key, the image's extension
+    (empty when the sample has none) and its bytes' offset and size in the tar."""
+
+    key: str
+    ext: str
+    offset: int
+    size: int
+
+
+def index_tar(file: IO[bytes], store: Store, name: str) -> list[ImageEntry]:
+    """The samples of a shard (`file`, seekable) by the rules of `tar_samples`, from the
+    tar headers alone: no member is read."""
+    import webdataset as wds
+
+    def members() -> Iterator[dict]:
+        with tarfile.open(fileobj=file, mode="r:") as tar:
+            for info in tar:
+                path = info.name
+                meta = "/" not in path and path.startswith("__") and path.endswith("__")
+                if info.isreg() and not meta and not re.match(r"__[^/]*__($|/)", path):
+                    # what webdataset's tar_file_iterator keeps
+                    yield {"fname": path, "data": (info.offset_data, info.size),
+                           "__url__": name}
+
+    with readable_shard(store, name):
+        samples = list(wds.tariterators.group_by_keys(members()))
+    entries = []
+    for sample in samples:
+        ext = next((k for k in IMAGE_KEYS if k in sample), "")
+        offset, size = sample[ext] if ext else (0, 0)
+        entries.append(ImageEntry(sample["__key__"], ext, offset, size))
+    return entries
+
+
+@contextlib.contextmanager
+def readable_shard(store: Store, name: str) -> Iterator[None]:
+    """A missing or unreadable shard, in one sentence."""
     try:
-        with copy or store.open(name) as f:
-            return list(tar_samples(f, name))
+        yield
     except FileNotFoundError:
         raise BadInput(f"shard {store.url(name)} is missing: run `cectl verify`") from None
     except (tarfile.TarError, ValueError) as e:

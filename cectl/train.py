@@ -2,51 +2,37 @@
 
 `train()` is the spine: build the networks and optimizers, the loader, the checkpointer
 (which restores all of them on `--resume`), the logger and the validator, then step. Per
-step: draw this step's masks, update the discriminator on real and fake windows, then the
-generator on lambda_rec * reconstruction + lambda_adv * adversarial (or the
-reconstruction alone for `loss.mode=rec`). Each component says when it acts
-(`should_log`, `should_validate`, `should_save`); rank 0 does the writing.
+step: take the next batch with its holes from the loader, update the discriminator on real
+and fake windows, then the generator on lambda_rec * reconstruction + lambda_adv *
+adversarial (or the reconstruction alone for `loss.mode=rec`). Each component says when
+it acts (`should_log`, `should_validate`, `should_save`); rank 0 does the writing.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
-import json
+import functools
 import os
-import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from PIL import Image
 from torch import nn
 
 from cectl.checkpoint import Checkpointer
 from cectl.claims import Claim
 from cectl.config import to_yaml
 from cectl.data import SAMPLE_LOG, TrainLoader, batch_shares, debug_log, gpu_decoding
-from cectl.evaluate import evaluate
 from cectl.losses import adversarial_loss, reconstruction_loss
-from cectl.masks import (
-    derive_seed,
-    draw_holes,
-    fill_holes,
-    holes_for_positions,
-    loss_weights,
-    output_window,
-)
-from cectl.model import build_models, complete, weights_digest
-from cectl.pixels import load_eval_images, to_model_range, to_pixels
+from cectl.masks import fill_holes, loss_weights, output_window
+from cectl.model import build_models, weights_digest
+from cectl.monitor import MetricsLogger, Validator
+from cectl.pixels import to_model_range
 from cectl.runs import Run
 from cectl.shard_format import open_manifest
 from cectl.storage import Store
-
-SAMPLE_COLUMNS = 8
 
 
 @dataclass
@@ -62,10 +48,41 @@ class Session:
 
 
 def autocast(precision: str, device: torch.device):
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+@functools.cache
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`train.precision` on `device`: `auto` is bf16 where the device computes in bf16
+    natively (NVIDIA GPUs from Ampere on; CPUs with AVX512-BF16 or AMX), else fp32 (a CPU
+    without them emulates bf16, ~30x slower: BENCHMARKS.md)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+def native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported()
+                                     or torch.cpu._is_amx_tile_supported())
+
+
+def prepare_device(device: torch.device) -> torch.memory_format:
+    """Set `device` up for training; the memory format of the networks and batches.
+
+    On a GPU (measured on an H200, BENCHMARKS.md): cuDNN benchmarks its kernels once per
+    shape (a step's shapes never change), fp32 matmuls run in TF32, and networks and
+    batches are channels_last (bf16: 1.35x the step of NCHW)."""
+    if device.type != "cuda":
+        return torch.contiguous_format
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    return torch.channels_last
 
 
 def make_optimizer(module: nn.Module, lr: float, beta1: float) -> torch.optim.Adam:
@@ -113,126 +130,6 @@ def train_step(generator: nn.Module, discriminator: nn.Module | None,
     return losses
 
 
-def sample_grid(*rows: torch.Tensor) -> torch.Tensor:
-    """One row per batch in [-1, 1] (input with hole, prediction, truth...), as uint8 CHW."""
-    return to_pixels(torch.cat([torch.cat(list(t[:SAMPLE_COLUMNS]), dim=2) for t in rows], dim=1))
-
-
-def png_bytes(grid: torch.Tensor) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(grid.permute(1, 2, 0).cpu().numpy()).save(buf, "PNG")
-    return buf.getvalue()
-
-
-class Validator:
-    """A fixed held-out batch: sample grids (a PNG and a TensorBoard image) and the val
-    metrics that pick `best` (rank 0)."""
-
-    def __init__(self, cfg: DictConfig, manifest: dict, session: Session, run: Run,
-                 logger: MetricsLogger):
-        self.cfg, self.device, self.run, self.logger = cfg, session.device, run, logger
-        self.active = session.rank == 0
-        self.every, self.final = cfg.train.eval_every, cfg.train.steps
-        if self.active:
-            split = "val" if "val" in manifest["splits"] else "train"
-            self.images, _ = load_eval_images(cfg.data.uri, split, cfg.data.image_size,
-                                              limit=min(64, max(SAMPLE_COLUMNS,
-                                                                cfg.data.batch_size)))
-
-    def should_validate(self, step: int) -> bool:
-        return self.active and (step % self.every == 0 or step == self.final)
-
-    @torch.no_grad()
-    def run_at(self, step: int, generator: nn.Module) -> dict[str, float]:
-        """Score the held-out batch and store a sample grid; the `val_*` metrics."""
-        cfg = self.cfg
-        generator.eval()
-        try:
-            result = evaluate(generator, cfg, self.images, cfg.mask.kind, device=self.device)
-            truth = to_model_range(self.images[:SAMPLE_COLUMNS].to(self.device))
-            holes = draw_holes(cfg.mask.kind, len(truth), cfg.data.image_size,
-                               cfg.mask.overlap, derive_seed(cfg.train.seed, "grid"))
-            holes = holes.to(self.device)
-            window = output_window(cfg.data.image_size, cfg.mask.kind)
-            _, completed = complete(generator, truth, holes, window.offset)
-            grid = sample_grid(fill_holes(truth, holes), completed, truth)
-        finally:
-            generator.train()
-        self.run.check_claim()
-        self.run.store.write_bytes(f"samples/step-{step:06d}.png", png_bytes(grid))
-        self.logger.log_grid(step, grid)
-        return {f"val_{k}": v for k, v in result["model"].items()}
-
-
-class MetricsLogger:
-    """metrics.jsonl with TensorBoard events next to it, and the on_log hook (rank 0).
-
-    Losses stay on the device between logs: reading them is a host sync, so it happens
-    only at a log step.
-    """
-
-    def __init__(self, run: Run, cfg: DictConfig, session: Session, start: int):
-        self.run, self.on_log = run, session.on_log
-        self.active = session.rank == 0
-        self.every, self.final = cfg.train.log_every, cfg.train.steps
-        self.images_per_step = sum(batch_shares(cfg, session.world))
-        self.window = (start, time.perf_counter())
-        self.lines: list[str] = []
-        if not self.active:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        if start and run.store.exists("metrics.jsonl"):  # drop what came after the checkpoint
-            self.lines = [line for line in run.store.read_bytes("metrics.jsonl").decode()
-                          .splitlines() if line and json.loads(line)["step"] <= start]
-        # TensorBoard writes to a folder: the store's own on disk, else a local one
-        # uploaded with each checkpoint.
-        self.tb_local = run.store.local_path("tensorboard")
-        self.tb_dir = self.tb_local or Path(tempfile.mkdtemp(prefix="cectl-tb-"))
-        self.writer = SummaryWriter(str(self.tb_dir))
-
-    def should_log(self, step: int) -> bool:
-        return self.active and (step % self.every == 0 or step == self.final)
-
-    def log_losses(self, step: int, losses: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Log this step's losses and the images/s since the last log; returns them."""
-        last_step, last_time = self.window
-        now = time.perf_counter()
-        self.window = (step, now)
-        metrics = {k: float(v) for k, v in losses.items()}
-        metrics["images_per_s"] = (step - last_step) * self.images_per_step / (now - last_time)
-        self.log(step, metrics)
-        return metrics
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.active:
-            return
-        self.lines.append(json.dumps({"step": step, **metrics}))
-        for key, value in metrics.items():
-            self.writer.add_scalar(key, value, step)
-        if self.on_log:
-            self.on_log(step, metrics)
-
-    def log_grid(self, step: int, grid: torch.Tensor) -> None:
-        """A sample grid (uint8 CHW) as a TensorBoard image, beside its PNG."""
-        self.writer.add_image("samples", grid, step)
-
-    def flush(self) -> None:
-        if not self.active:
-            return
-        self.run.check_claim()
-        self.run.store.write_bytes("metrics.jsonl", ("\n".join(self.lines) + "\n").encode())
-        self.writer.flush()
-        if self.tb_local is None:
-            for path in self.tb_dir.iterdir():
-                self.run.store.put_file(path, f"tensorboard/{path.name}")
-
-    def close(self) -> None:
-        self.flush()
-        if self.active:
-            self.writer.close()
-
-
 def train(cfg: DictConfig, store: Store, run_name: str, session: Session | None = None,
           resume: bool = False, claim: dict | None = None) -> dict | None:
     """Train `run_name` in `store` up to `cfg.train.steps`; rank 0 returns the run's summary.
@@ -257,22 +154,23 @@ def train(cfg: DictConfig, store: Store, run_name: str, session: Session | None 
 def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | None:
     device, rank = session.device, session.rank
     manifest = open_manifest(cfg.data.uri)
-    if cfg.train.precision == "bf16" and device.type == "cpu" and not _cpu_has_bf16():
+    if cfg.train.precision == "bf16" and device.type == "cpu" and not native_bf16(device):
         warnings.warn("this CPU has no native bf16: bf16 runs emulated, far slower than fp32",
                       stacklevel=2)
 
+    layout = prepare_device(device)
     torch.manual_seed(cfg.train.seed)
     generator, discriminator = build_models(cfg)
-    generator.to(device)
+    generator.to(device, memory_format=layout)
     if discriminator is not None:
-        discriminator.to(device)
+        discriminator.to(device, memory_format=layout)
     # As train.lua: the generator learns 10x faster only against a discriminator.
     lr_g = cfg.optim.lr_d * (cfg.optim.lr_ratio if discriminator is not None else 1.0)
     opt_g = make_optimizer(generator, lr_g, cfg.optim.beta1)
     opt_d = (make_optimizer(discriminator, cfg.optim.lr_d, cfg.optim.beta1)
              if discriminator is not None else None)
     loader = TrainLoader(cfg.data.uri, manifest, cfg, rank, session.world, device,
-                         encoded=gpu_decoding(cfg.data.decode, device))
+                         gpu_jpegs=gpu_decoding(cfg.data.decode, device))
     checkpointer = Checkpointer(run, cfg, {"G": generator, "D": discriminator},
                                 {"G": opt_g, "D": opt_d}, loader, rank, session.world)
     start = checkpointer.restore() if resume else 0
@@ -289,12 +187,13 @@ def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | 
         logger.log(start, checkpointer.resume_metrics())
 
     metrics: dict[str, float] = {}
+    # Nothing below waits for the device but logging, validation and checkpoints: the
+    # batch and its holes come from pinned memory, the losses stay on the device.
     for step in range(start + 1, cfg.train.steps + 1):
         run.check_claim(read=False)  # stop as soon as the heartbeat finds the run taken over
-        images = to_model_range(next(loader))
-        holes = holes_for_positions(cfg.mask.kind, loader.positions, cfg.data.image_size,
-                             cfg.mask.overlap, cfg.train.seed)
-        losses = train_step(g_train, d_train, opt_g, opt_d, images, holes.to(device), cfg, scaler)
+        images, holes = next(loader)
+        images = to_model_range(images.contiguous(memory_format=layout))
+        losses = train_step(g_train, d_train, opt_g, opt_d, images, holes, cfg, scaler)
         if logger.should_log(step):
             metrics = logger.log_losses(step, losses)
         if validator.should_validate(step):
@@ -328,6 +227,3 @@ def describe_batch(cfg: DictConfig, world: int) -> str:
                  f"(data.batch_policy=global keeps it at {cfg.data.batch_size})")
     return text
 
-
-def _cpu_has_bf16() -> bool:
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX", "AVX512_AMX")

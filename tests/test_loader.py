@@ -59,9 +59,9 @@ def test_a_sample_gets_the_same_crop_whatever_the_world(facade_shards):
     manifest = open_manifest(facade_shards)
     cfg = tiny_job(facade_shards, "data.workers=2")
     alone = TrainLoader(facade_shards, manifest, cfg, 0, 1)
-    first, second = next(alone), next(alone)
+    (first, _), (second, _) = next(alone), next(alone)
     pair = [TrainLoader(facade_shards, manifest, cfg, rank, 2) for rank in range(2)]
-    assert torch.equal(next(pair[0]), first) and torch.equal(next(pair[1]), second)
+    assert torch.equal(next(pair[0])[0], first) and torch.equal(next(pair[1])[0], second)
 
 
 @pytest.mark.parametrize("kind", ["random-block", "random-region"])
@@ -69,15 +69,12 @@ def test_a_sample_gets_the_same_hole_whatever_the_world(facade_shards, kind):
     from cectl.masks import holes_for_positions
 
     manifest = open_manifest(facade_shards)
-    cfg = tiny_job(facade_shards, "data.batch_policy=global", "data.batch_size=16")
+    cfg = tiny_job(facade_shards, "data.batch_policy=global", "data.batch_size=16",
+                   f"mask.kind={kind}", "data.workers=2")
     alone = TrainLoader(facade_shards, manifest, cfg, 0, 1)
-    next(alone)
-    whole = holes_for_positions(kind, alone.positions, 32, 2, 0)
-    parts = []
-    for rank in range(3):
-        loader = TrainLoader(facade_shards, manifest, cfg, rank, 3)
-        next(loader)
-        parts.append(holes_for_positions(kind, loader.positions, 32, 2, 0))
+    _, whole = next(alone)  # drawn in a loader process
+    assert torch.equal(whole, holes_for_positions(kind, alone.positions, 32, 2, 0))
+    parts = [next(TrainLoader(facade_shards, manifest, cfg, rank, 3))[1] for rank in range(3)]
     assert torch.equal(torch.cat(parts), whole)
     assert not torch.equal(whole[0], whole[1])
 
@@ -95,9 +92,9 @@ def test_a_per_worker_position_converts_only_on_its_world(facade_shards):
 def test_a_global_batch_is_the_same_images_whatever_the_world(facade_shards):
     manifest = open_manifest(facade_shards)
     cfg = tiny_job(facade_shards, "data.batch_policy=global", "data.batch_size=16")
-    whole = next(TrainLoader(facade_shards, manifest, cfg, 0, 1))
+    whole, _ = next(TrainLoader(facade_shards, manifest, cfg, 0, 1))
     for world, shares in ((2, [8, 8]), (3, [6, 5, 5])):
-        parts = [next(TrainLoader(facade_shards, manifest, cfg, rank, world))
+        parts = [next(TrainLoader(facade_shards, manifest, cfg, rank, world))[0]
                  for rank in range(world)]
         assert [len(p) for p in parts] == shares
         assert torch.equal(torch.cat(parts), whole)

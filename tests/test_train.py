@@ -153,8 +153,10 @@ def test_loader_resumes_mid_epoch_with_the_same_batches(facade_shards):
     later = [next(straight) for _ in range(3)]
     resumed = TrainLoader(facade_shards, manifest, cfg, 0, 1)
     resumed.load_state_dict(position)
-    assert all(torch.equal(a, next(resumed)) for a in later)
-    assert not torch.equal(batches[0], batches[1])
+    for images, holes in later:
+        again = next(resumed)
+        assert torch.equal(images, again[0]) and torch.equal(holes, again[1])
+    assert not torch.equal(batches[0][0], batches[1][0])
 
 
 def test_pruning_keeps_the_last_checkpoints_and_the_best_and_no_empty_folders(tmp_path):
@@ -203,7 +205,6 @@ def test_a_version_1_checkpoint_restores_the_same_optimizer_state(facade_shards,
 def test_a_background_save_holds_its_step_while_the_next_step_runs(facade_shards, tmp_path,
                                                                   monkeypatch):
     from cectl import checkpoint
-    from cectl.masks import draw_holes
     from cectl.pixels import to_model_range
     from cectl.train import make_optimizer, train_step
 
@@ -221,8 +222,8 @@ def test_a_background_save_holds_its_step_while_the_next_step_runs(facade_shards
     loader = TrainLoader(facade_shards, open_manifest(facade_shards), cfg, 0, 1)
     checkpointer = Checkpointer(Run(open_store(str(tmp_path)), "bg"), cfg, modules,
                                 optimizers, loader)
-    images = to_model_range(next(loader))
-    holes = draw_holes("center", len(images), 32, 2, 0)
+    images, holes = next(loader)
+    images = to_model_range(images)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 
     def step() -> None:
@@ -275,19 +276,25 @@ def test_ddp_ranks_end_with_identical_weights(facade_shards, tmp_path):
     assert weights_digest(generator, discriminator) == ends[0]["weights"]
 
 
-def test_the_encoded_loader_path_gives_the_same_batches_and_resumes(facade_shards):
-    # What GPU decoding gets: bytes and crop plans from the loader processes; decoded
-    # here by the CPU fallback, which must give the CPU path's batches exactly.
-    cfg = tiny_job(facade_shards, "data.workers=2")
+def test_the_gpu_decoding_layout_gives_the_same_batches_and_resumes(facade_shards):
+    # What GPU decoding gets: JPEG bytes and crop plans from the loader processes, decoded
+    # and cut here (by the CPU decoder standing in for nvJPEG): the CPU path's batches.
+    # load_size 72, the shards' size: every JPEG goes to the decoder, none needs a resize.
+    cfg = tiny_job(facade_shards, "data.workers=2", "data.load_size=72",
+                   "mask.kind=random-region")
     manifest = open_manifest(facade_shards)
     pixels = TrainLoader(facade_shards, manifest, cfg, 0, 1)
-    encoded = TrainLoader(facade_shards, manifest, cfg, 0, 1, encoded=True)
+    encoded = TrainLoader(facade_shards, manifest, cfg, 0, 1, gpu_jpegs=True)
     for _ in range(12):  # past one epoch
-        assert torch.equal(next(pixels), next(encoded))
+        (a, holes_a), (b, holes_b) = next(pixels), next(encoded)
+        assert torch.equal(a, b) and torch.equal(holes_a, holes_b)
+    position = encoded.state_dict()
     later = [next(encoded) for _ in range(3)]
-    resumed = TrainLoader(facade_shards, manifest, cfg, 0, 1, encoded=True)
-    resumed.load_state_dict(encoded.state_dict() | {"samples": 12 * cfg.data.batch_size})
-    assert all(torch.equal(a, next(resumed)) for a in later)
+    resumed = TrainLoader(facade_shards, manifest, cfg, 0, 1, gpu_jpegs=True)
+    resumed.load_state_dict(position)
+    for images, holes in later:
+        again = next(resumed)
+        assert torch.equal(images, again[0]) and torch.equal(holes, again[1])
 
 
 def test_loader_processes_on_one_machine_fetch_each_s3_shard_once(facade_shards, s3_env,
@@ -405,3 +412,35 @@ def test_an_fp16_step_whose_gradients_overflow_is_skipped_and_lowers_the_scale(f
     step = train_step(generator, discriminator, *optimizers, images, holes, cfg, scaler)
     assert weights_digest(generator, discriminator) != before
     assert scaler.get_scale() == 1.0 and all(torch.isfinite(v) for v in step.values())
+
+
+def test_precision_auto_is_bf16_only_where_the_device_does_it_natively(monkeypatch):
+    from cectl import train as training
+
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, expected in ((False, False, "fp32"), (True, False, "bf16"),
+                                       (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        training.resolve_precision.cache_clear()
+        assert training.resolve_precision("auto", cpu) == expected
+        assert training.resolve_precision("fp32", cpu) == "fp32"
+    training.resolve_precision.cache_clear()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_checkpoint_restores_the_cuda_generator(facade_shards, tmp_path):
+    from cectl.train import Session, make_optimizer
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    cfg = tiny_job(facade_shards, "train.steps=2", "train.checkpoint_every=2")
+    train(cfg, open_store(str(tmp_path)), "rng", Session(device=device))
+    tensors, _ = load_checkpoint(str(tmp_path / "runs/rng/checkpoints/step-000002"))
+    generator, discriminator = (m.to(device) for m in build_models(cfg))
+    modules = {"G": generator, "D": discriminator}
+    optimizers = {name: make_optimizer(m, 1e-3, 0.5) for name, m in modules.items()}
+    loader = TrainLoader(facade_shards, open_manifest(facade_shards), cfg, 0, 1, device)
+    torch.cuda.manual_seed(12345)
+    Checkpointer(Run(open_store(str(tmp_path)), "rng"), cfg, modules, optimizers,
+                 loader).restore()
+    assert torch.equal(torch.cuda.get_rng_state(device), tensors["rng.cuda.0"])

@@ -53,10 +53,12 @@ def train_command(
               f"{batch}{cfg.train.steps} steps")
     start = time.perf_counter()
     if nodes is None:
-        from cectl.distributed import local_session
+        from cectl.train import Session
 
-        with (render.TrainProgress(err, cfg.train.steps) as progress,
-              local_session(cfg, best_device(), progress.update) as session):
+        # A world of one: the plain networks, no DDP (it would cost a GPU step ~25% for
+        # nothing to reduce).
+        with render.TrainProgress(err, cfg.train.steps) as progress:
+            session = Session(device=best_device(), on_log=progress.update)
             summary = train(cfg, run_store, name, session, resume)
     else:
         from cectl.distributed import parse_nodes, train_on_ray
