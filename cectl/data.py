@@ -92,7 +92,7 @@ class GlobalOrder:
     """
 
     def __init__(self, store: Store, shards: list[dict], seed: int):
-        self.shards, self.seed = shards, seed
+        self.store, self.shards, self.seed = store, shards, seed
         self.cache = ShardCache(store)
         self.epoch_len = sum(s["samples"] for s in shards)
         self.bytes_delivered = 0

@@ -4,6 +4,8 @@ and the shard cache that loader processes on one machine share."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import io
 import json
 import tempfile
 import time
@@ -107,22 +109,33 @@ def test_a_global_batch_smaller_than_the_world_is_refused(facade_shards):
     assert_refused(caught.value, 2, "data.batch_size=2", "data.batch_policy=global", "3 workers")
 
 
-def test_the_shard_cache_keeps_the_newest_shards_and_those_in_use(tmp_path, monkeypatch):
+def test_the_shard_cache_keeps_the_newest_shards_and_those_in_use(bucket, tmp_path,
+                                                                  monkeypatch):
     from cectl.shard_cache import ShardCache
+    from cectl.shard_format import tar_writer
 
+    (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     monkeypatch.setattr(ShardCache, "KEEP", 2)
-    store = open_store(str(tmp_path / "shards"))
+    store = open_store(f"s3://{bucket}/shards")
     shards = []
     for i in range(5):
-        store.write_bytes(f"train/shard-{i:06d}.tar", bytes([i]) * 100)
-        shards.append({"name": f"train/shard-{i:06d}.tar", "sha256": f"{i:064x}"})
+        buf = io.BytesIO()
+        with tar_writer(buf) as tar:
+            tar.write({"__key__": f"s{i}", "jpg": bytes([i]) * 100})
+        name = f"train/shard-{i:06d}.tar"
+        store.write_bytes(name, buf.getvalue())
+        shards.append({"name": name, "sha256": hashlib.sha256(buf.getvalue()).hexdigest(),
+                       "bytes": len(buf.getvalue()), "samples": 1})
     cache = ShardCache(store)
 
     def fetch(i: int) -> None:
         time.sleep(0.02)  # past the file clock's tick: each fetch is newer than the last
-        with cache.open(shards[i]) as f:
-            assert f.read() == bytes([i]) * 100
+        shard = cache.open(shards[i])
+        try:
+            assert shard.image(shard.entries[0]) == bytes([i]) * 100
+        finally:
+            shard.close()
 
     fetch(0)
     with open(cache.folder / f"{shards[0]['sha256']}.lock", "a") as held:
@@ -131,7 +144,7 @@ def test_the_shard_cache_keeps_the_newest_shards_and_those_in_use(tmp_path, monk
             fetch(i)
     cached = sorted(p.stem for p in cache.folder.glob("*.tar"))
     # Shards 3 and 4 are the newest two; shard 0 was in use when it was due to go.
-    assert cached == [shards[i]["sha256"] for i in (0, 3, 4)]
+    assert cached == sorted(shards[i]["sha256"] for i in (0, 3, 4))
     fetch(1)  # dropped, so fetched again; shard 0, no longer held, goes
-    assert sorted(p.stem for p in cache.folder.glob("*.tar")) == [
-        shards[i]["sha256"] for i in (1, 4)]
+    assert sorted(p.stem for p in cache.folder.glob("*.tar")) == sorted(
+        shards[i]["sha256"] for i in (1, 4))
