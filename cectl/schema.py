@@ -15,6 +15,7 @@ MAX_WIDTH = 512  # model.width: 8x this many channels in the widest layer
 MAX_BOTTLENECK = 16384
 MAX_IMAGE_SIZE = 1024
 MAX_LOAD_SIZE = 4096
+MIN_AREA, MAX_AREA, AREA_SPAN = 0.01, 0.9, 0.05  # free-form holes' areas, and their range
 
 
 class Layout(StrEnum):
@@ -34,7 +35,8 @@ class Arch(StrEnum):
     alexnet227 = "alexnet227"  # sec. 3.1 / 5.2
 
 
-MaskKind = StrEnum("MaskKind", ["center", "random-block", "random-region"])  # not identifiers
+MaskKind = StrEnum("MaskKind", ["center", "random-block", "random-region", "free-form",
+                               "files"])  # not identifiers
 
 
 class LossMode(StrEnum):
@@ -120,14 +122,26 @@ class ModelConfig:
 
 @dataclass
 class MaskConfig:
-    kind: MaskKind = MaskKind.center  # the hole: central square, random blocks or regions
+    kind: MaskKind = MaskKind.center  # the hole: center, blocks, regions, brush strokes, mask files
     overlap: int = 4  # px of context the prediction also covers
     overlap_weight: float = 10.0  # loss weight there, relative to the hole
+    min_area: float = 0.1  # free-form: the least fraction of the image the strokes cover
+    max_area: float = 0.4  # free-form: the most
+    source: str = ""  # files: the mask images, a folder or shards (local path or s3://)
 
     def __post_init__(self) -> None:
         _require(self.overlap >= 0, "mask.overlap", "0 or more")
         _require(math.isfinite(self.overlap_weight) and self.overlap_weight >= 0,
                  "mask.overlap_weight", "a finite number, 0 or more")
+        _require(MIN_AREA <= self.min_area <= round(MAX_AREA - AREA_SPAN, 9), "mask.min_area",
+                 f"from {MIN_AREA:g} to {MAX_AREA - AREA_SPAN:g}")
+        # A segment of a stroke adds a few percent of the image at once: a narrower range
+        # would make most holes jump over it.
+        _require(round(self.max_area - self.min_area, 9) >= AREA_SPAN
+                 and self.max_area <= MAX_AREA, "mask.max_area",
+                 f"at most {MAX_AREA:g} and at least mask.min_area + {AREA_SPAN:g}")
+        _require(self.kind != MaskKind.files or bool(self.source), "mask.source",
+                 "set with mask.kind=files (a folder of mask images or shards of them)")
 
 
 @dataclass

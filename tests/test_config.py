@@ -63,6 +63,10 @@ def test_missing_recipe_is_bad_input():
     ("mask.overlap=100", "mask.overlap"),
     ("mask.overlap=-5", "mask.overlap"),
     ("mask.overlap_weight=inf", "mask.overlap_weight"),
+    ("mask.min_area=0", "mask.min_area"),
+    ("mask.max_area=0.95", "mask.max_area"),
+    ("mask.min_area=0.38", "mask.max_area"),  # closer to max_area than a stroke's step
+    ("mask.kind=files", "mask.source"),
     ("loss.lambda_rec=inf", "loss.lambda_rec"),
     ("loss.lambda_adv=1.5", "loss.lambda_adv"),
     ("optim.lr_d=nan", "optim.lr_d"),
@@ -96,6 +100,8 @@ def test_settings_that_do_not_fit_together_are_refused(overrides, names):
     [], ["mask.kind=random-region", "mask.overlap=0"], ["model.width=512", "loss.lambda_adv=0"],
     ["model.arch=alexnet227", "data.image_size=227", "loss.mode=rec"],
     ["data.image_size=16", "mask.overlap=3"], ["optim.beta1=0", "train.precision=bf16"],
+    ["mask.kind=free-form", "mask.min_area=0.01", "mask.max_area=0.06"],
+    ["mask.kind=files", "mask.source=s3://bucket/masks"],
 ])
 def test_values_in_range_load(overrides):
     cfg = load_config(JobConfig, overrides=overrides)

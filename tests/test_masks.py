@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cectl import masks
+from cectl import regions, strokes
 from cectl.masks import (
     MEAN_FILL,
     derive_seed,
@@ -52,7 +53,7 @@ def reference_holes(kind: str, n: int, size: int, seed: int) -> torch.Tensor:
 def test_holes_drawn_in_batches_are_those_of_the_per_sample_loop(kind, size, replay,
                                                                   monkeypatch):
     if not replay:  # torch's own upsampling, as on a torch build the replay does not match
-        monkeypatch.setattr(masks, "_replays_torch", lambda size: False)
+        monkeypatch.setattr(regions, "_replays_torch", lambda size: False)
     positions = range(1000, 1000 + (48 if size == 227 else 160))
     expected = torch.cat([reference_holes(kind, 1, size, derive_seed(7, "mask", p))
                           for p in positions])
@@ -63,10 +64,10 @@ def test_holes_drawn_in_batches_are_those_of_the_per_sample_loop(kind, size, rep
 @pytest.mark.parametrize("size", [32, 128, 227])
 def test_the_fast_upsampling_stays_well_within_its_error_bound(size):
     noise = torch.rand(200, 1, 6, 6, generator=torch.Generator().manual_seed(size))
-    taps = masks._bicubic_taps(size)
+    taps = regions._bicubic_taps(size)
     fast = taps.matrix @ (noise.numpy()[:, 0] @ taps.matrix.T)
     exact = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)
-    assert abs(fast - exact[:, 0].numpy()).max() < masks.REGION_EPS / 3
+    assert abs(fast - exact[:, 0].numpy()).max() < regions.REGION_EPS / 3
 
 
 def test_packed_holes_unpack_to_the_same_holes():
@@ -102,7 +103,7 @@ def test_random_regions_cover_20_to_30_percent():
     assert (area >= 0.19).all() and (area <= 0.31).all()
 
 
-@pytest.mark.parametrize("kind", ["center", "random-block", "random-region"])
+@pytest.mark.parametrize("kind", ["center", "random-block", "random-region", "free-form"])
 def test_masks_are_reproducible_from_the_seed(kind):
     assert torch.equal(draw_holes(kind, 4, 64, 2, seed=11), draw_holes(kind, 4, 64, 2, seed=11))
     if kind != "center":
@@ -116,3 +117,48 @@ def test_dropped_pixels_take_the_dataset_mean():
     filled = fill_holes(images, holes)
     assert torch.equal(filled[0, :, 16, 16], MEAN_FILL.flatten())
     assert torch.equal(filled[0, :, 0, 0], torch.zeros(3))
+
+
+def test_a_free_form_hole_depends_on_its_position_alone():
+    whole = holes_for_positions("free-form", range(100, 164), 64, 2, 7)
+    # As two ranks of a batch, or as batches of another size, would draw them.
+    parts = [holes_for_positions("free-form", range(a, b), 64, 2, 7)
+             for a, b in ((100, 101), (101, 130), (130, 164))]
+    assert torch.equal(torch.cat(parts), whole)
+    assert not torch.equal(holes_for_positions("free-form", range(100, 164), 64, 2, 8), whole)
+    assert len({hole.numpy().tobytes() for hole in whole}) == len(whole)
+
+
+@pytest.mark.parametrize("size", [16, 32, 128])
+@pytest.mark.parametrize("area", [(0.1, 0.4), (0.3, 0.35), (0.01, 0.06), (0.85, 0.9)])
+def test_free_form_holes_cover_the_configured_area(size, area):
+    holes = holes_for_positions("free-form", range(200), size, 2, 3, area=area)
+    covered = holes.float().mean(dim=(1, 2, 3))
+    assert (covered >= area[0]).all() and (covered <= area[1]).all()
+    if area[1] - area[0] > 0.1:  # spread over the range, not piled at one end
+        assert covered.min() < area[0] + 0.1 * (area[1] - area[0])
+        assert covered.max() > area[1] - 0.1 * (area[1] - area[0])
+
+
+def test_free_form_strokes_are_exactly_the_pixels_within_half_the_brush_of_a_segment():
+    rng = np.random.default_rng(0)
+    size, n = 48, 6
+    a = rng.uniform(0, size, (n, strokes.BITS, 2))
+    b = np.clip(a + rng.normal(0, 12, a.shape), 0, size)
+    b[:, ::7] = a[:, ::7]  # points
+    b[:, 3::9, 0] = a[:, 3::9, 0]  # vertical segments
+    b[:, 5::9, 1] = a[:, 5::9, 1]  # horizontal ones
+    radius = rng.uniform(0.3, 9, (n, strokes.BITS))
+    field = strokes._rasterize(a, b, radius, np.full(n, strokes.BITS), size)
+    centre = np.stack(np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5), -1)
+    for j in range(strokes.BITS):
+        d = b[:, j] - a[:, j]  # (n, 2)
+        rel = centre[None] - a[:, j, None, None]  # (n, y, x, 2)
+        t = np.clip((rel * d[:, None, None]).sum(-1) / np.maximum((d * d).sum(-1), 1e-12)[
+            :, None, None], 0, 1)
+        distance = np.linalg.norm(rel - t[..., None] * d[:, None, None], axis=-1)
+        inside = distance <= radius[:, j, None, None]
+        drawn = (field.transpose(1, 0, 2) >> np.uint32(31 - j)) & 1 == 1
+        # float32 arithmetic may only decide pixel centres a hair from the edge otherwise
+        edge = np.abs(distance - radius[:, j, None, None]) < 1e-3
+        assert (inside == drawn)[~edge].all(), j
