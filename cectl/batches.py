@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import simplejpeg
 import torch
 
 from cectl.errors import BadInput, Failure
-from cectl.masks import derive_seed, holes_for_positions, pack_holes, unpack_holes
+from cectl.masks import AREA, derive_seed, holes_for_positions, pack_holes, unpack_holes
 from cectl.pixels import Crop, cut_sample, plan_crop
+
+if TYPE_CHECKING:
+    from cectl.mask_files import MaskFiles
 
 JpegDecoder = Callable[[list[torch.Tensor]], list[torch.Tensor]]  # bytes -> (3, H, W) uint8
 
@@ -63,9 +66,11 @@ def fields(batch: PackedBatch, data: torch.Tensor | None = None) -> Fields:
 
 
 def pack_batch(samples: list[dict], positions: range, seed: int, load_size: int,
-               image_size: int, mask_kind: str, overlap: int, gpu_jpegs: bool) -> PackedBatch:
+               image_size: int, mask_kind: str, overlap: int, gpu_jpegs: bool,
+               area: tuple[float, float] = AREA, files: MaskFiles | None = None) -> PackedBatch:
     """The batch of `samples` (at global `positions`): crops and flips seeded per position,
-    holes drawn per position; baseline JPEGs left encoded if `gpu_jpegs`."""
+    holes drawn per position (`cectl.masks.holes_for_positions`, with `area` and `files`);
+    baseline JPEGs left encoded if `gpu_jpegs`."""
     encoded, crops, cut, rows = [], [], [], ([], [])
     end = 0
     for sample, position in zip(samples, positions, strict=True):
@@ -83,7 +88,8 @@ def pack_batch(samples: list[dict], positions: range, seed: int, load_size: int,
     n, k, s = len(samples), len(encoded), image_size
     order = np.empty(n, dtype=np.int64)
     order[rows[0] + rows[1]] = np.arange(n)
-    holes = pack_holes(holes_for_positions(mask_kind, positions, s, overlap, seed)).numpy()
+    holes = pack_holes(holes_for_positions(mask_kind, positions, s, overlap, seed, area,
+                                           files)).numpy()
     ints = np.concatenate([np.array(crops, dtype=np.int64).reshape(-1), order])
     data = np.empty(8 * len(ints) + len(cut) * 3 * s * s + holes.size + end, dtype=np.uint8)
     batch = PackedBatch(torch.from_numpy(data), n, k, s, [x["__key__"] for x in samples],

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cectl.batches import NvJpeg, PackedBatch, cpu_jpegs, decode_jpegs, pack_batch, unpack_batch
 from cectl.errors import BadInput, CectlError, Failure
+from cectl.mask_files import MaskFiles, trained_mask_files
 from cectl.masks import derive_seed
 from cectl.shard_cache import ShardCache, ShardFile
 from cectl.shard_format import ImageEntry
@@ -159,12 +160,13 @@ class TrainBatches(IterableDataset):
     `processes`-th batch from the global position `start` on."""
 
     def __init__(self, data_uri: str, shards: list[dict], start: int, shares: list[int],
-                 rank: int, cfg, gpu_jpegs: bool):
+                 rank: int, cfg, gpu_jpegs: bool, mask_files: MaskFiles | None = None):
         super().__init__()
         self.data_uri, self.shards, self.start = data_uri, shards, start
         self.shares, self.rank, self.gpu_jpegs = shares, rank, gpu_jpegs
         self.seed, self.load_size = cfg.train.seed, cfg.data.load_size
         self.image_size, self.mask = cfg.data.image_size, (cfg.mask.kind, cfg.mask.overlap)
+        self.holes = {"area": (cfg.mask.min_area, cfg.mask.max_area), "files": mask_files}
 
     def __iter__(self) -> Iterator[PackedBatch | CectlError]:
         # Errors are passed on as values: raised in a loader process, they would reach the
@@ -193,7 +195,8 @@ class TrainBatches(IterableDataset):
             first = self.start + k * global_batch + offset
             positions = range(first, first + self.shares[self.rank])
             yield pack_batch([order.sample(p) for p in positions], positions, self.seed,
-                             self.load_size, self.image_size, *self.mask, self.gpu_jpegs)
+                             self.load_size, self.image_size, *self.mask, self.gpu_jpegs,
+                             **self.holes)
 
 
 def gpu_decoding(mode: str, device: torch.device) -> bool:
@@ -214,6 +217,8 @@ class TrainLoader:
     decodes them here: nvJPEG on a CUDA device, the loader's own CPU decoder elsewhere.
     The loader works one batch ahead: when it hands out a batch, the next one has been
     received and its decode started (on a GPU, beside the step that runs meanwhile).
+    With `mask.kind=files` it opens the mask set (`mask_files`), read into this machine's
+    cache by the first rank here, and its loader processes map it.
     """
 
     def __init__(self, data_uri: str, manifest: dict, cfg, rank: int, world: int,
@@ -224,6 +229,7 @@ class TrainLoader:
             else cpu_jpegs
         self.shards = train_shards(manifest)
         self.shares = batch_shares(cfg, world)
+        self.mask_files = trained_mask_files(cfg) if cfg.mask.kind == "files" else None
         self.samples = 0
         self.positions = range(0)  # global positions of the batch handed out last
         self._iter: Iterator | None = None
@@ -247,7 +253,7 @@ class TrainLoader:
     def _start(self) -> Iterator:
         cfg = self.cfg
         dataset = TrainBatches(self.data_uri, self.shards, self.samples, self.shares,
-                               self.rank, cfg, self.gpu_jpegs)
+                               self.rank, cfg, self.gpu_jpegs, self.mask_files)
         # Its own generator: every random draw of the pipeline is seeded from the data
         # position, and the global RNG (dropout, a checkpoint's RNG state) stays untouched.
         # Pinned pages let the copies to a GPU run without blocking this thread.

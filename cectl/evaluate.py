@@ -28,7 +28,17 @@ from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from cectl.errors import BadInput
-from cectl.masks import Window, check_window, derive_seed, draw_holes, fill_holes, output_window
+from cectl.mask_files import MaskFiles, image_masks, trained_mask_files
+from cectl.masks import (
+    AREA,
+    KINDS,
+    Window,
+    check_window,
+    derive_seed,
+    draw_holes,
+    fill_holes,
+    output_window,
+)
 from cectl.model import complete
 from cectl.perceptual import LPIPS_MIN_WINDOW, FrechetDistance, Perceptual
 from cectl.pixels import load_eval_images, split_batches, to_model_range, to_pixels
@@ -112,26 +122,32 @@ class Scores:
         return result
 
 
-def eval_holes(mask_kind: str, n: int, size: int, overlap: int, start: int) -> torch.Tensor:
+def eval_holes(mask_kind: str, n: int, size: int, overlap: int, start: int,
+               area: tuple[float, float] = AREA, files: MaskFiles | None = None) -> torch.Tensor:
     """The masks of images start..start+n: the same for every checkpoint."""
-    return draw_holes(mask_kind, n, size, overlap, derive_seed(EVAL_SEED, start))
+    return draw_holes(mask_kind, n, size, overlap, derive_seed(EVAL_SEED, start), area, files)
 
 
 @torch.no_grad()
-def evaluate(generator: nn.Module, cfg: DictConfig, images: torch.Tensor, mask_kind: str,
+def evaluate(generator: nn.Module, cfg: DictConfig, images: torch.Tensor, mask: str,
              batch_size: int = 32, device: torch.device | None = None,
-             neighbours_from: str | None = None, perceptual: Perceptual | None = None) -> dict:
+             neighbours_from: str | None = None, perceptual: Perceptual | None = None,
+             files: MaskFiles | None = None, given: torch.Tensor | None = None) -> dict:
     """Metrics of the model and of the mean fill over uint8 NCHW `images`, and of
-    nearest-neighbour inpainting from the train split of `neighbours_from` when given."""
+    nearest-neighbour inpainting from the train split of `neighbours_from` when given.
+    The holes are drawn, mask kind `mask` (free-form ones of the config's area, `files`
+    ones from `files`), or `given`, one per image (then `mask` only names them)."""
     device = device or torch.device("cpu")
     size = cfg.data.image_size
     window = output_window(size, cfg.mask.kind)
     scores = Scores(window, images, perceptual)
     pasted = (nearest_neighbour_fill(generator, cfg, images, neighbours_from, batch_size,
                                      device) if neighbours_from else None)
+    area = (cfg.mask.min_area, cfg.mask.max_area)
     for start in range(0, len(images), batch_size):
         truth = to_model_range(images[start : start + batch_size].to(device))
-        holes = eval_holes(mask_kind, len(truth), size, cfg.mask.overlap, start).to(device)
+        holes = (given[start : start + batch_size] if given is not None else eval_holes(
+            mask, len(truth), size, cfg.mask.overlap, start, area, files)).to(device)
         check_window(holes, window, cfg.mask.kind)
         _, completed = complete(generator, truth, holes, window.offset)
         scores.add("model", completed, truth, holes)
@@ -139,7 +155,7 @@ def evaluate(generator: nn.Module, cfg: DictConfig, images: torch.Tensor, mask_k
         if pasted is not None:
             scores.add("nearest_neighbour", pasted[start : start + batch_size].to(device),
                        truth, holes)
-    return {"images": len(images), "mask": mask_kind, **scores.summaries()}
+    return {"images": len(images), "mask": mask, **scores.summaries()}
 
 
 @torch.no_grad()
@@ -172,9 +188,10 @@ def nearest_neighbour_fill(generator: nn.Module, cfg: DictConfig, images: torch.
 
 def evaluate_checkpoint(ckpt: Store, data_uri: str, split: str = "val",
                         mask: str | None = None, perceptual: Perceptual | None = None) -> dict:
-    """Load a checkpoint and score it on a split (mask: the one it trained with by default),
-    with the nearest-neighbour baseline where it applies (center masks, a train split), and
-    LPIPS and FID where `perceptual` has their networks; on the GPU when there is one."""
+    """Load a checkpoint and score it on a split (mask: a kind, by default the one it
+    trained with, or a folder of masks named after the images), with the nearest-neighbour
+    baseline where it applies (center masks, a train split), and LPIPS and FID where
+    `perceptual` has their networks; on the GPU when there is one."""
     from cectl.restore import load_generator
     from cectl.runs import best_device
 
@@ -187,12 +204,15 @@ def evaluate_checkpoint(ckpt: Store, data_uri: str, split: str = "val",
             raise BadInput(f"LPIPS needs an output window of at least {LPIPS_MIN_WINDOW} px "
                            f"and this model's is {window.size} px")
         perceptual.lpips.to(device)
-    images, _ = load_eval_images(data_uri, split, cfg.data.image_size)
+    images, keys = load_eval_images(data_uri, split, cfg.data.image_size)
     mask = mask or cfg.mask.kind
     splits = read_manifest(open_store(data_uri))["splits"]
     with_neighbours = mask == "center" and split != "train" and "train" in splits
     result = evaluate(generator, cfg, images, mask, device=device, perceptual=perceptual,
-                      neighbours_from=data_uri if with_neighbours else None)
+                      neighbours_from=data_uri if with_neighbours else None,
+                      files=trained_mask_files(cfg) if mask == "files" else None,
+                      given=None if mask in KINDS else image_masks(mask, keys,
+                                                                   cfg.data.image_size))
     if perceptual:
         result["unavailable"] = perceptual.unavailable
     return {**result, "checkpoint": ckpt.uri, "step": state["step"], "split": split}

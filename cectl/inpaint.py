@@ -10,7 +10,8 @@ network's input size, the prediction scaled back to the square, and only the hol
 pixels are replaced, as test.lua does (hard paste; the overlap band the network also
 predicts is not pasted). Every other pixel is left untouched. `--mask KIND` draws the
 hole on the image's central largest square; for an image of the network's size nothing
-is then scaled and the result is test.lua's.
+is then scaled and the result is test.lua's. A mask file (or the one named after the
+image in a folder) is the image's size.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 
 from cectl.errors import BadInput
 from cectl.images import MAX_PIXELS, Skip, decode, open_image, to_8bit_grey, to_rgb
+from cectl.mask_files import hole_of, mask_grey, masks_by_key, trained_mask_files
 from cectl.masks import (
     KINDS,
     Window,
@@ -39,6 +41,8 @@ from cectl.masks import (
 from cectl.pixels import to_batch, to_model_range
 from cectl.restore import load_generator
 from cectl.runs import best_device
+from cectl.sources import sample_key
+from cectl.storage import open_store
 
 KEEP_MODES = ("RGB", "RGBA", "L", "LA")
 
@@ -46,15 +50,13 @@ KEEP_MODES = ("RGB", "RGBA", "L", "LA")
 def read_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
     """Grey 128 or more (after conversion to grey) = hole; must match the image size."""
     try:
-        mask = open_image(path.read_bytes())
-        mask.load()
-    except (OSError, ValueError, Skip):
+        grey = mask_grey(path.read_bytes())
+    except (OSError, Skip):
         raise BadInput(f"mask {path} is not an image") from None
-    if mask.size != size:
-        raise BadInput(f"mask {path} is {mask.size[0]}x{mask.size[1]} but the image is "
+    if grey.size != size:
+        raise BadInput(f"mask {path} is {grey.size[0]}x{grey.size[1]} but the image is "
                        f"{size[0]}x{size[1]}: give a mask of the image's size")
-    grey = to_8bit_grey(mask) if mask.mode.startswith("I") else mask.convert("L")
-    hole = np.asarray(grey) >= 128
+    hole = hole_of(grey)
     if not hole.any():
         raise BadInput(f"mask {path} has no white (hole) pixels")
     return hole
@@ -81,10 +83,13 @@ def read_image(data: bytes, name: str) -> Image.Image:
 
 def drawn_hole(kind: str, size: tuple[int, int], cfg: DictConfig, seed: int,
                name: str) -> np.ndarray:
-    """A hole of mask `kind` on the image's central largest square, scaled to the square."""
+    """A hole of mask `kind` on the image's central largest square, scaled to the square
+    (free-form: of the model's `mask` area; files: from its mask set)."""
     width, height = size
     image_size = cfg.data.image_size
-    drawn = draw_holes(kind, 1, image_size, cfg.mask.overlap, derive_seed(seed, "inpaint"))
+    drawn = draw_holes(kind, 1, image_size, cfg.mask.overlap, derive_seed(seed, "inpaint"),
+                       (cfg.mask.min_area, cfg.mask.max_area),
+                       trained_mask_files(cfg) if kind == "files" else None)
     check_window(drawn, output_window(image_size, cfg.mask.kind), cfg.mask.kind)
     short = min(width, height)
     hole = np.zeros((height, width), dtype=bool)
@@ -170,9 +175,19 @@ def fill(generator: nn.Module, cfg: DictConfig, image: Image.Image,
     return result, {"x": x, "y": y, "side": side}
 
 
+def mask_in_folder(folder: Path, image_path: Path) -> Path:
+    """The mask in `folder` named after the image (any image extension; as `cectl eval
+    --mask DIR` matches them)."""
+    found = masks_by_key(open_store(str(folder)))
+    key = sample_key(image_path.name)
+    if key not in found:
+        raise BadInput(f"{folder} has no mask named after {image_path.name} ({key}.png)")
+    return folder / found[key]
+
+
 def inpaint(image_path: Path, ckpt: str, mask: str, out_path: Path, seed: int = 0) -> dict:
-    """`cectl inpaint`: fill IMG's hole (a mask kind or a mask file) and write OUT; on the
-    GPU when there is one."""
+    """`cectl inpaint`: fill IMG's hole (a mask kind, a mask file, or the mask named after
+    IMG in a folder) and write OUT; on the GPU when there is one."""
     generator, cfg, _ = load_generator(ckpt)
     generator.to(best_device())
     try:
@@ -183,7 +198,9 @@ def inpaint(image_path: Path, ckpt: str, mask: str, out_path: Path, seed: int = 
     if mask in KINDS:
         hole = drawn_hole(mask, image.size, cfg, seed, str(image_path))
     else:
-        hole = read_mask(Path(mask), image.size)
+        path = Path(mask)
+        hole = read_mask(mask_in_folder(path, image_path) if path.is_dir() else path,
+                         image.size)
     result, context = fill(generator, cfg, image, hole)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     result.save(out_path)

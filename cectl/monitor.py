@@ -27,6 +27,7 @@ from cectl.pixels import load_eval_images, to_model_range, to_pixels
 from cectl.runs import Run
 
 if TYPE_CHECKING:
+    from cectl.mask_files import MaskFiles
     from cectl.train import Session
 
 SAMPLE_COLUMNS = 8
@@ -48,8 +49,9 @@ class Validator:
     metrics that pick `best` (rank 0)."""
 
     def __init__(self, cfg: DictConfig, manifest: dict, session: Session, run: Run,
-                 logger: MetricsLogger):
+                 logger: MetricsLogger, mask_files: MaskFiles | None = None):
         self.cfg, self.device, self.run, self.logger = cfg, session.device, run, logger
+        self.mask_files = mask_files  # the set of mask.kind=files
         self.active = session.rank == 0
         self.every, self.final = cfg.train.eval_every, cfg.train.steps
         if self.active:
@@ -67,10 +69,12 @@ class Validator:
         cfg = self.cfg
         generator.eval()
         try:
-            result = evaluate(generator, cfg, self.images, cfg.mask.kind, device=self.device)
+            result = evaluate(generator, cfg, self.images, cfg.mask.kind, device=self.device,
+                              files=self.mask_files)
             truth = to_model_range(self.images[:SAMPLE_COLUMNS].to(self.device))
             holes = draw_holes(cfg.mask.kind, len(truth), cfg.data.image_size,
-                               cfg.mask.overlap, derive_seed(cfg.train.seed, "grid"))
+                               cfg.mask.overlap, derive_seed(cfg.train.seed, "grid"),
+                               (cfg.mask.min_area, cfg.mask.max_area), self.mask_files)
             holes = holes.to(self.device)
             window = output_window(cfg.data.image_size, cfg.mask.kind)
             _, completed = complete(generator, truth, holes, window.offset)

@@ -126,6 +126,15 @@ def shard_summary(console: Console, manifest: dict, dst: str) -> None:
                   "kept from an earlier run")
 
 
+def mask_set(console: Console, masks: dict) -> None:
+    """A mask set read for training (`MaskFiles.report`): each skipped file, then counts."""
+    for skipped in masks["skipped_files"]:
+        warning(console, "skipped", f"{skipped['path']}: {skipped['detail']}")
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(masks["skipped"].items()))
+    console.print(f"masks: {masks['masks']:,} from {masks['source']} (skipped: "
+                  f"{reasons or 'none'})")
+
+
 def train_summary(console: Console, summary: dict) -> None:
     metrics = "  ".join(f"{k} {v:.4g}" for k, v in summary["metrics"].items())
     workers = summary["workers"]

@@ -217,12 +217,15 @@ class S3Store(Store):
                     Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"]))
 
     def list(self, prefix: str = "") -> list[str]:
+        return sorted(self.versions(prefix))
+
+    def versions(self, prefix: str = "") -> dict[str, str]:
         root = f"{self.prefix}/" if self.prefix else ""
         with self._errors():
             pages = self._request(lambda: list(self.client.get_paginator(
                 "list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._below(prefix))))
-        return sorted(obj["Key"][len(root):] for page in pages
-                      for obj in page.get("Contents", []))
+        return {obj["Key"][len(root):]: obj["ETag"] for page in pages
+                for obj in page.get("Contents", [])}
 
     def delete(self, key: str) -> None:
         with self._errors():

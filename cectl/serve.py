@@ -67,8 +67,12 @@ def checkpoint_summary(ckpt: str, cfg: DictConfig, state: dict) -> str:
 
 
 def hole_choices(cfg: DictConfig) -> list[str]:
-    """The brush, and the mask kinds this model fills (a center model: its centre alone)."""
-    return [BRUSH, *(("center",) if cfg.mask.kind == "center" else KINDS)]
+    """The brush, and the mask kinds this model fills (a center model: its centre alone).
+    Not `files`: its masks are the training machine's, which the page's may not hold (and
+    the brush paints a mask of the user's own)."""
+    if cfg.mask.kind == "center":
+        return [BRUSH, "center"]
+    return [BRUSH, *(kind for kind in KINDS if kind != "files")]
 
 
 def read_upload(photo: str | None) -> Image.Image:

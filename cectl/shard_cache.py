@@ -33,6 +33,25 @@ from cectl.storage import Store
 INDEX = "index-1.json"  # the index file's suffix, with its format's version
 
 
+def machine_folder() -> Path:
+    """This machine's copies for this user (shards, their indexes, mask sets), in the
+    system's temp folder. One folder per user: another user's files are never read, nor
+    theirs refused."""
+    return Path(tempfile.gettempdir(), f"cectl-shard-cache-{os.getuid()}")
+
+
+def make_private(folder: Path) -> None:
+    """Create `folder` for this user alone; refuse one that others could have written to:
+    a link, someone else's, or open to others."""
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700, parents=False)
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise Failure(f"the shard cache {folder} is not a folder private to this user (it "
+                      "is a link, another user's, or open to others): remove it, or set "
+                      "TMPDIR to a folder of your own")
+
+
 class ShardFile:
     """One shard open on this machine, with its index: images are read at their offsets."""
 
@@ -62,14 +81,13 @@ class ShardCache:
     def __init__(self, store: Store):
         self.store = store
         self.remote = store.local_path("") is None
-        # One folder per user: another user's files are never read, nor theirs refused.
-        self.folder = Path(tempfile.gettempdir(), f"cectl-shard-cache-{os.getuid()}")
+        self.folder = machine_folder()
         self.bytes_read = 0
 
     def open(self, shard: dict) -> ShardFile:
         """The shard on this machine, indexed: fetched and indexed first if no process
         here has yet."""
-        self._make_private()
+        make_private(self.folder)
         stem = self.folder / self._stem(shard)
         index = stem.with_suffix(f".{INDEX}")
         path = stem.with_suffix(".tar") if self.remote else self.store.local_path(shard["name"])
@@ -104,18 +122,6 @@ class ShardCache:
             info = self.store.local_path(shard["name"]).stat()
         where = (shard["sha256"], self.store.url(shard["name"]), info.st_size, info.st_mtime_ns)
         return hashlib.sha256(repr(where).encode()).hexdigest()
-
-    def _make_private(self) -> None:
-        """Create the folder for this user alone; refuse one that others could have
-        written to: a link, someone else's, or open to others."""
-        with contextlib.suppress(FileExistsError):
-            self.folder.mkdir(mode=0o700, parents=False)
-        info = self.folder.lstat()
-        if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid()
-                or info.st_mode & 0o077):
-            raise Failure(f"the shard cache {self.folder} is not a folder private to this user "
-                          "(it is a link, another user's, or open to others): remove it, or "
-                          "set TMPDIR to a folder of your own")
 
     def _fetch(self, shard: dict, local: Path) -> None:
         """Copy the shard to `local`, through a temporary name, if its sha256 matches."""

@@ -147,6 +147,11 @@ class Store:
         """All keys below `prefix`, recursively, sorted."""
         raise NotImplementedError
 
+    def versions(self, prefix: str = "") -> dict[str, str]:
+        """The keys below `prefix`, each with a tag that changes whenever its bytes do (a
+        file's size and time of change; an S3 object's ETag)."""
+        raise NotImplementedError
+
     def delete(self, key: str) -> None:
         raise NotImplementedError
 
@@ -304,6 +309,10 @@ class LocalStore(Store):
             keys += [name if rel == "." else f"{rel}/{name}" for name in filenames
                      if not name.endswith(LOCK_SUFFIX)]
         return sorted(keys)
+
+    def versions(self, prefix: str = "") -> dict[str, str]:
+        stats = {key: self.path(key).stat() for key in self.list(prefix)}
+        return {key: f"{info.st_size}-{info.st_mtime_ns}" for key, info in stats.items()}
 
     def delete(self, key: str) -> None:
         """Delete `key` and the folders it leaves empty (S3 has no empty folders either)."""

@@ -182,7 +182,7 @@ def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | 
         run.check_claim()
         run.store.write_bytes("config.yaml", to_yaml(cfg).encode())
     logger = MetricsLogger(run, cfg, session, start)
-    validator = Validator(cfg, manifest, session, run, logger)
+    validator = Validator(cfg, manifest, session, run, logger, loader.mask_files)
     if resume:
         logger.log(start, checkpointer.resume_metrics())
 

@@ -63,13 +63,15 @@ def test_gpu_decoding_gets_baseline_jpegs_that_need_no_resize():
         True, False, False, False, True]
 
 
-def test_a_mixed_batch_unpacks_to_the_loaders_own_crops_in_order():
+@pytest.mark.parametrize("kind", ["random-block", "free-form"])
+def test_a_mixed_batch_unpacks_to_the_loaders_own_crops_in_order(kind):
     samples, positions = mixed_samples(), range(100, 105)
-    batch = pack_batch(samples, positions, 0, 40, 32, "random-block", 2, gpu_jpegs=True)
+    area = (0.3, 0.5)
+    batch = pack_batch(samples, positions, 0, 40, 32, kind, 2, gpu_jpegs=True, area=area)
     assert batch.encoded == 2 and len(fields(batch).pixels) == 3
     images, holes = unpack_batch(batch, torch.device("cpu"), decode_jpegs(batch, cpu_jpegs))
     assert torch.equal(images, expected_crops(samples, positions))
-    assert torch.equal(holes, holes_for_positions("random-block", positions, 32, 2, 0))
+    assert torch.equal(holes, holes_for_positions(kind, positions, 32, 2, 0, area=area))
 
 
 def test_a_batch_is_one_tensor_whatever_its_size():

@@ -25,7 +25,7 @@ from PIL import Image
 from cectl.cli import run
 from cectl.errors import BadInput
 from cectl.restore import load_generator
-from cectl.serve import BRUSH, inpaint_upload, painted_hole
+from cectl.serve import BRUSH, hole_choices, inpaint_upload, painted_hole
 
 CHROMIUM = shutil.which("chromium")
 # Headless, and nothing of Chromium's own reaches the network.
@@ -112,6 +112,16 @@ def test_page_refuses_a_bad_upload_with_the_cli_sentence(case, tiny_checkpoint, 
     assert str(served) not in str(refused.value)
     assert printed == f"error: {refused.value}".replace(photo.name, str(photo))
     assert "\n" not in printed
+
+
+def test_the_page_offers_the_kinds_the_model_fills_but_the_training_machines_files():
+    from omegaconf import OmegaConf
+
+    def choices(kind: str) -> list[str]:
+        return hole_choices(OmegaConf.create({"mask": {"kind": kind}}))
+
+    assert choices("center") == [BRUSH, "center"]
+    assert choices("files") == [BRUSH, "center", "random-block", "random-region", "free-form"]
 
 
 def test_painted_hole_needs_paint_of_the_photo_size():

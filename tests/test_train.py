@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_refused, tiny_job
+from helpers import TINY, assert_refused, tiny_job
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -367,6 +367,74 @@ def test_random_mask_training_validates_on_whole_images(kind, facade_shards, tmp
     scores = evaluate(generator, saved, images, kind)["model"]
     assert lines[-1]["val_l2_pct"] == pytest.approx(scores["l2_pct"], rel=1e-5)
     assert lines[-1]["val_psnr_db"] == pytest.approx(scores["psnr_db"], rel=1e-5)
+
+
+def mask_png(path: Path, hole: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(hole.astype(np.uint8) * 255).save(path)
+
+
+def test_a_model_trains_with_free_form_masks_and_evaluates_with_them(cli, facade_shards,
+                                                                   tmp_path):
+    store = tmp_path / "store"
+    result = cli("train", *TINY, "mask.kind=free-form", "mask.min_area=0.2", "mask.max_area=0.3",
+                 "train.steps=2", "train.eval_every=1", "--local", "--data", facade_shards,
+                 "--store", store, "--name", "strokes", "--json")
+    assert result.returncode == 0, result.stderr
+    assert [m["step"] for m in metrics(store, "strokes") if "val_l2_pct" in m] == [1, 2]
+    ckpt = json.loads(result.stdout)["checkpoints"] + "/step-000002"
+    scored = cli("eval", ckpt, "--data", facade_shards, "--mask", "free-form", "--json")
+    assert scored.returncode == 0, scored.stderr
+    report = json.loads(scored.stdout)
+    assert report["mask"] == "free-form" and report["images"] > 0
+    assert all(math.isfinite(v) for row in ("model", "mean_fill") for v in report[row].values())
+    # The kind it trained with is the default, drawn from the same fixed seed.
+    again = json.loads(cli("eval", ckpt, "--data", facade_shards, "--json").stdout)
+    assert again["model"] == report["model"]
+
+
+def test_a_model_trains_with_mask_files_and_evaluates_with_them_and_per_image_masks(
+        cli, facade_shards, tmp_path):
+    from cectl.pixels import load_eval_images
+
+    masks = tmp_path / "masks"
+    for i, (height, width) in enumerate([(64, 64), (40, 90), (120, 50)]):
+        hole = np.zeros((height, width), dtype=bool)
+        hole[height // 4 : height // 2 + i, width // 5 : width // 2] = True
+        mask_png(masks / f"m{i}.png", hole)
+    (masks / "broken.png").write_text("not a picture")
+    store = tmp_path / "store"
+    result = cli("train", *TINY, "mask.kind=files", f"mask.source={masks}", "data.workers=1",
+                 "train.steps=2", "train.eval_every=1", "--local", "--data", facade_shards,
+                 "--store", store, "--name", "files", "--json")
+    assert result.returncode == 0, result.stderr
+    said = " ".join(result.stderr.split())
+    assert f"skipped {masks / 'broken.png'}: not-an-image" in said
+    assert f"masks: 3 from {masks} (skipped: 1 not-an-image)" in said
+    summary = json.loads(result.stdout)
+    assert summary["masks"] == {"source": str(masks), "masks": 3,
+                                "skipped": {"not-an-image": 1}}
+    assert [m["step"] for m in metrics(store, "files") if "val_l2_pct" in m] == [1, 2]
+    ckpt = summary["checkpoints"] + "/step-000002"
+    drawn = json.loads(cli("eval", ckpt, "--data", facade_shards, "--json").stdout)
+    assert drawn["mask"] == "files" and drawn["images"] > 0
+    # One mask per image, named after it, of the image's size before the eval crop.
+    _, keys = load_eval_images(facade_shards, "val", 32)
+    per_image = tmp_path / "per-image"
+    for i, key in enumerate(keys):
+        hole = np.zeros((72, 72), dtype=bool)
+        hole[20 + i % 10 : 40 + i % 10, 30:50] = True
+        mask_png(per_image / f"{key}.png", hole)
+    scored = cli("eval", ckpt, "--data", facade_shards, "--mask", per_image, "--json")
+    assert scored.returncode == 0, scored.stderr
+    report = json.loads(scored.stdout)
+    assert report["mask"] == str(per_image) and report["images"] == len(keys)
+    assert report["model"] != drawn["model"]
+    (per_image / f"{keys[0]}.png").unlink()
+    assert_refused(cli("eval", ckpt, "--data", facade_shards, "--mask", per_image), 2,
+                   f"1 of the {len(keys)} images", repr(keys[0]))
+    assert_refused(cli("eval", ckpt, "--data", facade_shards, "--mask", "nowhere"), 2,
+                   "'nowhere'", "free-form")
 
 
 def test_fp16_and_bf16_train_in_their_precision(facade_shards, tmp_path):

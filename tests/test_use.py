@@ -179,6 +179,44 @@ def test_inpaint_odd_images_changes_only_the_hole(mode, size, cli, tiny_checkpoi
     assert not np.array_equal(b[hole], a[hole])
 
 
+def test_inpaint_with_free_form_strokes_and_with_the_mask_named_after_the_image(
+        cli, random_mask_checkpoint, tmp_path):
+    from cectl.inpaint import drawn_hole
+    from cectl.restore import load_generator
+
+    src = tmp_path / "street.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (90, 150, 3), dtype=np.uint8)
+                    ).save(src)
+    before = np.asarray(Image.open(src))
+    result = cli("inpaint", src, "--ckpt", random_mask_checkpoint, "--mask", "free-form",
+                 "--seed", "3", "-o", tmp_path / "strokes.png")
+    assert result.returncode == 0, result.stderr
+    _, cfg, _ = load_generator(random_mask_checkpoint)
+    hole = drawn_hole("free-form", (150, 90), cfg, 3, "street.jpg")
+    area = hole[:, 30:120].mean()  # the strokes are drawn on the central square
+    assert cfg.mask.min_area - 0.02 <= area <= cfg.mask.max_area + 0.02
+    after = np.asarray(Image.open(tmp_path / "strokes.png"))
+    assert changed_outside(before, after, hole) == 0 and not np.array_equal(before, after)
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    hole = np.zeros((90, 150), dtype=bool)
+    hole[10:30, 100:140] = True
+    Image.fromarray(hole.astype(np.uint8) * 255).save(masks / "street.png")
+    Image.new("L", (150, 90), 255).save(masks / "other.png")
+    result = cli("inpaint", src, "--ckpt", random_mask_checkpoint, "--mask", masks,
+                 "-o", tmp_path / "named.png")
+    assert result.returncode == 0, result.stderr
+    assert f"{hole.sum():,} hole pixels" in result.stdout
+    after = np.asarray(Image.open(tmp_path / "named.png"))
+    assert changed_outside(before, after, hole) == 0 and not np.array_equal(before, after)
+    (masks / "street.png").unlink()
+    assert_refused(cli("inpaint", src, "--ckpt", random_mask_checkpoint, "--mask", masks), 2,
+                   str(masks), "street.jpg", "street.png")
+    assert_refused(cli("inpaint", src, "--ckpt", random_mask_checkpoint, "--mask", "files"), 2,
+                   "mask.kind=random-region", "--mask")
+
+
 def test_inpaint_center_mask_default_output_name(cli, tiny_checkpoint, tmp_path):
     src = tmp_path / "photo.png"
     Image.new("RGB", (200, 120), (90, 120, 150)).save(src)

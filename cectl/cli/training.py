@@ -51,6 +51,13 @@ def train_command(
     batch = f"{describe_batch(cfg, 1)}, " if nodes is None else ""
     err.print(f"run {name}: {cfg.model.arch}, {cfg.mask.kind} masks, {cfg.loss.mode} loss, "
               f"{batch}{cfg.train.steps} steps")
+    masks = None
+    if cfg.mask.kind == "files":  # read here first: bad sources fail before any worker starts
+        from cectl.mask_files import trained_mask_files
+
+        with render.status(err, f"reading the masks of {cfg.mask.source}"):
+            masks = trained_mask_files(cfg).report()
+        render.mask_set(err, masks)
     start = time.perf_counter()
     if nodes is None:
         from cectl.train import Session
@@ -67,6 +74,8 @@ def train_command(
             summary = train_on_ray(cfg, run_store, name, parse_nodes(nodes), gpus_per_node,
                                    cpu, address, resume, err)
     summary["seconds"] = time.perf_counter() - start
+    if masks:
+        summary["masks"] = {key: masks[key] for key in ("source", "masks", "skipped")}
     if as_json:
         render.print_json(summary)
     else:

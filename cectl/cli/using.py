@@ -34,8 +34,10 @@ def eval_command(
     ckpt: CheckpointArgument,
     data: Annotated[str, typer.Option(help="shards: path or s3://bucket/prefix")],
     split: Annotated[str, typer.Option(help="split to score")] = "val",
-    mask: Annotated[str | None, typer.Option(help="center | random-block | random-region "
-                                             "(default: the one trained with)")] = None,
+    mask: Annotated[str | None, typer.Option(
+        help="center | random-block | random-region | free-form | files (drawn from a fixed "
+             "seed; default: the kind trained with) | DIR (a mask per image, named after "
+             "it; path or s3://)")] = None,
     lpips_weights: Annotated[Path | None, typer.Option(
         help="torchvision's AlexNet weights for LPIPS, alexnet-owt-7be5be79.pth "
              "(default: torch hub's cache)")] = None,
@@ -51,8 +53,10 @@ def eval_command(
     from cectl.perceptual import load_perceptual
     from cectl.storage import open_store
 
-    if mask is not None and mask not in KINDS:
-        raise BadInput(f"--mask {mask!r} is not one of {', '.join(KINDS)}")
+    if mask is not None and mask not in KINDS and not (mask.startswith("s3://")
+                                                        or Path(mask).is_dir()):
+        raise BadInput(f"--mask {mask!r} is neither a mask kind ({', '.join(KINDS)}) nor a "
+                       "folder of masks")
     perceptual = load_perceptual(lpips_weights, fid_weights)
     with render.status(err, f"scoring the {split} split of {data}"):
         result = evaluate_checkpoint(open_store(ckpt), data, split, mask, perceptual)
@@ -67,8 +71,9 @@ def eval_command(
 def inpaint_command(
     img: Annotated[Path, typer.Argument(help="image to fill")],
     ckpt: Annotated[str, typer.Option(help="checkpoint folder (path or s3://)")],
-    mask: Annotated[str, typer.Option(help="center | random-block | random-region | "
-                                      "MASK.png (white = hole)")] = "center",
+    mask: Annotated[str, typer.Option(
+        help="center | random-block | random-region | free-form | files | MASK.png (white = "
+             "hole, the image's size) | DIR (the mask named after IMG)")] = "center",
     output: Annotated[Path | None, typer.Option("-o", "--output", help="output PNG")] = None,
     seed: Annotated[int, typer.Option(help="seed for random masks")] = 0,
 ) -> None:
