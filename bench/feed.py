@@ -16,7 +16,11 @@ as Paris StreetView or ImageNet shards are). Figures, printed as one JSON line:
   everything up to the decode. Not the decode (a stand-in here, its time taken out), nor
   what follows it on the GPU: cutting the crops, unpacking the holes, float conversion
   (`cectl.batches.unpack_batch`, a fixed number of kernels per batch, timed apart).
-- `holes_per_s`: holes one process draws per second, per mask kind, in batches of 64.
+- `holes_per_s`: holes one process draws per second, per mask kind, in batches of 64, at
+  128 px (free-form: the default areas; files: a set of 200 masks of 512 x 512, free-form
+  strokes saved as PNGs, as the NVIDIA irregular masks are).
+- `mask_set_read_per_s`: masks of that set read into the machine's cache per second (the
+  first process to open a set reads it; the others map the result).
 
 Each rate is the best of `--rounds`: on a shared machine the best is the least disturbed.
 
@@ -36,13 +40,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # cectl, without PYTHONPATH
 
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from cectl import data  # noqa: E402
 from cectl.config import load_config, validate_job  # noqa: E402
 from cectl.data import GlobalOrder, TrainBatches, TrainLoader, batch_shares, train_shards  # noqa: E402
 from cectl.demo import facade  # noqa: E402
-from cectl.masks import KINDS, holes_for_positions  # noqa: E402
+from cectl.mask_files import MaskFiles, open_mask_files  # noqa: E402
+from cectl.masks import KINDS, draw_holes, holes_for_positions  # noqa: E402
 from cectl.schema import JobConfig, ShardConfig  # noqa: E402
 from cectl.shard import run_shard  # noqa: E402
 from cectl.shard_format import open_manifest  # noqa: E402
@@ -159,12 +165,35 @@ def parse_amplification(shards: str, processes: int) -> float:
         cache.cleanup()
 
 
-def holes_per_s(kind: str, batches: int) -> float:
+def mask_folder(root: Path, count: int = 200) -> Path:
+    """`count` 512 x 512 mask PNGs (free-form strokes, of 10-60% of the image)."""
+    folder = root / "masks"
+    folder.mkdir()
+    for i, hole in enumerate(draw_holes("free-form", count, 512, 0, 0, area=(0.1, 0.6))):
+        Image.fromarray(hole[0].numpy().astype("uint8") * 255).save(folder / f"{i:05d}.png")
+    return folder
+
+
+def read_mask_set(folder: Path) -> tuple[MaskFiles, float]:
+    """The set at 128 px, opened on a fresh machine (a cache folder of its own, removed
+    after: the set stays mapped), and the masks read per second."""
+    cache = tempfile.TemporaryDirectory(prefix="cectl-bench-feed-cache-")
+    tempfile.tempdir = cache.name
+    try:
+        start = time.perf_counter()
+        files = open_mask_files(str(folder), 128)
+        return files, files.count / (time.perf_counter() - start)
+    finally:
+        tempfile.tempdir = None
+        cache.cleanup()
+
+
+def holes_per_s(kind: str, batches: int, files: MaskFiles) -> float:
     torch.set_num_threads(1)  # as in a loader process
-    holes_for_positions(kind, range(64), 128, 4, 0)  # one-off set-up
+    holes_for_positions(kind, range(64), 128, 4, 0, files=files)  # one-off set-up
     start = time.perf_counter()
     for b in range(batches):
-        holes_for_positions(kind, range(64 * b, 64 * (b + 1)), 128, 4, 0)
+        holes_for_positions(kind, range(64 * b, 64 * (b + 1)), 128, 4, 0, files=files)
     return 64 * batches / (time.perf_counter() - start)
 
 
@@ -176,6 +205,7 @@ def main() -> None:
     args = parser.parse_args()
     root = tempfile.TemporaryDirectory(prefix="cectl-bench-feed-")
     shards = make_shards(Path(root.name), args.images)
+    masks = mask_folder(Path(root.name))
     threads = torch.get_num_threads()
     best: dict = {}
 
@@ -192,8 +222,10 @@ def main() -> None:
             record(f"parse_amplification/x{processes}", parse_amplification(shards, processes),
                    higher=False)
         record("train_thread_us_per_image", train_thread_us(shards, 12), higher=False)
+        files, read_per_s = read_mask_set(masks)
+        record("mask_set_read_per_s", read_per_s)
         for kind in KINDS:
-            record(f"holes_per_s/{kind}", holes_per_s(kind, 8))
+            record(f"holes_per_s/{kind}", holes_per_s(kind, 8, files))
         torch.set_num_threads(threads)
         print(f"round {round_ + 1}: {json.dumps(best)}", file=sys.stderr, flush=True)
     report: dict = {}
