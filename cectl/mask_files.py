@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import random
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,6 +47,7 @@ from cectl.storage import Store, open_store
 
 FORMAT = 1  # of a set's files in the cache folder
 THREADS = 16  # reading a set: mostly waiting on the disk or the network
+CHUNK = 4096  # files of a folder given to the threads at a time
 KEEP = 4  # sets kept in the cache folder (the oldest go, unless a process holds them)
 
 
@@ -80,8 +83,7 @@ class MaskFiles:
         self.shapes = np.array(meta["shapes"], dtype=np.int64).reshape(-1, 2)
         self.count = len(self.shapes)
         self.skipped, self.skipped_files = meta["skipped"], meta["skipped_files"]
-        # (count, size, size / 8) uint8: the masks packed, each in the top-left corner.
-        self.bits = np.load(path, mmap_mode="r")
+        self.bits = self._map()
 
     def report(self) -> dict:
         """What the set holds and what was skipped, for a person (`cectl train`)."""
@@ -94,7 +96,12 @@ class MaskFiles:
     def __setstate__(self, state: dict) -> None:
         # A spawned loader process maps the file itself (a forked one keeps the map).
         self.__dict__.update(state)
-        self.bits = np.load(self.path, mmap_mode="r")
+        self.bits = self._map()
+
+    def _map(self) -> np.ndarray:
+        """(count, size, size / 8) uint8: the masks packed, each in the top-left corner
+        (the file holds a row more for each skipped file, written as the set was read)."""
+        return np.load(self.path, mmap_mode="r")[: self.count]
 
     def holes(self, seeds: list[int], size: int) -> np.ndarray:
         """(n, size, size) bool holes, hole i from `seeds[i]` alone: a mask picked, flipped
@@ -118,14 +125,15 @@ def open_mask_files(source: str, size: int) -> MaskFiles:
     it first if no process here has read this listing of the source."""
     store = open_store(source)
     store.check()
-    sharded = store.exists(MANIFEST)
-    if sharded:
-        manifest = read_manifest(store)
-        listing = {shard["name"]: shard["sha256"] for _, shard in shard_names(manifest)}
-    else:
+    manifest = read_manifest(store) if store.exists(MANIFEST) else None
+    if manifest is None:
         listing = {key: version for key, version in store.versions().items()
                    if _is_image(key)}
-    if not listing:
+        most = len(listing)
+    else:
+        listing = {shard["name"]: shard["sha256"] for _, shard in shard_names(manifest)}
+        most = sum(shard["samples"] for _, shard in shard_names(manifest))
+    if not most:
         raise BadInput(f"{source} holds no mask images (PNG, JPEG, ...): give the folder of "
                        "masks, or their shards")
     name = hashlib.sha256(repr((FORMAT, size, store.uri, sorted(listing.items())))
@@ -137,8 +145,7 @@ def open_mask_files(source: str, size: int) -> MaskFiles:
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta_path = path.with_suffix(".json")
         if not meta_path.exists():
-            masks = _read_shards(store, manifest) if sharded else _read_folder(store, listing)
-            _write(path, masks, store.uri, size)
+            _write(path, _fitted_masks(store, manifest, listing, size), most, store.uri, size)
             _drop_old(folder)
         # Mapped under the lock: a process that drops the set later leaves the map be.
         files = MaskFiles(path, json.loads(meta_path.read_text()))
@@ -165,55 +172,61 @@ def _reasons(skipped: dict[str, int]) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
 
 
-def _read_folder(store: Store, listing: dict[str, str]) -> list[tuple[str, bytes | None]]:
-    """(path, bytes) of every listed image; bytes None where the file went missing."""
+def _fitted_masks(store: Store, manifest: dict | None, listing: dict[str, str],
+                  size: int) -> Iterator[tuple[str, np.ndarray | Skip]]:
+    """Every mask of the source (where it is, and its hole fitted to `size` or why it is
+    skipped), in order: a folder's files read and fitted THREADS at a time, shards one at a
+    time with their samples fitted THREADS at a time. A few thousand at a time: memory
+    holds their holes, not the set's bytes."""
 
-    def read(key: str) -> tuple[str, bytes | None]:
+    def fitted(data: bytes | None) -> np.ndarray | Skip:
         try:
-            return store.url(key), store.read_bytes(key)
-        except FileNotFoundError:
-            return store.url(key), None
-
-    with ThreadPoolExecutor(THREADS) as pool:
-        return list(pool.map(read, sorted(listing)))
-
-
-def _read_shards(store: Store, manifest: dict) -> list[tuple[str, bytes | None]]:
-    """(sample, image bytes) of every sample of every split of the shards."""
-    samples = []
-    for _, shard in shard_names(manifest):
-        for sample in read_samples(store, shard["name"]):
-            data = sample.get("png", sample.get("jpg"))
-            samples.append((f"sample {sample['__key__']} of {store.url(shard['name'])}", data))
-    return samples
-
-
-def _write(path: Path, masks: list[tuple[str, bytes | None]], source: str, size: int) -> None:
-    """Fit every mask to `size` and write the set: its packed bits (`path`), then its
-    description (`path`.json), each through a temporary name."""
-
-    def fitted(item: tuple[str, bytes | None]) -> np.ndarray | Skip:
-        try:
-            if item[1] is None:
-                raise Skip("missing")
-            hole = fit(mask_grey(item[1]), size)
+            if data is None:
+                raise Skip("missing", "gone since the folder was listed")
+            hole = fit(mask_grey(data), size)
             return hole if hole.any() else Skip("no-hole", "no white pixel")
         except Skip as e:
             return e
 
-    bits = np.zeros((len(masks), size, -(-size // 8)), dtype=np.uint8)
-    shapes, skipped = [], []
+    def read(key: str) -> tuple[str, np.ndarray | Skip]:
+        try:
+            data = store.read_bytes(key)
+        except FileNotFoundError:
+            data = None
+        return store.url(key), fitted(data)
+
+    def sample(shard: str, sample: dict) -> tuple[str, np.ndarray | Skip]:
+        return (f"sample {sample['__key__']} of {store.url(shard)}",
+                fitted(sample.get("png", sample.get("jpg"))))
+
     with ThreadPoolExecutor(THREADS) as pool:
-        for (where, _), hole in zip(masks, pool.map(fitted, masks), strict=True):
-            if isinstance(hole, Skip):
-                skipped.append({"path": where, "reason": hole.reason, "detail": str(hole)})
-                continue
-            packed = np.packbits(hole, axis=-1)
-            bits[len(shapes), : packed.shape[0], : packed.shape[1]] = packed
-            shapes.append(hole.shape)
+        if manifest is None:
+            keys = sorted(listing)
+            for at in range(0, len(keys), CHUNK):
+                yield from pool.map(read, keys[at : at + CHUNK])
+            return
+        for _, shard in shard_names(manifest):
+            samples = read_samples(store, shard["name"])
+            yield from pool.map(functools.partial(sample, shard["name"]), samples)
+
+
+def _write(path: Path, masks: Iterator[tuple[str, np.ndarray | Skip]], most: int,
+           source: str, size: int) -> None:
+    """Write the set of (at most `most`) fitted `masks`: its packed bits (`path`, straight
+    to disk), then its description (`path`.json), each through a temporary name."""
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with open(partial, "wb") as f:
-        np.save(f, bits[: len(shapes)])
+    bits = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8,
+                                     shape=(most, size, -(-size // 8)))
+    shapes, skipped = [], []
+    for where, hole in masks:
+        if isinstance(hole, Skip):
+            skipped.append({"path": where, "reason": hole.reason, "detail": str(hole)})
+            continue
+        packed = np.packbits(hole, axis=-1)
+        bits[len(shapes), : packed.shape[0], : packed.shape[1]] = packed
+        shapes.append(hole.shape)
+    bits.flush()
+    del bits
     partial.replace(path)
     meta = {"source": source, "size": size, "shapes": [list(s) for s in shapes],
             "skipped": dict(Counter(s["reason"] for s in skipped)), "skipped_files": skipped}

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import threading
 
 import numpy as np
 
@@ -39,9 +40,10 @@ TURN = np.pi / 2  # most a segment turns from the last
 SEGMENTS_TO_TARGET = 12  # the brush width at which about this many reach the target
 OVERLAP = 0.8  # of the capsules' area, what a hole covers (strokes cross, leave the image)
 EXTRA = 2  # segments drawn past the estimate, for the exact area to step into
-ATTEMPTS = 100  # far more than any hole needs (BENCHMARKS.md: 1.01 on average)
+ATTEMPTS = 100  # far more than any hole needs (1.75 on average at worst, BENCHMARKS.md)
 COLUMNS = 4096  # column slices computed at a time
 FIELD = 1 << 21  # uint32 elements of a pass's field (8 MB): masks per pass at a size
+_SCRATCH_LOCK = threading.Lock()  # `_scratch` is the process's: one drawing at a time
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
 
@@ -53,21 +55,22 @@ def free_form_holes(seeds: list[int], size: int, area: tuple[float, float]) -> n
     state = np.array(seeds, dtype=np.uint64)
     pending = np.arange(len(seeds))
     per_pass = max(1, FIELD // ((size + 1) * size))
-    for attempt in range(ATTEMPTS):
-        if not len(pending):
-            return holes
-        done = np.zeros(len(pending), dtype=bool)
-        for at in range(0, len(pending), per_pass):
-            chunk = pending[at : at + per_pass]
-            drawn, done[at : at + per_pass] = _attempt(
-                uniforms(state[chunk], DRAWS, attempt * DRAWS), size, area)
-            holes[chunk] = drawn
-        pending = pending[~done]
+    with _SCRATCH_LOCK:
+        for attempt in range(ATTEMPTS):
+            if not len(pending):
+                return holes
+            done = np.zeros(len(pending), dtype=bool)
+            for at in range(0, len(pending), per_pass):
+                chunk = pending[at : at + per_pass]
+                drawn, done[at : at + per_pass] = _attempt(
+                    _uniforms(state[chunk], DRAWS, attempt * DRAWS), size, area)
+                holes[chunk] = drawn
+            pending = pending[~done]
     raise ValueError(f"no free-form hole covering {area[0]:g}-{area[1]:g} of the image "
                      f"in {ATTEMPTS} attempts")
 
 
-def uniforms(seeds: np.ndarray, count: int, skip: int = 0) -> np.ndarray:
+def _uniforms(seeds: np.ndarray, count: int, skip: int = 0) -> np.ndarray:
     """(n, count) floats in [0, 1): outputs skip + 1 .. skip + count of SplitMix64 from
     each of the uint64 `seeds` (53 bits each)."""
     z = seeds[:, None] + _GOLDEN * np.arange(skip + 1, skip + count + 1, dtype=np.uint64)
@@ -137,11 +140,12 @@ def _rasterize(p: np.ndarray, q: np.ndarray, radius: np.ndarray, drawn: np.ndarr
     # their slab's bounds run off to +-1e9 or so and the intersection comes out right.
     dx = np.where(np.abs(d[:, 0]) < 1e-6, f(1e-6), d[:, 0])
     dy = np.where(np.abs(d[:, 1]) < 1e-6, f(1e-6), d[:, 1])
-    half = np.where(length2 > 1e-6, r * np.sqrt(length2) / np.abs(dx), f(np.nan))  # a point:
-    span = length2 / dy  # no slab
+    # A point (a stroke stopped in a corner) has no slab: its sides are NaN.
+    half = np.where(length2 > 1e-6, r * np.sqrt(length2) / np.abs(dx), f(np.nan))
+    span = length2 / dy
     segments = np.stack([
         a[:, 0] - f(0.5), b[:, 0] - f(0.5), a[:, 1], b[:, 1], r * r,  # x: pixel centres
-        d[:, 1] / dx, d[:, 0] / dy,  # the slope of the slab, and of its ends
+        d[:, 1] / dx, d[:, 0] / dy,  # the slope of the slab's sides, and (negated) its ends
         a[:, 1] - half, a[:, 1] + half,  # the slab's sides, at a's column
         a[:, 1] + np.minimum(span, 0), a[:, 1] + np.maximum(span, 0)])  # its ends
     bits = np.right_shift(np.uint32(1 << 31), bit.astype(np.uint32))  # first: the highest
@@ -218,13 +222,13 @@ def _settle(field: np.ndarray, estimate: np.ndarray, drawn: np.ndarray, size: in
         # from 32 - k up, where it is at least 2 ** (32 - k).
         least_value = np.left_shift(np.uint64(1), (32 - k).astype(np.uint64)).astype(np.uint32)
         if isinstance(at, slice):  # all of them: in the scratch memory
-            drawn = np.greater_equal(field, least_value[None, :, None], out=holes)
+            covered = np.greater_equal(field, least_value[None, :, None], out=holes)
         else:
-            drawn = field[:, at] >= least_value[None, :, None]
+            covered = field[:, at] >= least_value[None, :, None]
         # Down the rows first (each column's count fits 16 bits): 4x faster than both at once.
-        pixels = np.add.reduce(drawn.view(np.uint8), axis=0, dtype=np.uint16).sum(
+        pixels = np.add.reduce(covered.view(np.uint8), axis=0, dtype=np.uint16).sum(
             axis=1, dtype=np.int64)
-        return drawn, np.where(pixels < least, 1, np.where(pixels > most, -1, 0))
+        return covered, np.where(pixels < least, 1, np.where(pixels > most, -1, 0))
 
     k = estimate.copy()
     _, step = prefix(k, slice(None))
