@@ -10,18 +10,17 @@ the band of `mask.overlap` px the hole leaves visible inside the window; for ran
 they are all of the context (the authors' `useOverlapPred`; `mask.overlap_weight=1` is
 their plain L2 over the whole image).
 
-Training holes are drawn in the loader processes, a batch at a time, and travel packed
-eight pixels a byte (`pack_holes`). The drawing is vectorised, yet each hole is, bit for
-bit, the one the earlier per-sample torch loop drew from the same seed (that loop is kept
-in tests/test_masks.py as the reference):
-- torch's CPU generator is the 32-bit Mersenne Twister seeded with the seed's low 32 bits,
-  and each element of a CPU `rand` or `randint` (range below 2**32) takes one output of
-  it: NumPy's legacy `RandomState` is the same generator, so a random-block hole's draws
-  come out of one call;
-- a random-region hole is the top `count` pixels of bicubically upsampled noise, drawn by
-  `cectl.regions`.
-Free-form holes (brush strokes) are drawn by `cectl.strokes`, and holes from the user's
-mask images by `cectl.mask_files`, each from its sample's seed alone.
+Training holes are drawn in the loader processes, a batch at a time, each from a seed
+of its sample's position, and travel packed eight pixels a byte (`pack_holes`):
+- random-block and random-region holes are drawn vectorised, yet each is, bit for bit,
+  the one the earlier per-sample torch loop drew from the same seed (that loop is kept in
+  tests/test_masks.py as the reference). torch's CPU generator is the 32-bit Mersenne
+  Twister seeded with the seed's low 32 bits, and each element of a CPU `rand` or
+  `randint` (range below 2**32) takes one output of it: NumPy's legacy `RandomState` is
+  the same generator, so a random-block hole's draws come out of one call. Random-region
+  holes: `cectl.regions`;
+- free-form holes (brush strokes of `mask.min_area` to `mask.max_area`): `cectl.strokes`;
+- holes from the user's mask images (`mask.kind=files`): `cectl.mask_files`.
 """
 
 from __future__ import annotations
@@ -103,7 +102,8 @@ def holes_for_positions(kind: str, positions: range, size: int, overlap: int, se
                         area: tuple[float, float] = AREA,
                         files: MaskFiles | None = None) -> torch.Tensor:
     """The holes of training samples, each drawn from the sample's global position: a
-    sample's hole does not depend on the batch, rank or world size it lands in."""
+    sample's hole does not depend on the batch, rank or world size it lands in. Free-form
+    holes cover a fraction within `area`; `files` holes are placed masks of `files`."""
     if kind == "center":
         return _center(len(positions), size, overlap)
     seeds = [derive_seed(seed, "mask", p) for p in positions]
