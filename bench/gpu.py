@@ -35,10 +35,12 @@ rewritten after each so a late failure loses nothing:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -286,6 +288,15 @@ class Report:
         if self.path:
             self.path.write_text(json.dumps(self.data, indent=2))
 
+    @contextlib.contextmanager
+    def guard(self, key: str):
+        """Run one part; if it fails, record why and go on to the next (the lease is short)."""
+        try:
+            yield
+        except Exception as e:
+            traceback.print_exc()
+            self.part(f"{key}_error", f"{type(e).__name__}: {e}")
+
 
 def step_line(name: str, result: dict) -> None:
     peak = f"{result['peak_gib']:.2f} GiB" if result["peak_gib"] is not None else "-"
@@ -342,22 +353,26 @@ def main() -> None:
 
     if cuda and gpu_decoding("auto", device):
         print("GPU decode of 256 JPEGs while freed blocks are still being written:")
-        report.part("decode", decode_check(device, shard_jpegs(shards, 256),
-                                           10 if args.quick else 50))
+        with report.guard("decode"):
+            report.part("decode", decode_check(device, shard_jpegs(shards, 256),
+                                               10 if args.quick else 50))
 
     if cuda:
-        report.part("syncs", loop_syncs(shards, device, batches[-1], args.quick, 5))
-        print(f"host syncs in 5 loop iterations: {report.data['syncs']}", flush=True)
+        with report.guard("syncs"):
+            report.part("syncs", loop_syncs(shards, device, batches[-1], args.quick, 5))
+            print(f"host syncs in 5 loop iterations: {report.data['syncs']}", flush=True)
 
     loader: dict = {}
     for gpu_decode in (False, True) if gpu_decoding("auto", device) else (False,):
         mode = "gpu" if gpu_decode else "cpu"
         for processes in (1, 2) if args.quick else (1, 4, 8, 16):
-            rate = loader_rate(shards, processes, 4 if args.quick else 100, device, gpu_decode)
-            loader[f"{mode} decode x{processes}"] = rate
-            report.part("loader", loader)
-            print(f"loader, {mode} decode, {processes:2d} processes: {rate:9.0f} images/s",
-                  flush=True)
+            with report.guard(f"loader {mode} x{processes}"):
+                rate = loader_rate(shards, processes, 4 if args.quick else 100, device,
+                                   gpu_decode)
+                loader[f"{mode} decode x{processes}"] = rate
+                report.part("loader", loader)
+                print(f"loader, {mode} decode, {processes:2d} processes: {rate:9.0f} images/s",
+                      flush=True)
 
     batch = batches[-1]
     alone = steps_report[f"batch {batch} cectl {'bf16' if cuda else 'fp32'} cl"]["images_per_s"]
@@ -365,17 +380,20 @@ def main() -> None:
     for decode, mask in (("auto", "center"), ("cpu", "center"), ("auto", "random-region")):
         if decode == "cpu" and not gpu_decoding("auto", device) and runs:
             continue  # auto is cpu here: measured already
-        rate = whole_run(shards, device, batch, 20 if args.quick else 200, args.quick, decode,
-                         mask)
-        runs[f"decode {decode}, {mask} holes"] = {"images_per_s": rate,
-                                                  "share_of_step": rate / alone}
-        report.part("whole_run", runs)
-        print(f"cectl train --local, batch {batch}, data.decode={decode}, {mask} holes: "
-              f"{rate:.0f} images/s = {100 * rate / alone:.0f}% of the step alone", flush=True)
+        with report.guard(f"whole_run {decode} {mask}"):
+            rate = whole_run(shards, device, batch, 20 if args.quick else 200, args.quick,
+                             decode, mask)
+            runs[f"decode {decode}, {mask} holes"] = {"images_per_s": rate,
+                                                      "share_of_step": rate / alone}
+            report.part("whole_run", runs)
+            print(f"cectl train --local, batch {batch}, data.decode={decode}, {mask} holes: "
+                  f"{rate:.0f} images/s = {100 * rate / alone:.0f}% of the step alone",
+                  flush=True)
 
     print("bf16 + channels_last + torch.compile:", flush=True)
     for batch in batches:
-        measure(batch, "compile", "bf16", "cectl bf16 cl compile")
+        with report.guard(f"compile {batch}"):
+            measure(batch, "compile", "bf16", "cectl bf16 cl compile")
     report.part("seconds", time.perf_counter() - t0)
     print(f"done in {report.data['seconds']:.0f} s", flush=True)
 

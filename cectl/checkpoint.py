@@ -69,10 +69,10 @@ def write_checkpoint(run: Run, step: int, tensors: dict[str, torch.Tensor], stat
     # Through a file: safetensors writes one without holding the GIL (building the
     # bytes in memory holds it for a second), so a background save does not stall the
     # training thread, and S3 gets a multipart upload.
-    run.check_claim()
-    run.store.write_file(f"{folder}/model.safetensors", lambda path: save_file(tensors, path))
-    run.check_claim()  # again: state.json makes the checkpoint count
-    run.store.write_bytes(f"{folder}/state.json", state_bytes(state))
+    with run.writing():
+        run.store.write_file(f"{folder}/model.safetensors", lambda path: save_file(tensors, path))
+    with run.writing():  # checked again: state.json makes the checkpoint count
+        run.store.write_bytes(f"{folder}/state.json", state_bytes(state))
     run.prune(keep=state.get("best_step"))
     return run.store.url(folder)
 

@@ -81,8 +81,8 @@ class Validator:
             grid = sample_grid(fill_holes(truth, holes), completed, truth)
         finally:
             generator.train()
-        self.run.check_claim()
-        self.run.store.write_bytes(f"samples/step-{step:06d}.png", png_bytes(grid))
+        with self.run.writing():
+            self.run.store.write_bytes(f"samples/step-{step:06d}.png", png_bytes(grid))
         self.logger.log_grid(step, grid)
         return {f"val_{k}": v for k, v in result["model"].items()}
 
@@ -143,8 +143,8 @@ class MetricsLogger:
     def flush(self) -> None:
         if not self.active:
             return
-        self.run.check_claim()
-        self.run.store.write_bytes("metrics.jsonl", ("\n".join(self.lines) + "\n").encode())
+        with self.run.writing():
+            self.run.store.write_bytes("metrics.jsonl", ("\n".join(self.lines) + "\n").encode())
         self.writer.flush()
         if self.tb_local is None:
             for path in self.tb_dir.iterdir():

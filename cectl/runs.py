@@ -11,9 +11,11 @@ step) and is checked as data when read. The tensors are `cectl.checkpoint`'s.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -87,6 +89,17 @@ class Run:
         writes under a claim it has lost."""
         if self.held is not None:
             self.held.check(read)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Around a write to the run: the claim checked first; a write that fails because the
+        run was taken over meanwhile (its new holder clears partial files) says so."""
+        self.check_claim()
+        try:
+            yield
+        except Exception:
+            self.check_claim()
+            raise
 
     def checkpoint(self, which: str = "latest") -> Store:
         """The store of a checkpoint: latest, best or a step number."""

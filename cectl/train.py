@@ -179,8 +179,8 @@ def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | 
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
 
     if rank == 0:
-        run.check_claim()
-        run.store.write_bytes("config.yaml", to_yaml(cfg).encode())
+        with run.writing():
+            run.store.write_bytes("config.yaml", to_yaml(cfg).encode())
     logger = MetricsLogger(run, cfg, session, start)
     validator = Validator(cfg, manifest, session, run, logger, loader.mask_files)
     if resume:

@@ -468,7 +468,7 @@ def test_an_fp16_step_whose_gradients_overflow_is_skipped_and_lowers_the_scale(f
     generator, discriminator = build_models(cfg)
     optimizers = [make_optimizer(m, 1e-3, 0.5) for m in (generator, discriminator)]
     images = to_model_range(next(TrainLoader(facade_shards, open_manifest(facade_shards), cfg,
-                                             0, 1)))
+                                             0, 1))[0])
     holes = draw_holes("center", len(images), 32, 2, 0)
     before = weights_digest(generator, discriminator)
     # A scale no fp16 gradient survives: the scaler finds infinities and skips the updates.
