@@ -8,26 +8,28 @@ rewritten after each so a late failure loses nothing:
 1. `step`: the dcgan128 joint-loss step on synthetic batches already on the device, batch
    64 and 256: the plain eager-fp32 baseline (bench/train_step.py's reference layers,
    default Adam, no tuning), then with cectl's GPU set-up (`prepare_device`:
-   cudnn.benchmark, TF32 matmuls) fp32 and bf16 autocast, each in NCHW and channels_last
-   (cectl's default: channels_last, `train.precision=auto` = bf16). images/s, peak GPU
-   memory, MFU against this GPU's measured bf16 matmul rate.
+   cudnn.benchmark, TF32 matmuls) fp32 and bf16 autocast, each in NCHW and channels_last,
+   and bf16 channels_last as a CUDA graph (cectl's default on one GPU: `cectl.graph`).
+   images/s, peak GPU memory, MFU against this GPU's measured bf16 matmul rate; then
+   `graph_check`: the weights after 10 steps launched kernel by kernel and as a graph.
 2. `decode`: torchvision's batched nvJPEG decode while queued kernels still write blocks
    the caching allocator has freed: iterations whose output differs from a clean decode,
    for the plain call, cectl's decoder (`cectl.batches.NvJpeg`: a side stream,
    `wait_stream` + `record_stream`) and the plain call after a host barrier; and each
    one's images/s.
 3. `syncs`: the training loop's body (next batch from the loader with GPU decoding and
-   random-region holes, float conversion, step) for steady-state steps under
+   random-region holes, float conversion, the graphed step) for steady-state steps under
    `torch.cuda.set_sync_debug_mode("warn")`: every host sync it makes (target: none).
 4. `loader`: the loader alone on 467x350 JPEG shards (batch 64), 1, 4, 8, 16 processes,
    CPU decode and GPU decode.
 5. `whole_run`: `cectl train --local` at batch 256 (the real loop, loader, logging), GPU
-   and CPU decode with center holes, GPU decode with random-region holes: images/s and
+   decode with and without the CUDA graph, CPU decode, with center holes, and GPU decode
+   with random-region holes: images/s over the log windows after the first quarter, and
    the share of the step alone.
 6. `compile`: bf16 + channels_last + torch.compile, batch 64 and 256 (last: compiling is
    slow).
 
-    python3 bench/gpu.py [--quick] [--steps 30] [--json OUT.json]
+    python3 bench/gpu.py [--quick] [--steps 50] [--parts step,syncs,...] [--json OUT.json]
 
 `--quick` runs every part small on any device, to check the script (GPU-only parts skip).
 """
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 import tempfile
@@ -53,6 +56,7 @@ from train_step import baseline_step, reference_layers  # noqa: E402
 
 from cectl.config import load_config, validate_job  # noqa: E402
 from cectl.data import TrainLoader, gpu_decoding  # noqa: E402
+from cectl.graph import GraphedStep  # noqa: E402
 from cectl.masks import derive_seed, draw_holes  # noqa: E402
 from cectl.model import build_models  # noqa: E402
 from cectl.pixels import to_model_range  # noqa: E402
@@ -78,7 +82,7 @@ def sync(device: torch.device) -> None:
 
 
 def models(cfg, device: torch.device, variant: str):
-    """(G, D, their optimizers) for a variant: baseline, nchw, channels_last, compile."""
+    """(G, D, their optimizers) for a variant: baseline, nchw, channels_last, graph, compile."""
     torch.manual_seed(0)
     g, d = (m.to(device) for m in build_models(cfg))
     if variant == "baseline":
@@ -88,7 +92,7 @@ def models(cfg, device: torch.device, variant: str):
     else:
         opt_g = make_optimizer(g, 2e-3, 0.5)
         opt_d = make_optimizer(d, 2e-4, 0.5)
-    if variant in ("channels_last", "compile"):
+    if variant in ("channels_last", "graph", "compile"):
         g, d = g.to(memory_format=torch.channels_last), d.to(memory_format=torch.channels_last)
     if variant == "compile":
         g, d = torch.compile(g), torch.compile(d)
@@ -104,15 +108,17 @@ def step_rate(cfg, device: torch.device, steps: int, variant: str) -> dict:
     holes = draw_holes(cfg.mask.kind, n, size, cfg.mask.overlap,
                        derive_seed(0, "bench")).to(device)
     layout = torch.contiguous_format if variant in ("baseline", "nchw") else torch.channels_last
+    step = functools.partial(baseline_step if variant == "baseline" else train_step,
+                             g, d, opt_g, opt_d, cfg=cfg)
+    if variant != "baseline":
+        step = functools.partial(step, scaler=scaler)
+    if variant == "graph":
+        step = GraphedStep(step, before_replay=lambda: None)
 
     def one() -> None:
-        x = to_model_range(images.contiguous(memory_format=layout))
-        if variant == "baseline":
-            baseline_step(g, d, opt_g, opt_d, x, holes, cfg)
-        else:
-            train_step(g, d, opt_g, opt_d, x, holes, cfg, scaler)
+        step(to_model_range(images.contiguous(memory_format=layout)), holes)
 
-    for _ in range(3):  # warm-up (and compilation, and cudnn.benchmark's search)
+    for _ in range(5):  # warm-up (compilation, cudnn.benchmark's search, the graph's capture)
         one()
     sync(device)
     if device.type == "cuda":
@@ -125,6 +131,32 @@ def step_rate(cfg, device: torch.device, steps: int, variant: str) -> dict:
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"images_per_s": steps * n / seconds, "ms_per_step": 1000 * seconds / steps,
             "peak_gib": peak}
+
+
+def graph_check(cfg, device: torch.device, steps: int) -> dict:
+    """The weights after `steps` steps from the same start on the same batches, launched
+    kernel by kernel and replayed as a CUDA graph: their largest difference."""
+    weights, losses = [], []
+    for graphed in (False, True):
+        g, d, opt_g, opt_d = models(cfg, device, "graph")
+        step = functools.partial(train_step, g, d, opt_g, opt_d, cfg=cfg,
+                                 scaler=torch.amp.GradScaler(device.type, enabled=False))
+        if graphed:
+            step = GraphedStep(step, before_replay=lambda: None)
+        batches = torch.Generator(device).manual_seed(1)
+        n, size = cfg.data.batch_size, cfg.data.image_size
+        holes = draw_holes(cfg.mask.kind, n, size, cfg.mask.overlap, 0).to(device)
+        for _ in range(steps):
+            images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8,
+                                   device=device, generator=batches)
+            last = step(to_model_range(images.contiguous(memory_format=torch.channels_last)),
+                        holes)
+        weights.append(torch.cat([p.detach().flatten().float() for p in g.parameters()]))
+        losses.append({k: float(v) for k, v in last.items()})
+    eager, graphed = weights
+    return {"steps": steps, "bitwise_equal": bool(torch.equal(eager, graphed)),
+            "max_abs_diff": float((eager - graphed).abs().max()),
+            "max_abs_weight": float(eager.abs().max()), "losses": losses}
 
 
 def flops_per_step(cfg, device: torch.device) -> float:
@@ -163,15 +195,16 @@ def loop_syncs(shards: str, device: torch.device, batch: int, quick: bool, steps
     layout = prepare_device(device)
     loader = TrainLoader(shards, open_manifest(shards), cfg, 0, 1, device,
                          gpu_jpegs=gpu_decoding(cfg.data.decode, device))
-    g, d, opt_g, opt_d = models(cfg, device, "channels_last")
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    g, d, opt_g, opt_d = models(cfg, device, "graph")
+    step = GraphedStep(functools.partial(
+        train_step, g, d, opt_g, opt_d, cfg=cfg,
+        scaler=torch.amp.GradScaler(device.type, enabled=False)), before_replay=lambda: None)
 
     def one() -> None:
         images, holes = next(loader)
-        images = to_model_range(images.contiguous(memory_format=layout))
-        train_step(g, d, opt_g, opt_d, images, holes, cfg, scaler)
+        step(to_model_range(images.contiguous(memory_format=layout)), holes)
 
-    for _ in range(3):
+    for _ in range(5):
         one()
     sync(device)
     with warnings.catch_warnings(record=True) as caught:
@@ -182,6 +215,8 @@ def loop_syncs(shards: str, device: torch.device, batch: int, quick: bool, steps
                 one()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    # The mode announces itself as a prototype once: that warning is not a sync.
+    caught = [w for w in caught if "debug mode is a prototype" not in str(w.message)]
     messages = sorted({f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}"
                        for w in caught})
     return {"steps": steps, "syncs": len(caught), "gpu_decode": loader.gpu_jpegs,
@@ -268,13 +303,19 @@ def loader_rate(shards: str, processes: int, batches: int, device: torch.device,
 
 
 def whole_run(shards: str, device: torch.device, batch: int, steps: int, quick: bool,
-              decode: str, mask: str) -> float:
+              decode: str, mask: str, graph: bool) -> float:
     cfg = job(batch, "auto", quick, uri=shards, workers=8 if not quick else 1, decode=decode,
               mask=mask)
-    cfg.train.steps = steps
+    cfg.train.steps, cfg.train.cuda_graph = steps, graph
     store = open_store(tempfile.mkdtemp(prefix="cectl-bench-gpu-"))
-    summary = train(cfg, store, "bench", Session(device=device, on_log=lambda *a: None))
-    return summary["metrics"]["images_per_s"]  # the last log window: past the warm-up
+    rates = []  # images/s of each log window past the warm-up and the capture
+
+    def keep(step: int, metrics: dict) -> None:
+        if step > steps // 4 and "images_per_s" in metrics:
+            rates.append(metrics["images_per_s"])
+
+    train(cfg, store, "bench", Session(device=device, on_log=keep))
+    return len(rates) / sum(1 / r for r in rates)  # windows of as many images each
 
 
 class Report:
@@ -304,12 +345,20 @@ def step_line(name: str, result: dict) -> None:
           f" ms  peak {peak:>10s}  MFU {100 * result['mfu']:.1f}%", flush=True)
 
 
+PARTS = ("step", "decode", "syncs", "loader", "whole_run", "compile")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, any device")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"which parts, comma-separated (default: all of {','.join(PARTS)})")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        parser.error(f"--parts: unknown {','.join(sorted(parts - set(PARTS)))}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     steps = 2 if args.quick else args.steps
@@ -334,36 +383,48 @@ def main() -> None:
         step_line(name, result)
         report.part("step", steps_report)
 
-    print("step alone (synthetic batches on the device):", flush=True)
-    for batch in batches:
-        measure(batch, "baseline", "fp32", "baseline eager fp32")
+    if "step" in parts:
+        print("step alone (synthetic batches on the device):", flush=True)
+        for batch in batches:
+            measure(batch, "baseline", "fp32", "baseline eager fp32")
     layout = prepare_device(device)  # cectl's set-up from here on
     print(f"cectl's device set-up: cudnn.benchmark={torch.backends.cudnn.benchmark}, "
           f"TF32 matmuls={torch.backends.cuda.matmul.fp32_precision}, {layout}", flush=True)
-    for batch in batches:
+    for batch in batches if "step" in parts else ():
         for variant, precision, label in (
                 ("nchw", "fp32", "cectl fp32"), ("channels_last", "fp32", "cectl fp32 cl"),
-                ("nchw", "bf16", "cectl bf16"), ("channels_last", "bf16", "cectl bf16 cl")):
-            measure(batch, variant, precision, label)
+                ("nchw", "bf16", "cectl bf16"), ("channels_last", "bf16", "cectl bf16 cl"),
+                ("graph", "bf16", "cectl bf16 cl graph")):
+            if variant != "graph" or cuda:
+                measure(batch, variant, precision, label)
+    if cuda and "step" in parts:
+        with report.guard("graph_check"):
+            report.part("graph_check", graph_check(job(batches[0], "bf16", args.quick),
+                                                   device, 10))
+            print(f"eager vs CUDA graph, 10 steps: {report.data['graph_check']}", flush=True)
 
-    root = Path(tempfile.mkdtemp(prefix="cectl-bench-gpu-"))
-    start = time.perf_counter()
-    shards = make_shards(root, 100 if args.quick else 1600, workers=8)
-    print(f"generated and sharded images in {time.perf_counter() - start:.0f} s", flush=True)
+    if not parts & {"decode", "syncs", "loader", "whole_run"}:
+        shards = ""
+    else:
+        root = Path(tempfile.mkdtemp(prefix="cectl-bench-gpu-"))
+        start = time.perf_counter()
+        shards = make_shards(root, 100 if args.quick else 1600, workers=8)
+        print(f"generated and sharded images in {time.perf_counter() - start:.0f} s", flush=True)
 
-    if cuda and gpu_decoding("auto", device):
+    if cuda and gpu_decoding("auto", device) and "decode" in parts:
         print("GPU decode of 256 JPEGs while freed blocks are still being written:")
         with report.guard("decode"):
             report.part("decode", decode_check(device, shard_jpegs(shards, 256),
                                                10 if args.quick else 50))
 
-    if cuda:
+    if cuda and "syncs" in parts:
         with report.guard("syncs"):
             report.part("syncs", loop_syncs(shards, device, batches[-1], args.quick, 5))
             print(f"host syncs in 5 loop iterations: {report.data['syncs']}", flush=True)
 
     loader: dict = {}
-    for gpu_decode in (False, True) if gpu_decoding("auto", device) else (False,):
+    decodes = (False, True) if gpu_decoding("auto", device) else (False,)
+    for gpu_decode in decodes if "loader" in parts else ():
         mode = "gpu" if gpu_decode else "cpu"
         for processes in (1, 2) if args.quick else (1, 4, 8, 16):
             with report.guard(f"loader {mode} x{processes}"):
@@ -375,23 +436,30 @@ def main() -> None:
                       flush=True)
 
     batch = batches[-1]
-    alone = steps_report[f"batch {batch} cectl {'bf16' if cuda else 'fp32'} cl"]["images_per_s"]
+    default = "bf16 cl graph" if cuda else "fp32 cl"  # the step cectl runs here
+    alone = steps_report.get(f"batch {batch} cectl {default}", {}).get("images_per_s")
     runs = {}
-    for decode, mask in (("auto", "center"), ("cpu", "center"), ("auto", "random-region")):
-        if decode == "cpu" and not gpu_decoding("auto", device) and runs:
-            continue  # auto is cpu here: measured already
-        with report.guard(f"whole_run {decode} {mask}"):
+    kinds = [("auto", "center", True)] + [("auto", "center", False)] * cuda
+    kinds += [("cpu", "center", True)] * gpu_decoding("auto", device)
+    for decode, mask, graph in kinds + [("auto", "random-region", True)]:
+        if "whole_run" not in parts:
+            break
+        name = f"decode {decode}, {mask} holes{'' if graph else ', no CUDA graph'}"
+        with report.guard(f"whole_run {name}"):
             rate = whole_run(shards, device, batch, 20 if args.quick else 200, args.quick,
-                             decode, mask)
-            runs[f"decode {decode}, {mask} holes"] = {"images_per_s": rate,
-                                                      "share_of_step": rate / alone}
+                             decode, mask, graph)
+            runs[name] = {"images_per_s": rate}
+            share = ""
+            if alone:
+                runs[name]["share_of_step"] = rate / alone
+                share = f" = {100 * rate / alone:.0f}% of the step alone"
             report.part("whole_run", runs)
-            print(f"cectl train --local, batch {batch}, data.decode={decode}, {mask} holes: "
-                  f"{rate:.0f} images/s = {100 * rate / alone:.0f}% of the step alone",
+            print(f"cectl train --local, batch {batch}, {name}: {rate:.0f} images/s{share}",
                   flush=True)
 
-    print("bf16 + channels_last + torch.compile:", flush=True)
-    for batch in batches:
+    if "compile" in parts:
+        print("bf16 + channels_last + torch.compile:", flush=True)
+    for batch in batches if "compile" in parts else ():
         with report.guard(f"compile {batch}"):
             measure(batch, "compile", "bf16", "cectl bf16 cl compile")
     report.part("seconds", time.perf_counter() - t0)

@@ -159,7 +159,12 @@ class Checkpointer:
         return {f"rng.cuda.{rank}": s.cpu() for rank, s in enumerate(states)}
 
     def _before_update(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        self._copy_done.wait()  # the copy in progress holds the weights before this
+        self.wait_copy()
+
+    def wait_copy(self) -> None:
+        """Block until the save in progress has copied the weights: an optimizer may then
+        update them."""
+        self._copy_done.wait()
 
     def _write(self, step: int, state: dict, buffers: dict[str, torch.Tensor],
                live: dict[str, torch.Tensor], ready: torch.cuda.Event | None) -> None:

@@ -119,10 +119,12 @@ class MetricsLogger:
 
     def log_losses(self, step: int, losses: dict[str, torch.Tensor]) -> dict[str, float]:
         """Log this step's losses and the images/s since the last log; returns them."""
+        # Read first: reading waits for the device, so each window runs from the end of
+        # one step to the end of another, not from when the host queued them.
+        metrics = {k: float(v) for k, v in losses.items()}
         last_step, last_time = self.window
         now = time.perf_counter()
         self.window = (step, now)
-        metrics = {k: float(v) for k, v in losses.items()}
         metrics["images_per_s"] = (step - last_step) * self.images_per_step / (now - last_time)
         self.log(step, metrics)
         return metrics

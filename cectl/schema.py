@@ -196,6 +196,7 @@ class TrainConfig:
     seed: int = 0  # weights, data order, crops and holes
     precision: Precision = Precision.auto  # autocast dtype; auto: bf16 where native, else fp32
     grad_reduce: GradReduce = GradReduce.fp32  # how DDP all-reduces gradients
+    cuda_graph: bool = True  # one GPU: replay the step as one CUDA graph (not with fp16)
     resize_check_s: float = 30.0  # `--nodes MIN:MAX`: how often a group looks for more nodes
 
     def __post_init__(self) -> None:
