@@ -122,9 +122,14 @@ def join_cluster(nodes: tuple[int, int], gpus_per_node: int, cpu: bool,
     return low * gpus_per_node, high * gpus_per_node
 
 
-def ddp_wrapper(device: torch.device, grad_reduce: str) -> Callable[[nn.Module], nn.Module]:
+def ddp_wrapper(device: torch.device, grad_reduce: str,
+                world: int) -> Callable[[nn.Module], nn.Module]:
     """DDP for a network already on `device`; `grad_reduce=bf16` halves the all-reduce
-    traffic (gradients sent as bf16, averaged, then cast back: NCCL only)."""
+    traffic (gradients sent as bf16, averaged, then cast back: NCCL only). A world of one
+    has nothing to reduce: its networks stay as they are (and its step can be a CUDA
+    graph), as in `--local`."""
+    if world == 1:
+        return lambda module: module
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
     from torch.nn.parallel import DistributedDataParallel
 
@@ -155,9 +160,10 @@ def _worker(config: dict) -> None:
         ray.train.report({"step": step, **metrics})
 
     device = ray.train.torch.get_device()
+    world = context.get_world_size()
     session = Session(
-        rank=rank, world=context.get_world_size(), device=device,
-        wrap=ddp_wrapper(device, cfg.train.grad_reduce),
+        rank=rank, world=world, device=device,
+        wrap=ddp_wrapper(device, cfg.train.grad_reduce, world),
         on_log=on_log if rank == 0 else None, on_checkpoint=on_checkpoint)
     # A restarted worker group finds the checkpoints of the attempt before it. The driver
     # holds the run: rank 0 writes under its claim, wherever Ray places it.

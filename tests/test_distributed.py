@@ -11,6 +11,7 @@ import time
 
 import boto3
 import pytest
+import torch
 from helpers import TINY, assert_refused, cectl, local_cluster, tiny_job, train_workers
 
 from cectl.data import SAMPLE_LOG
@@ -101,3 +102,10 @@ def test_impossible_requests_exit_2_quickly(args, names, cluster, facade_shards,
                    "--address", cluster[0], timeout=120)
     assert_refused(result, 2, *names)
     assert time.monotonic() - start < 60
+
+
+def test_a_group_of_one_worker_trains_its_networks_without_ddp():
+    from cectl.distributed import ddp_wrapper
+
+    network = torch.nn.Linear(2, 2)
+    assert ddp_wrapper(torch.device("cpu"), "fp32", world=1)(network) is network
