@@ -92,7 +92,8 @@ class Checkpointer:
     Every rank restores. Saving costs the training thread a copy of the buffers alone: a
     background thread copies parameters and optimizer states (on a GPU, on a stream of its
     own) while the next step runs its forward and backward passes, and that step's
-    optimizer updates wait for the copy.
+    optimizer updates wait for the copy (a step replayed as a CUDA graph waits whole:
+    `wait_copy`).
     """
 
     def __init__(self, run: Run, cfg: DictConfig, modules: Modules, optimizers: Optimizers,
