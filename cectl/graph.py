@@ -3,9 +3,9 @@
 dcgan128's step is hundreds of small kernels: launched one by one from Python they cost
 the host more time than the GPU needs to run them (on an H100 at batch 64, 9-14 ms a step
 whatever the precision, 4.4 ms as a graph: BENCHMARKS.md). Captured once and replayed, a
-step costs the host a copy of the batch into the graph's input buffers and one launch. The step has no host
-sync and a fixed shape, and fused Adam is capturable, so the graph is the whole step:
-forwards, backwards and both optimizer updates.
+step costs the host a copy of the batch into the graph's input buffers and one launch.
+The step has no host sync and a fixed shape, and fused Adam is capturable, so the graph
+is the whole step: forwards, backwards and both optimizer updates.
 """
 
 from __future__ import annotations
