@@ -73,7 +73,8 @@ def write_checkpoint(run: Run, step: int, tensors: dict[str, torch.Tensor], stat
         run.store.write_file(f"{folder}/model.safetensors", lambda path: save_file(tensors, path))
     with run.writing():  # checked again: state.json makes the checkpoint count
         run.store.write_bytes(f"{folder}/state.json", state_bytes(state))
-    run.prune(keep=state.get("best_step"))
+    with run.writing():  # pruning deletes: only the holder may
+        run.prune(keep=state.get("best_step"))
     return run.store.url(folder)
 
 

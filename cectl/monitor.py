@@ -150,7 +150,8 @@ class MetricsLogger:
         self.writer.flush()
         if self.tb_local is None:
             for path in self.tb_dir.iterdir():
-                self.run.store.put_file(path, f"tensorboard/{path.name}")
+                with self.run.writing():
+                    self.run.store.put_file(path, f"tensorboard/{path.name}")
 
     def close(self) -> None:
         self.flush()

@@ -30,6 +30,7 @@ from cectl.errors import BadInput, Failure
 from cectl.render import status
 from cectl.runs import Run, best_device, list_runs
 from cectl.schema import JobConfig, SweepConfig
+from cectl.shard_format import open_manifest
 from cectl.storage import Store, check_name, open_store
 from cectl.train import Session, train
 
@@ -245,6 +246,7 @@ def run_sweep(args: list[str], data: str | None, store_uri: str, samples: int | 
     base_cfg = load_config(JobConfig, sweep.job, fixed,
                            {"data": {"uri": data}} if data else None)
     validate_job(base_cfg)
+    open_manifest(base_cfg.data.uri)  # bad shards fail here, before any trial starts
     base = OmegaConf.to_container(base_cfg)
     space = {**recipe_space(sweep.space), **searched}
     if not space:

@@ -17,6 +17,7 @@ import zlib
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 from PIL import Image
 
 
@@ -242,6 +243,13 @@ def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
     buf = io.BytesIO()
     image.save(buf, fmt, **options)
     return buf.getvalue()
+
+
+def mask_png(hole: np.ndarray, mode: str = "L") -> bytes:
+    """A mask image's PNG: white where `hole` (8-bit grey, RGBA, or 16-bit grey: "I;16")."""
+    if mode == "I;16":
+        return encode(Image.fromarray(hole.astype(np.uint16) * 65535))
+    return encode(Image.fromarray(hole.astype(np.uint8) * 255, "L").convert(mode))
 
 
 def image_bytes(size: tuple[int, int] = (40, 40), fmt: str = "PNG", colour=120,

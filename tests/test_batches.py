@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import random
 
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_job
+from helpers import assert_refused, encode, tiny_job
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -32,10 +31,8 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 def encoded(size: tuple[int, int], fmt: str = "JPEG", **options) -> bytes:
     rng = np.random.default_rng(sum(size))
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
-        buf, fmt, **options)
-    return buf.getvalue()
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return encode(Image.fromarray(pixels), fmt, **options)
 
 
 def mixed_samples() -> list[dict]:
@@ -95,10 +92,10 @@ def test_a_jpeg_the_decoder_fails_on_is_named():
             raise RuntimeError("nvjpegDecodeBatched failed: NVJPEG_STATUS_BAD_JPEG\nmore")
         return cpu_jpegs(jpegs)
 
-    with pytest.raises(BadInput, match=r"^sample s4 of shard train/shard-000000.tar is not a "
-                                       r"readable JPEG \(nvjpegDecodeBatched failed: "
-                                       r"NVJPEG_STATUS_BAD_JPEG\): run `cectl verify`$"):
+    with pytest.raises(BadInput) as caught:
         decode_jpegs(batch, stub)
+    assert_refused(caught.value, 2, "sample s4", "train/shard-000000.tar",
+                   "NVJPEG_STATUS_BAD_JPEG", "cectl verify")
 
 
 def test_a_jpeg_decoded_to_another_size_than_its_header_is_named():
@@ -107,8 +104,9 @@ def test_a_jpeg_decoded_to_another_size_than_its_header_is_named():
     def stub(jpegs: list[torch.Tensor]) -> list[torch.Tensor]:
         return [image[:, 1:] for image in cpu_jpegs(jpegs)]
 
-    with pytest.raises(BadInput, match="sample s0 .* decodes to"):
+    with pytest.raises(BadInput) as caught:
         decode_jpegs(batch, stub)
+    assert_refused(caught.value, 2, "sample s0", "decodes to")
 
 
 def test_loader_processes_parse_each_byte_about_once_whatever_their_number(facade_shards,

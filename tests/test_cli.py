@@ -34,6 +34,15 @@ def test_train_refuses_options_that_cannot_work_before_starting_anything(
     assert not (tmp_path / "store" / "runs").exists() and not ray_started()
 
 
+@pytest.mark.parametrize("command", [["train", *TINY], ["sweep", "sweep-lambda-lr"]])
+def test_missing_shards_are_refused_before_a_step_or_a_trial(command, cli, tmp_path):
+    missing = tmp_path / "no-shards"
+    result = cli(*command, "--data", missing, "--store", tmp_path / "store")
+    assert_refused(result, 2, str(missing))
+    assert len(result.stderr.strip().splitlines()) == 1  # the sentence alone: no progress
+    assert not (tmp_path / "store" / "runs").exists() and not ray_started()
+
+
 def test_an_address_with_no_cluster_is_refused(cli, facade_shards, tmp_path, monkeypatch):
     # Ray is told to stay on the loopback through the environment: undone after the test.
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -3,7 +3,6 @@ matched to images by name."""
 
 from __future__ import annotations
 
-import io
 import tempfile
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_refused, shard_images
+from helpers import mask_png as png
 from PIL import Image
 
 from cectl import mask_files
@@ -25,17 +25,6 @@ def machine(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     return tmp_path / "tmp"
-
-
-def png(hole: np.ndarray, mode: str = "L") -> bytes:
-    """A mask image: white where `hole` (8-bit grey, RGBA, or 16-bit grey: "I;16")."""
-    if mode == "I;16":
-        image = Image.fromarray(hole.astype(np.uint16) * 65535)
-    else:
-        image = Image.fromarray(hole.astype(np.uint8) * 255, "L").convert(mode)
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
 
 
 def blob(height: int, width: int) -> np.ndarray:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_refused
 from rich.console import Console
 from torch import nn
 
@@ -142,9 +143,10 @@ def test_bad_weights_exit_2_with_one_sentence(case, tiny_checkpoint, facade_shar
 
 
 def test_lpips_refuses_a_window_too_small_for_alexnet(tiny_checkpoint, facade_shards):
-    with pytest.raises(BadInput, match="at least 31 px"):
+    with pytest.raises(BadInput) as caught:
         evaluate_checkpoint(open_store(tiny_checkpoint), facade_shards,
                             perceptual=Perceptual(lpips=nn.Identity()))
+    assert_refused(caught.value, 2, "LPIPS", "31 px")
 
 
 @pytest.mark.skipif(not HAS_TORCHVISION, reason="LPIPS builds its AlexNet with torchvision")

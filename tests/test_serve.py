@@ -9,17 +9,15 @@ import queue
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import free_port
+from helpers import assert_refused, free_port, png_header
 from PIL import Image
 
 from cectl.cli import run
@@ -48,16 +46,6 @@ def layer_of(hole: np.ndarray) -> np.ndarray:
     layer = np.zeros((*hole.shape, 4), dtype=np.uint8)
     layer[hole] = 255
     return layer
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width x height pixels and holds none."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data)))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
 def test_page_and_cli_fill_the_same_hole_alike(tiny_checkpoint, tmp_path):
@@ -95,7 +83,7 @@ def test_page_refuses_a_bad_upload_with_the_cli_sentence(case, tiny_checkpoint, 
     if case == "not-an-image":
         photo.write_text("a shopping list")
     elif case == "too-many-pixels":
-        photo.write_bytes(png_header_only(20_000, 20_000))
+        photo.write_bytes(png_header(20_000, 20_000))
     else:
         Image.new("RGB", (1, 1)).save(photo)
     capsys.readouterr()
@@ -125,10 +113,12 @@ def test_the_page_offers_the_kinds_the_model_fills_but_the_training_machines_fil
 
 
 def test_painted_hole_needs_paint_of_the_photo_size():
-    with pytest.raises(BadInput, match="paint the hole"):
+    with pytest.raises(BadInput) as unpainted:
         painted_hole({"layers": [np.zeros((8, 10, 4), dtype=np.uint8)]}, (10, 8))
-    with pytest.raises(BadInput, match="is 10x8 but the photo is 12x8"):
+    assert_refused(unpainted.value, 2, "hole")
+    with pytest.raises(BadInput) as other_size:
         painted_hole({"layers": [np.full((8, 10, 4), 255, dtype=np.uint8)]}, (12, 8))
+    assert_refused(other_size.value, 2, "10x8", "12x8")
 
 
 class ProxyTrap:

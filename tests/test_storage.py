@@ -104,8 +104,9 @@ def test_a_multipart_upload_the_server_refuses_is_aborted(bucket, tmp_path, monk
     monkeypatch.setattr(s3, "MULTIPART_THRESHOLD", 6 * 2**20)
     monkeypatch.setattr(s3, "PART_SIZE", 2**20)  # below S3's 5 MiB: refused at completion
     (tmp_path / "big").write_bytes(os.urandom(7 * 2**20))
-    with pytest.raises(Failure, match="EntityTooSmall"):
+    with pytest.raises(Failure) as caught:
         open_store(f"s3://{bucket}/x").put_file(tmp_path / "big", "big")
+    assert_refused(caught.value, 1, "EntityTooSmall")
     assert boto3.client("s3").list_multipart_uploads(Bucket=bucket).get("Uploads") is None
 
 

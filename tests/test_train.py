@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, assert_refused, tiny_job
+from helpers import TINY, assert_refused, mask_png, tiny_job
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -369,11 +369,6 @@ def test_random_mask_training_validates_on_whole_images(kind, facade_shards, tmp
     assert lines[-1]["val_psnr_db"] == pytest.approx(scores["psnr_db"], rel=1e-5)
 
 
-def mask_png(path: Path, hole: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(hole.astype(np.uint8) * 255).save(path)
-
-
 def test_a_model_trains_with_free_form_masks_and_evaluates_with_them(cli, facade_shards,
                                                                    tmp_path):
     store = tmp_path / "store"
@@ -398,10 +393,11 @@ def test_a_model_trains_with_mask_files_and_evaluates_with_them_and_per_image_ma
     from cectl.pixels import load_eval_images
 
     masks = tmp_path / "masks"
+    masks.mkdir()
     for i, (height, width) in enumerate([(64, 64), (40, 90), (120, 50)]):
         hole = np.zeros((height, width), dtype=bool)
         hole[height // 4 : height // 2 + i, width // 5 : width // 2] = True
-        mask_png(masks / f"m{i}.png", hole)
+        (masks / f"m{i}.png").write_bytes(mask_png(hole))
     (masks / "broken.png").write_text("not a picture")
     store = tmp_path / "store"
     result = cli("train", *TINY, "mask.kind=files", f"mask.source={masks}", "data.workers=1",
@@ -421,10 +417,11 @@ def test_a_model_trains_with_mask_files_and_evaluates_with_them_and_per_image_ma
     # One mask per image, named after it, of the image's size before the eval crop.
     _, keys = load_eval_images(facade_shards, "val", 32)
     per_image = tmp_path / "per-image"
+    per_image.mkdir()
     for i, key in enumerate(keys):
         hole = np.zeros((72, 72), dtype=bool)
         hole[20 + i % 10 : 40 + i % 10, 30:50] = True
-        mask_png(per_image / f"{key}.png", hole)
+        (per_image / f"{key}.png").write_bytes(mask_png(hole))
     scored = cli("eval", ckpt, "--data", facade_shards, "--mask", per_image, "--json")
     assert scored.returncode == 0, scored.stderr
     report = json.loads(scored.stdout)

@@ -39,6 +39,7 @@ def train_command(
 ) -> None:
     """Train a context encoder: in this process (--local) or on Ray workers (--nodes N)."""
     from cectl.runs import best_device, start_or_resume
+    from cectl.shard_format import open_manifest
     from cectl.storage import open_store
     from cectl.train import describe_batch, train
 
@@ -47,6 +48,7 @@ def train_command(
     cfg, name = start_or_resume(run_store, args or [], data, name, resume)
     if local and nodes is not None:
         raise BadInput("--local and --nodes exclude each other")
+    open_manifest(cfg.data.uri)  # bad shards fail here, before a progress bar or a worker
     # Ray runs print their batch with the worker count (a range, when elastic).
     batch = f"{describe_batch(cfg, 1)}, " if nodes is None else ""
     err.print(f"run {name}: {cfg.model.arch}, {cfg.mask.kind} masks, {cfg.loss.mode} loss, "
