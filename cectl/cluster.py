@@ -1,17 +1,102 @@
-"""`cectl cluster`: thin wrappers over the Ray cluster launcher, and a local multi-node cluster."""
+"""Ray clusters: joining one (`train --nodes`, `sweep`, `probe --nodes`), and `cectl cluster`:
+thin wrappers over the Ray cluster launcher, and a local multi-node cluster."""
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 from rich.console import Console
 
 from cectl.errors import BadInput, Failure
 from cectl.render import status
+
+AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+            "AWS_PROFILE", "AWS_MAX_ATTEMPTS", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address` (default: RAY_ADDRESS, else a new local instance:
+    never the cluster `ray start` last recorded on this machine, maybe someone else's)."""
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    on_this_machine = address == "local" or parsed.hostname in LOOPBACK
+    if on_this_machine:
+        use_loopback()
+    import ray
+
+    if address not in ("auto", "local") and not answers(address):
+        raise BadInput(f"cannot reach a Ray cluster at {address}: check --address "
+                       "(host:port of the head node) and that the cluster is up")
+    # Workers get the driver's S3 settings (on a cloud cluster, instance roles do instead)
+    # and its sample log, if any.
+    from cectl.data import SAMPLE_LOG
+
+    env = {key: os.environ[key] for key in (*AWS_VARS, SAMPLE_LOG) if key in os.environ}
+    # Worker logs stay in Ray's log folder: the driver shows progress from the queue, and
+    # a failure surfaces as TrainingFailedError.
+    ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING",
+             log_to_driver=False, _node_ip_address="127.0.0.1" if on_this_machine else None)
+
+
+def answers(address: str) -> bool:
+    """Whether something accepts connections at `address` (host:port or a URL; port 6379 if
+    none) within 5 s. Ray itself would retry for minutes before saying the cluster is down."""
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 6379), timeout=5):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def use_loopback() -> None:
+    """Keep a Ray instance that lives on this machine on 127.0.0.1.
+
+    Otherwise Ray picks the address of the outward interface and talks to itself through
+    it. Ray reads this when first imported, so call it before `import ray`.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def check_resources(workers: int, nodes: int, cpu: bool) -> None:
+    """Fail with a clear sentence, not a hang, when the cluster cannot fit the job."""
+    import ray
+
+    kind = "CPU" if cpu else "GPU"
+    have = int(ray.cluster_resources().get(kind, 0))
+    if have < workers:
+        hint = " (add --cpu for CPU workers)" if not cpu and have == 0 else ""
+        raise BadInput(f"{workers} {kind} workers asked for ({nodes} node(s) x "
+                       f"{workers // nodes}), but the cluster has {have} {kind}s{hint}")
+
+
+def join_cluster(nodes: tuple[int, int], gpus_per_node: int, cpu: bool,
+                 address: str | None) -> tuple[int, int]:
+    """Check the node bounds, join the cluster and check that it fits the smallest group;
+    the (fewest, most) workers."""
+    low, high = nodes
+    if low < 1 or gpus_per_node < 1:
+        raise BadInput("--nodes and --gpus-per-node must be at least 1")
+    if low > high:
+        raise BadInput(f"--nodes {low}:{high}: MIN must not exceed MAX")
+    connect(address)  # first: it decides how Ray is imported
+    try:
+        check_resources(low * gpus_per_node, low, cpu)
+    except BadInput:
+        import ray
+
+        ray.shutdown()
+        raise
+    return low * gpus_per_node, high * gpus_per_node
 
 
 def ray_cli(*args: str) -> None:
@@ -38,8 +123,6 @@ def run_local_cluster(nodes: int, cpus: int, out: Console, err: Console,
                       join: str | None = None) -> None:
     """Start a head and nodes-1 worker raylets here (or, with `join`, `nodes` raylets that
     join the local cluster at that address), print the address, wait for Ctrl-C."""
-    from cectl.distributed import use_loopback
-
     use_loopback()
     if nodes < 1 or cpus < 1:
         raise BadInput("--nodes and --cpus must be at least 1")
@@ -77,8 +160,6 @@ def run_local_cluster(nodes: int, cpus: int, out: Console, err: Console,
 def _local_head(address: str) -> str:
     """`--join`'s address as a local cluster listens, 127.0.0.1:PORT (given as 127.0.0.1,
     localhost or [::1]); BadInput unless something answers there, rather than Ray's wait."""
-    from cectl.distributed import LOOPBACK, answers
-
     host, _, port = address.rpartition(":")
     if host.strip("[]") not in LOOPBACK or not port.isdigit():
         raise BadInput(f"--join takes the address `cectl cluster local` printed "

@@ -19,107 +19,27 @@ statistics); DDP broadcasts rank 0's running statistics before every forward, an
 from __future__ import annotations
 
 import os
-import socket
 import threading
 from collections.abc import Callable
-from urllib.parse import urlparse
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch import nn
 
-from cectl.data import SAMPLE_LOG
+from cectl.cluster import join_cluster
 from cectl.errors import BadInput, Failure
 from cectl.render import TrainProgress
 from cectl.runs import Run
 from cectl.storage import Store, open_store
 from cectl.train import Session, describe_batch, train
 
-AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
-            "AWS_PROFILE", "AWS_MAX_ATTEMPTS", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
 MAX_FAILURES = 3
 # Ray Train waits this long for a new group's resources before it looks again. An elastic
 # group is sized to resources Ray saw a moment ago, so after a node's death they may be
 # gone: look again soon, not after Ray's default 60 s. (Ray Train hands the driver's value
 # to its controller.)
 ELASTIC_START_TIMEOUT = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def connect(address: str | None) -> None:
-    """Join the cluster at `address` (default: RAY_ADDRESS, else a new local instance:
-    never the cluster `ray start` last recorded on this machine, maybe someone else's)."""
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    parsed = urlparse(address if "://" in address else f"tcp://{address}")
-    on_this_machine = address == "local" or parsed.hostname in LOOPBACK
-    if on_this_machine:
-        use_loopback()
-    import ray
-
-    if address not in ("auto", "local") and not answers(address):
-        raise BadInput(f"cannot reach a Ray cluster at {address}: check --address "
-                       "(host:port of the head node) and that the cluster is up")
-    # Workers get the driver's S3 settings (on a cloud cluster, instance roles do instead)
-    # and its sample log, if any.
-    env = {key: os.environ[key] for key in (*AWS_VARS, SAMPLE_LOG) if key in os.environ}
-    # Worker logs stay in Ray's log folder: the driver shows progress from the queue, and
-    # a failure surfaces as TrainingFailedError.
-    ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING",
-             log_to_driver=False, _node_ip_address="127.0.0.1" if on_this_machine else None)
-
-
-def answers(address: str) -> bool:
-    """Whether something accepts connections at `address` (host:port or a URL; port 6379 if
-    none) within 5 s. Ray itself would retry for minutes before saying the cluster is down."""
-    parsed = urlparse(address if "://" in address else f"tcp://{address}")
-    try:
-        with socket.create_connection((parsed.hostname, parsed.port or 6379), timeout=5):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
-def use_loopback() -> None:
-    """Keep a Ray instance that lives on this machine on 127.0.0.1.
-
-    Otherwise Ray picks the address of the outward interface and talks to itself through
-    it. Ray reads this when first imported, so call it before `import ray`.
-    """
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-
-def check_resources(workers: int, nodes: int, cpu: bool) -> None:
-    """Fail with a clear sentence, not a hang, when the cluster cannot fit the job."""
-    import ray
-
-    kind = "CPU" if cpu else "GPU"
-    have = int(ray.cluster_resources().get(kind, 0))
-    if have < workers:
-        hint = " (add --cpu for CPU workers)" if not cpu and have == 0 else ""
-        raise BadInput(f"{workers} {kind} workers asked for ({nodes} node(s) x "
-                       f"{workers // nodes}), but the cluster has {have} {kind}s{hint}")
-
-
-def join_cluster(nodes: tuple[int, int], gpus_per_node: int, cpu: bool,
-                 address: str | None) -> tuple[int, int]:
-    """Check the node bounds, join the cluster and check that it fits the smallest group;
-    the (fewest, most) workers."""
-    low, high = nodes
-    if low < 1 or gpus_per_node < 1:
-        raise BadInput("--nodes and --gpus-per-node must be at least 1")
-    if low > high:
-        raise BadInput(f"--nodes {low}:{high}: MIN must not exceed MAX")
-    connect(address)  # first: it decides how Ray is imported
-    try:
-        check_resources(low * gpus_per_node, low, cpu)
-    except BadInput:
-        import ray
-
-        ray.shutdown()
-        raise
-    return low * gpus_per_node, high * gpus_per_node
 
 
 def ddp_wrapper(device: torch.device, grad_reduce: str,

@@ -179,7 +179,7 @@ def ray_extractor(nodes: int, gpus_per_node: int, cpu: bool,
 
     The cluster is joined and checked as for training. Shards are independent, so plain
     tasks do (no process group); each result goes straight into the driver's cache."""
-    from cectl.distributed import join_cluster
+    from cectl.cluster import join_cluster
 
     workers, _ = join_cluster((nodes, nodes), gpus_per_node, cpu, address)
     import ray

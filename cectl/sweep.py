@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
+from cectl.cluster import join_cluster
 from cectl.config import load_config, to_yaml, validate_job
-from cectl.distributed import join_cluster
 from cectl.errors import BadInput, Failure
 from cectl.render import status
 from cectl.runs import Run, best_device, list_runs
