@@ -190,19 +190,25 @@ class S3Store(Store):
                 raise
 
     def check_conditional_writes(self) -> None:
-        """Once per server and bucket: a throwaway key created twice, then replaced with a
-        wrong version, must be refused both times."""
+        """Once per server and bucket: a throwaway key created twice, then replaced and
+        deleted with a wrong version, must be refused each time (a claim's release is a
+        conditional delete)."""
         if (self.config.endpoint, self.bucket) in _conditions_checked:
             return
         key = f".cectl-conditions-{uuid.uuid4().hex}"
         self.write_if(key, b"first", None)
         try:
-            for header, version in (("If-None-Match", None), ("If-Match", '"not-its-etag"')):
-                if self.write_if(key, b"again", version) is not None:
-                    raise BadInput(
-                        f"the S3 server at {self.config.where} ignores {header} on PUT, so "
-                        "it cannot keep two trainings of one run apart: train on a server "
-                        "that honours conditional writes (AWS S3, SeaweedFS)")
+            ignored = [(header, "PUT") for header, version in (
+                ("If-None-Match", None), ("If-Match", '"not-its-etag"'))
+                if self.write_if(key, b"again", version) is not None]
+            if not ignored and self.delete_if(key, '"not-its-etag"'):
+                ignored.append(("If-Match", "DELETE"))
+            if ignored:
+                header, method = ignored[0]
+                raise BadInput(
+                    f"the S3 server at {self.config.where} ignores {header} on {method}, so "
+                    "it cannot keep two trainings of one run apart: train on a server "
+                    "that honours conditional writes (AWS S3, SeaweedFS)")
         finally:
             self.delete(key)
         _conditions_checked.add((self.config.endpoint, self.bucket))

@@ -318,11 +318,13 @@ def tiny_job(data_uri: str, *overrides: str):
 
 
 class HeaderStrippingProxy:
-    """An HTTP/1.1 proxy to 127.0.0.1:`target` that drops one request header on the way, as
-    a server (or a gateway in front of it) that ignores that header would."""
+    """An HTTP/1.1 proxy to 127.0.0.1:`target` that drops one request header on the way (from
+    every request, or from those of one `method`), as a server (or a gateway in front of
+    it) that ignores that header would."""
 
-    def __init__(self, target: int, header: str):
+    def __init__(self, target: int, header: str, method: str = ""):
         self.target, self.header = target, header.lower().encode() + b":"
+        self.method = method.encode()
         self.port, self.stripped = free_port(), 0
         self._server = socket.create_server(("127.0.0.1", self.port))
         threading.Thread(target=self._accept, daemon=True).start()
@@ -351,7 +353,8 @@ class HeaderStrippingProxy:
                     lines.append(line)
                 if not lines:
                     break
-                kept = [line for line in lines if not line.lower().startswith(self.header)]
+                kept = [line for line in lines if not line.lower().startswith(self.header)
+                        or not lines[0].startswith(self.method)]
                 self.stripped += len(lines) - len(kept)
                 upstream.sendall(b"".join(kept) + b"\r\n")
                 length = next((int(line.split(b":", 1)[1]) for line in kept

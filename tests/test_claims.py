@@ -137,14 +137,15 @@ def test_deeply_nested_claim_and_state_json_are_damaged_files_not_crashes(tmp_pa
     assert_refused(caught.value, 2, "state.json", "nested too deeply")
 
 
-@pytest.mark.parametrize("header", ["If-None-Match", "If-Match"])
+@pytest.mark.parametrize(("header", "method"), [("If-None-Match", "PUT"), ("If-Match", "PUT"),
+                                                ("If-Match", "DELETE")])
 def test_a_server_that_ignores_conditional_writes_is_refused_before_any_claim(
-        header, facade_shards, s3_env, bucket, cli):
-    proxy = HeaderStrippingProxy(int(s3_env.rsplit(":", 1)[1]), header)
+        header, method, facade_shards, s3_env, bucket, cli):
+    proxy = HeaderStrippingProxy(int(s3_env.rsplit(":", 1)[1]), header, method)
     store = f"s3://{bucket}/store"
     refusal = cli("train", *TINY, "train.steps=2", "--data", facade_shards, "--store", store,
                   "--name", "r", env={"AWS_ENDPOINT_URL": proxy.url})
-    assert_refused(refusal, 2, proxy.url, f"ignores {header}")
+    assert_refused(refusal, 2, proxy.url, f"ignores {header} on {method}")
     assert proxy.stripped > 0
     assert open_store(store).list() == []  # no claim, no run, no leftover probe
 

@@ -109,3 +109,15 @@ def test_a_group_of_one_worker_trains_its_networks_without_ddp():
 
     network = torch.nn.Linear(2, 2)
     assert ddp_wrapper(torch.device("cpu"), "fp32", world=1)(network) is network
+
+
+def test_without_an_address_ray_starts_a_local_instance_not_a_recorded_cluster(monkeypatch):
+    import ray
+
+    from cectl.cluster import connect
+
+    joined = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "init", lambda **options: joined.append(options["address"]))
+    connect(None)  # as train --nodes, sweep and probe --nodes do without --address
+    assert joined == ["local"]
