@@ -118,6 +118,7 @@ def test_without_an_address_ray_starts_a_local_instance_not_a_recorded_cluster(m
 
     joined = []
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # connect sets it: undone after
     monkeypatch.setattr(ray, "init", lambda **options: joined.append(options["address"]))
     connect(None)  # as train --nodes, sweep and probe --nodes do without --address
     assert joined == ["local"]
