@@ -82,6 +82,12 @@ def test_a_group_going_2_1_3_as_nodes_die_and_join_sees_each_sample_once(
                 if "keys" in b] if log.exists() else []
         return [w for i, w in enumerate(seen) if i == 0 or seen[i - 1] != w]
 
+    def saved_by_a_group_of(world: int) -> bool:
+        keys = [o["Key"] for o in s3.list_objects_v2(
+            Bucket=bucket, Prefix="store/runs/elastic/checkpoints/").get("Contents", [])]
+        return any(json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())["world"]
+                   == world for key in keys if key.endswith("/state.json"))
+
     def wait_for(done, what: str) -> None:
         deadline = time.monotonic() + 180
         while not done():
@@ -104,6 +110,9 @@ def test_a_group_going_2_1_3_as_nodes_die_and_join_sees_each_sample_once(
         ).get("KeyCount"), "step 5")
         kill_a_training_node(cluster_pid)
         wait_for(lambda: worlds()[-1] == 1, "a group of 1")
+        # Its own checkpoint first: a group of 3 started before it would resume from the
+        # group of 2's and say "resized from 2 to 3".
+        wait_for(lambda: saved_by_a_group_of(1), "a checkpoint of the group of 1")
         # One node of 2 CPUs: two of 1 might register on either side of one of Ray's
         # resource refreshes, and the group would grow 1 -> 2 -> 3.
         with joined_nodes(address, 1, cpus=2):
