@@ -99,21 +99,23 @@ def models(cfg, device: torch.device, variant: str):
     return g, d, opt_g, opt_d
 
 
+def cectl_step(cfg, device: torch.device, networks: tuple, graphed: bool):
+    """cectl's step over (G, D, their optimizers), replayed as a CUDA graph if `graphed`."""
+    step = functools.partial(train_step, *networks, cfg=cfg,
+                             scaler=torch.amp.GradScaler(device.type, enabled=False))
+    return GraphedStep(step, before_replay=lambda: None) if graphed else step
+
+
 def step_rate(cfg, device: torch.device, steps: int, variant: str) -> dict:
     """images/s and peak memory of `steps` steps of one contender on synthetic data."""
-    g, d, opt_g, opt_d = models(cfg, device, variant)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    networks = models(cfg, device, variant)
     n, size = cfg.data.batch_size, cfg.data.image_size
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
     holes = draw_holes(cfg.mask.kind, n, size, cfg.mask.overlap,
                        derive_seed(0, "bench")).to(device)
     layout = torch.contiguous_format if variant in ("baseline", "nchw") else torch.channels_last
-    step = functools.partial(baseline_step if variant == "baseline" else train_step,
-                             g, d, opt_g, opt_d, cfg=cfg)
-    if variant != "baseline":
-        step = functools.partial(step, scaler=scaler)
-    if variant == "graph":
-        step = GraphedStep(step, before_replay=lambda: None)
+    step = (functools.partial(baseline_step, *networks, cfg=cfg) if variant == "baseline"
+            else cectl_step(cfg, device, networks, graphed=variant == "graph"))
 
     def one() -> None:
         step(to_model_range(images.contiguous(memory_format=layout)), holes)
@@ -138,11 +140,8 @@ def graph_check(cfg, device: torch.device, steps: int) -> dict:
     kernel by kernel and replayed as a CUDA graph: their largest difference."""
     weights, losses = [], []
     for graphed in (False, True):
-        g, d, opt_g, opt_d = models(cfg, device, "graph")
-        step = functools.partial(train_step, g, d, opt_g, opt_d, cfg=cfg,
-                                 scaler=torch.amp.GradScaler(device.type, enabled=False))
-        if graphed:
-            step = GraphedStep(step, before_replay=lambda: None)
+        networks = models(cfg, device, "graph")
+        step = cectl_step(cfg, device, networks, graphed)
         batches = torch.Generator(device).manual_seed(1)
         n, size = cfg.data.batch_size, cfg.data.image_size
         holes = draw_holes(cfg.mask.kind, n, size, cfg.mask.overlap, 0).to(device)
@@ -151,7 +150,7 @@ def graph_check(cfg, device: torch.device, steps: int) -> dict:
                                    device=device, generator=batches)
             last = step(to_model_range(images.contiguous(memory_format=torch.channels_last)),
                         holes)
-        weights.append(torch.cat([p.detach().flatten().float() for p in g.parameters()]))
+        weights.append(torch.cat([p.detach().flatten().float() for p in networks[0].parameters()]))
         losses.append({k: float(v) for k, v in last.items()})
     eager, graphed = weights
     return {"steps": steps, "bitwise_equal": bool(torch.equal(eager, graphed)),
@@ -195,10 +194,7 @@ def loop_syncs(shards: str, device: torch.device, batch: int, quick: bool, steps
     layout = prepare_device(device)
     loader = TrainLoader(shards, open_manifest(shards), cfg, 0, 1, device,
                          gpu_jpegs=gpu_decoding(cfg.data.decode, device))
-    g, d, opt_g, opt_d = models(cfg, device, "graph")
-    step = GraphedStep(functools.partial(
-        train_step, g, d, opt_g, opt_d, cfg=cfg,
-        scaler=torch.amp.GradScaler(device.type, enabled=False)), before_replay=lambda: None)
+    step = cectl_step(cfg, device, models(cfg, device, "graph"), graphed=True)
 
     def one() -> None:
         images, holes = next(loader)
