@@ -198,17 +198,17 @@ class S3Store(Store):
         key = f".cectl-conditions-{uuid.uuid4().hex}"
         self.write_if(key, b"first", None)
         try:
-            ignored = [(header, "PUT") for header, version in (
-                ("If-None-Match", None), ("If-Match", '"not-its-etag"'))
-                if self.write_if(key, b"again", version) is not None]
-            if not ignored and self.delete_if(key, '"not-its-etag"'):
-                ignored.append(("If-Match", "DELETE"))
-            if ignored:
-                header, method = ignored[0]
-                raise BadInput(
-                    f"the S3 server at {self.config.where} ignores {header} on {method}, so "
-                    "it cannot keep two trainings of one run apart: train on a server "
-                    "that honours conditional writes (AWS S3, SeaweedFS)")
+            wrong = '"not-its-etag"'
+            for header, method, version in (("If-None-Match", "PUT", None),
+                                            ("If-Match", "PUT", wrong),
+                                            ("If-Match", "DELETE", wrong)):
+                went_through = (self.delete_if(key, version) if method == "DELETE"
+                                else self.write_if(key, b"again", version) is not None)
+                if went_through:
+                    raise BadInput(
+                        f"the S3 server at {self.config.where} ignores {header} on {method}, "
+                        "so it cannot keep two trainings of one run apart: train on a server "
+                        "that honours conditional writes (AWS S3, SeaweedFS)")
         finally:
             self.delete(key)
         _conditions_checked.add((self.config.endpoint, self.bucket))
