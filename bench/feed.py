@@ -6,16 +6,16 @@ as Paris StreetView or ImageNet shards are). Figures, printed as one JSON line:
 - `images_per_s`: per loader process, with 1 and 2 processes (batch 64, center holes), in
   the GPU-decode layout (the processes parse, plan crops, draw holes and pack; the JPEGs
   are left for nvJPEG) and with CPU decoding (the processes also decode and cut the
-  crops). The training side only receives the batches: decoding the JPEGs and unpacking
+  crops). The input thread only receives the batches: decoding the JPEGs and unpacking
   the batch are a GPU's work.
 - `parse_amplification`: bytes of tar parsed (headers, indexes, images) per image byte
   delivered over one epoch, with 1, 2 and 4 loader processes (played one after another,
   each with its own reader, sharing this machine's shard index as real ones do).
-- `train_thread_us_per_image`: CPU time of the training thread per image at batch 256 in
-  the GPU-decode layout, 2 loader processes: receiving the batch and its holes and
-  everything up to the decode. Not the decode (a stand-in here, its time taken out), nor
-  what follows it on the GPU: cutting the crops, unpacking the holes, float conversion
-  (`cectl.batches.unpack_batch`, a fixed number of kernels per batch, timed apart).
+- `input_thread_us_per_image`: CPU time of the loader's input thread (the one that gets
+  batches ready while the training thread steps) per image at batch 256 in the GPU-decode
+  layout, 2 loader processes: receiving the batch and its holes and everything up to the
+  decode. Not the decode (a stand-in here, its time taken out), nor what follows it on
+  the GPU: cutting the crops, unpacking the holes (`cectl.batches.unpack_batch`).
 - `holes_per_s`: holes one process draws per second, per mask kind, in batches of 64, at
   128 px (free-form: the default areas; files: a set of 200 masks of 512 x 512, free-form
   strokes saved as PNGs, as the NVIDIA irregular masks are).
@@ -30,6 +30,7 @@ Each rate is the best of `--rounds`: on a shared machine the best is the least d
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import random
 import sys
@@ -43,7 +44,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from cectl import data  # noqa: E402
+from cectl.batches import decode_jpegs  # noqa: E402
 from cectl.config import load_config, validate_job  # noqa: E402
 from cectl.data import GlobalOrder, TrainBatches, TrainLoader, batch_shares, train_shards  # noqa: E402
 from cectl.demo import facade  # noqa: E402
@@ -79,7 +80,7 @@ def job(shards: str, batch: int, workers: int, mask: str = "center"):
 
 
 class Timed:
-    """A function that keeps the training thread's CPU time spent in it."""
+    """A function that keeps the CPU time its calling thread spent in it."""
 
     def __init__(self, function):
         self.function, self.seconds = function, 0.0
@@ -101,44 +102,44 @@ def stand_in(jpegs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def loader(shards: str, batch: int, processes: int, gpu_layout: bool,
-           decoder=stand_in) -> TrainLoader:
+           unpack=None) -> TrainLoader:
+    """A loader on the meta device (nothing runs on a GPU), its input thread's unpacking
+    replaced by `unpack`, every loader process started and busy."""
     cfg = job(shards, batch, processes)
     device = META if gpu_layout else torch.device("cpu")
     feed = TrainLoader(shards, open_manifest(shards), cfg, 0, 1, device, gpu_jpegs=gpu_layout)
-    if gpu_layout:
-        feed.jpeg_decoder = decoder
-    for _ in range(max(2, processes) + 1):  # every process started and busy
+    feed.unpacker.decode = stand_in
+    if unpack:
+        feed.unpacker.unpack = unpack
+    for _ in range(max(2, processes) + 1):
         next(feed)
     return feed
 
 
 def images_per_s(shards: str, processes: int, gpu_layout: bool, batches: int) -> float:
-    """Per loader process: the training side only receives the batches (decoding the
+    """Per loader process: the input thread only receives the batches (decoding the
     JPEGs and unpacking the batch are the GPU's work)."""
-    real = data.decode_jpegs, data.unpack_batch
-    data.decode_jpegs, data.unpack_batch = (lambda *a: []), (lambda *a: (None, None))
-    try:
-        feed = loader(shards, 64, processes, gpu_layout)
-        start = time.perf_counter()
-        for _ in range(batches):
-            next(feed)
-        return 64 * batches / (time.perf_counter() - start) / processes
-    finally:
-        data.decode_jpegs, data.unpack_batch = real
+    feed = loader(shards, 64, processes, gpu_layout, unpack=lambda batch: (None, None))
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(feed)
+    return 64 * batches / (time.perf_counter() - start) / processes
 
 
-def train_thread_us(shards: str, batches: int) -> float:
-    decoder, unpack = Timed(stand_in), Timed(data.unpack_batch)
-    feed = loader(shards, 256, 2, gpu_layout=True, decoder=decoder)
-    decoder.seconds, data.unpack_batch = 0.0, unpack
-    try:
-        start = time.thread_time()
-        for _ in range(batches):
-            next(feed)
-        seconds = time.thread_time() - start - decoder.seconds - unpack.seconds
-    finally:
-        data.unpack_batch = unpack.function
-    return seconds / (256 * batches) * 1e6
+def input_thread_us(shards: str, batches: int) -> float:
+    """CPU time of the loader's input thread per image at batch 256: receiving the batch
+    and everything up to the decode, not the decode (a stand-in, its time taken out) nor
+    the unpacking (GPU kernels)."""
+    decoder = Timed(stand_in)
+    feed = loader(shards, 256, 2, gpu_layout=True,
+                  unpack=lambda batch: (decode_jpegs(batch, decoder), None))
+    concurrent.futures.wait([feed._ahead])  # the batch prepared untimed
+    decoder.seconds = 0.0
+    prepare = feed._prepare = Timed(feed._prepare)
+    for _ in range(batches + 1):
+        next(feed)
+    concurrent.futures.wait([feed._ahead])
+    return (prepare.seconds - decoder.seconds) / (256 * (batches + 1)) * 1e6
 
 
 def parse_amplification(shards: str, processes: int) -> float:
@@ -221,7 +222,7 @@ def main() -> None:
         for processes in (1, 2, 4):
             record(f"parse_amplification/x{processes}", parse_amplification(shards, processes),
                    higher=False)
-        record("train_thread_us_per_image", train_thread_us(shards, 12), higher=False)
+        record("input_thread_us_per_image", input_thread_us(shards, 12), higher=False)
         files, read_per_s = read_mask_set(masks)
         record("mask_set_read_per_s", read_per_s)
         for kind in KINDS:

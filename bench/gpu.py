@@ -12,20 +12,21 @@ rewritten after each so a late failure loses nothing:
    and bf16 channels_last as a CUDA graph (cectl's default on one GPU: `cectl.graph`).
    images/s, peak GPU memory, MFU against this GPU's measured bf16 matmul rate; then
    `graph_check`: the weights after 10 steps launched kernel by kernel and as a graph.
-2. `decode`: torchvision's batched nvJPEG decode while queued kernels still write blocks
-   the caching allocator has freed: iterations whose output differs from a clean decode,
-   for the plain call, cectl's decoder (`cectl.batches.NvJpeg`: a side stream,
-   `wait_stream` + `record_stream`) and the plain call after a host barrier; and each
-   one's images/s.
+2. `decode`: torchvision's batched nvJPEG decode of 256 JPEGs while queued kernels still
+   write blocks the caching allocator has freed: iterations whose output differs from a
+   clean one, for the plain call, cectl's (`cectl.batches.Unpacker`: its own stream, a
+   barrier on it, the crops cut) and the plain call after a host barrier; and each one's
+   images/s.
 3. `syncs`: the training loop's body (next batch from the loader with GPU decoding and
    random-region holes, float conversion, the graphed step) for steady-state steps under
    `torch.cuda.set_sync_debug_mode("warn")`: every host sync it makes (target: none).
 4. `loader`: the loader alone on 467x350 JPEG shards (batch 64), 1, 4, 8, 16 processes,
    CPU decode and GPU decode.
 5. `whole_run`: `cectl train --local` at batch 256 (the real loop, loader, logging), GPU
-   decode with and without the CUDA graph, CPU decode, with center holes, and GPU decode
-   with random-region holes: images/s over the log windows after the first quarter, and
-   the share of the step alone.
+   decode with and without the CUDA graph and with the loader's input thread replaced by
+   a call in place (`Inline`, as before that thread), CPU decode, with center holes, and
+   GPU decode with random-region holes: images/s over the log windows of the second half
+   of 600 steps, and the share of the step alone.
 6. `compile`: bf16 + channels_last + torch.compile, batch 64 and 256 (last: compiling is
    slow).
 
@@ -45,6 +46,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # cectl, without PYTHONPATH
@@ -54,6 +56,8 @@ from feed import make_shards  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from train_step import baseline_step, reference_layers  # noqa: E402
 
+from cectl import data  # noqa: E402
+from cectl.batches import Unpacker, fields, nvjpeg, pack_batch  # noqa: E402
 from cectl.config import load_config, validate_job  # noqa: E402
 from cectl.data import TrainLoader, gpu_decoding  # noqa: E402
 from cectl.graph import GraphedStep  # noqa: E402
@@ -219,34 +223,34 @@ def loop_syncs(shards: str, device: torch.device, batch: int, quick: bool, steps
             "where": messages}
 
 
-def decode_check(device: torch.device, jpegs: list[torch.Tensor], iterations: int) -> dict:
-    """Corrupted iterations and images/s of three ways to call the batched nvJPEG decode."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    from cectl.batches import NvJpeg
+def decode_check(device: torch.device, samples: list[dict], iterations: int) -> dict:
+    """Corrupted iterations and images/s of three ways to decode a batch of JPEGs with
+    torchvision's batched nvJPEG: the plain call, cectl's (`Unpacker`, which also cuts the
+    crops) and the plain call after a host barrier."""
+    batch = pack_batch(samples, range(len(samples)), 0, 350, 128, "center", 4, gpu_jpegs=True)
+    decode = nvjpeg(device)
+    jpegs = list(fields(batch).jpegs.split([int(e - s) for s, e, *_ in fields(batch).crops]))
+    unpacker = Unpacker(device, gpu_jpegs=True)
 
     def plain() -> list[torch.Tensor]:
-        return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+        return decode(jpegs)
 
-    decoder = NvJpeg(device)
-
-    def side_stream() -> list[torch.Tensor]:  # as cectl's loader decodes
-        out = decoder(jpegs)
-        decoder.wait()
-        return out
+    def cectl() -> list[torch.Tensor]:
+        images, _ = unpacker.unpack(batch)
+        unpacker.hand_over()
+        return list(images)
 
     def barrier() -> list[torch.Tensor]:
         torch.cuda.current_stream(device).synchronize()
         return plain()
 
-    clean = [t.clone() for t in plain()]
-    sync(device)
-    sizes = [t.numel() for t in clean]
-    source = torch.full((max(sizes),), 7, dtype=torch.uint8, device=device)
-    slow = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
     report = {}
-    for name, decode in (("plain", plain), ("side_stream", side_stream),
-                         ("barrier", barrier)):
+    for name, call in (("plain", plain), ("cectl", cectl), ("barrier", barrier)):
+        clean = [t.clone() for t in call()]
+        sync(device)
+        sizes = [t.numel() for t in decode(jpegs)]
+        source = torch.full((max(sizes),), 7, dtype=torch.uint8, device=device)
+        slow = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
         bad = 0
         for _ in range(iterations):
             # Kernels queued behind slow work write blocks sized like the decoder's
@@ -257,28 +261,27 @@ def decode_check(device: torch.device, jpegs: list[torch.Tensor], iterations: in
             for block in blocks:
                 block.copy_(source[: block.numel()])
             del blocks
-            out = decode()
+            out = call()
             sync(device)
-            bad += any(not torch.equal(a.flatten(), b.flatten())
-                       for a, b in zip(out, clean, strict=True))
+            bad += any(not torch.equal(a, b) for a, b in zip(out, clean, strict=True))
         sync(device)
         start, reps = time.perf_counter(), 10
         for _ in range(reps):
-            decode()
+            call()
         sync(device)
         rate = reps * len(jpegs) / (time.perf_counter() - start)
         report[name] = {"corrupted": bad, "iterations": iterations, "images_per_s": rate}
-        print(f"  decode {name:12s} corrupted {bad:3d}/{iterations}  {rate:8.0f} images/s",
+        print(f"  decode {name:8s} corrupted {bad:3d}/{iterations}  {rate:8.0f} images/s",
               flush=True)
     return report
 
 
-def shard_jpegs(shards: str, count: int) -> list[torch.Tensor]:
+def shard_samples(shards: str, count: int) -> list[dict]:
     store = open_store(shards)
     out = []
     for shard in read_manifest(store)["splits"]["train"]["shards"]:
         for sample in read_samples(store, shard["name"]):
-            out.append(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8))
+            out.append({**sample, "__url__": shard["name"]})
             if len(out) == count:
                 return out
     return out
@@ -299,19 +302,41 @@ def loader_rate(shards: str, processes: int, batches: int, device: torch.device,
 
 
 def whole_run(shards: str, device: torch.device, batch: int, steps: int, quick: bool,
-              decode: str, mask: str, graph: bool) -> float:
+              decode: str, mask: str, graph: bool, input_thread: bool = True) -> float:
     cfg = job(batch, "auto", quick, uri=shards, workers=8 if not quick else 1, decode=decode,
               mask=mask)
     cfg.train.steps, cfg.train.cuda_graph = steps, graph
     store = open_store(tempfile.mkdtemp(prefix="cectl-bench-gpu-"))
-    rates = []  # images/s of each log window past the warm-up and the capture
+    rates = []  # images/s of each log window in the run's second half
 
     def keep(step: int, metrics: dict) -> None:
-        if step > steps // 4 and "images_per_s" in metrics:
+        if step > steps // 2 and "images_per_s" in metrics:
             rates.append(metrics["images_per_s"])
 
-    train(cfg, store, "bench", Session(device=device, on_log=keep))
+    executor = data.ThreadPoolExecutor
+    if not input_thread:
+        data.ThreadPoolExecutor = Inline
+    try:
+        train(cfg, store, "bench", Session(device=device, on_log=keep))
+    finally:
+        data.ThreadPoolExecutor = executor
     return len(rates) / sum(1 / r for r in rates)  # windows of as many images each
+
+
+class Inline:
+    """In place of the loader's input thread: each batch made ready on the training
+    thread, when it takes the one before (the loader before it had that thread)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def submit(self, function, *args) -> Future:
+        future = Future()
+        try:
+            future.set_result(function(*args))
+        except BaseException as e:  # noqa: BLE001 - handed over as the thread would
+            future.set_exception(e)
+        return future
 
 
 class Report:
@@ -410,7 +435,7 @@ def main() -> None:
     if cuda and gpu_decoding("auto", device) and "decode" in parts:
         print("GPU decode of 256 JPEGs while freed blocks are still being written:")
         with report.guard("decode"):
-            report.part("decode", decode_check(device, shard_jpegs(shards, 256),
+            report.part("decode", decode_check(device, shard_samples(shards, 256),
                                                10 if args.quick else 50))
 
     if cuda and "syncs" in parts:
@@ -435,15 +460,17 @@ def main() -> None:
     default = "bf16 cl graph" if cuda else "fp32 cl"  # the step cectl runs here
     alone = steps_report.get(f"batch {batch} cectl {default}", {}).get("images_per_s")
     runs = {}
-    kinds = [("auto", "center", True)] + [("auto", "center", False)] * cuda
-    kinds += [("cpu", "center", True)] * gpu_decoding("auto", device)
-    for decode, mask, graph in kinds + [("auto", "random-region", True)]:
+    kinds = [("auto", "center", True, True)]
+    kinds += [("auto", "center", True, False), ("auto", "center", False, True)] * cuda
+    kinds += [("cpu", "center", True, True)] * gpu_decoding("auto", device)
+    for decode, mask, graph, thread in kinds + [("auto", "random-region", True, True)]:
         if "whole_run" not in parts:
             break
-        name = f"decode {decode}, {mask} holes{'' if graph else ', no CUDA graph'}"
+        name = (f"decode {decode}, {mask} holes{'' if graph else ', no CUDA graph'}"
+                f"{'' if thread else ', input on the training thread'}")
         with report.guard(f"whole_run {name}"):
-            rate = whole_run(shards, device, batch, 20 if args.quick else 200, args.quick,
-                             decode, mask, graph)
+            rate = whole_run(shards, device, batch, 20 if args.quick else 600, args.quick,
+                             decode, mask, graph, thread)
             runs[name] = {"images_per_s": rate}
             share = ""
             if alone:

@@ -12,6 +12,7 @@ memory handle whatever its size, and reaching the GPU one copy.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
@@ -200,37 +201,50 @@ def cpu_jpegs(jpegs: list[torch.Tensor]) -> list[torch.Tensor]:
             .permute(2, 0, 1) for jpeg in jpegs]
 
 
-class NvJpeg:
-    """torchvision's batched nvJPEG decode on a stream of its own.
+def nvjpeg(device: torch.device) -> JpegDecoder:
+    """torchvision's batched nvJPEG decode onto `device`."""
+    from torchvision.io import ImageReadMode, decode_jpeg
 
-    The decode allocates its outputs on the current stream and writes them from a
-    private stream that waits for nothing (pytorch/vision PR 9606): on the training
-    stream it could be handed a block that queued kernels still read. On a side stream
-    its outputs come from that stream's blocks, which hold only earlier outputs, and
-    `record_stream` keeps each of those until the training stream is done with it. The
-    other remedy, a host barrier before each decode, costs the decode 24% and stalls the
-    step; bench/gpu.py checks all three ways for corruption. The training stream waits
-    for the decode only when the batch is handed out (`wait`).
+    return functools.partial(decode_jpeg, mode=ImageReadMode.RGB, device=device)
+
+
+class Unpacker:
+    """Packed batches made ready for the step, off the training thread: `unpack` (in the
+    loader's input thread) decodes the JPEGs, with nvJPEG on a CUDA device if `gpu_jpegs`,
+    and returns `unpack_batch`'s images and holes; `hand_over` (in the training thread,
+    when it takes them) makes the training stream wait for that work.
+
+    On a CUDA device all of it runs on a stream of its own. The training stream is never
+    touched from the input thread: it may be capturing a CUDA graph (`cectl.graph`). And
+    torchvision's batched decode allocates its outputs on the current stream but writes
+    them from a private stream that waits for nothing (pytorch/vision PR 9606), so it
+    could be handed a block that queued kernels still read: on this stream only the
+    previous batch's own kernels read its blocks, and `unpack` waits for them on the host
+    first (the input thread's time, not the training thread's). What is handed out is
+    recorded on the training stream, so its blocks stay allocated until that stream is
+    done with them. bench/gpu.py checks the decode for corruption.
     """
 
-    def __init__(self, device: torch.device):
-        from torchvision.io import ImageReadMode, decode_jpeg
+    def __init__(self, device: torch.device, gpu_jpegs: bool):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.decode: JpegDecoder = nvjpeg(device) if self.cuda and gpu_jpegs else cpu_jpegs
+        if self.cuda:
+            self.main = torch.cuda.current_stream(device)  # the training thread's
+            self.stream, self.done = torch.cuda.Stream(device), torch.cuda.Event()
 
-        self.device, self.stream = device, torch.cuda.Stream(device)
-        self.decode_jpeg, self.mode = decode_jpeg, ImageReadMode.RGB
-        self.done = torch.cuda.Event()
-
-    def __call__(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor]:
-        main = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(main)
+    def unpack(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.cuda:
+            return unpack_batch(batch, self.device, decode_jpegs(batch, self.decode))
+        self.done.synchronize()
         with torch.cuda.stream(self.stream):
-            images = self.decode_jpeg(jpegs, mode=self.mode, device=self.device)
+            images, holes = unpack_batch(batch, self.device, decode_jpegs(batch, self.decode))
             self.done.record(self.stream)
-        for image in images:
-            image.record_stream(main)
-        return images
+        for tensor in images, holes:
+            tensor.record_stream(self.main)
+        return images, holes
 
-    def wait(self) -> None:
-        """Make the training stream wait for the last decode."""
-        torch.cuda.current_stream(self.device).wait_event(self.done)
-
+    def hand_over(self) -> None:
+        """Make the training stream wait for the last `unpack`."""
+        if self.cuda:
+            self.main.wait_event(self.done)

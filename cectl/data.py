@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import concurrent.futures
 import contextlib
 import importlib.util
 import itertools
@@ -38,11 +39,12 @@ import json
 import os
 import random
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cectl.batches import NvJpeg, PackedBatch, cpu_jpegs, decode_jpegs, pack_batch, unpack_batch
+from cectl.batches import PackedBatch, Unpacker, pack_batch
 from cectl.errors import BadInput, CectlError, Failure
 from cectl.mask_files import MaskFiles, trained_mask_files
 from cectl.masks import derive_seed
@@ -213,10 +215,11 @@ class TrainLoader:
     number of samples the whole job has consumed (`{"samples": N}`), is the data position
     a checkpoint saves and restores.
 
-    With `gpu_jpegs`, loader processes leave baseline JPEGs encoded and `jpeg_decoder`
-    decodes them here: nvJPEG on a CUDA device, the loader's own CPU decoder elsewhere.
-    The loader works one batch ahead: when it hands out a batch, the next one has been
-    received and its decode started (on a GPU, beside the step that runs meanwhile).
+    With `gpu_jpegs`, loader processes leave baseline JPEGs encoded and they are decoded
+    here: by nvJPEG on a CUDA device, by the loader's own CPU decoder elsewhere. A thread
+    of the loader's own works one batch ahead of the training thread: while a step runs,
+    it receives the next batch from the loader processes, decodes its JPEGs and unpacks
+    it (`cectl.batches.Unpacker`), so the training thread only takes it.
     With `mask.kind=files` it opens the mask set (`mask_files`), read into this machine's
     cache by the first rank here, and its loader processes map it.
     """
@@ -225,15 +228,15 @@ class TrainLoader:
                  device: torch.device | None = None, gpu_jpegs: bool = False):
         self.data_uri, self.cfg, self.rank, self.world = data_uri, cfg, rank, world
         self.device, self.gpu_jpegs = device or torch.device("cpu"), gpu_jpegs
-        self.jpeg_decoder = NvJpeg(self.device) if self.device.type == "cuda" and gpu_jpegs \
-            else cpu_jpegs
+        self.unpacker = Unpacker(self.device, gpu_jpegs)
         self.shards = train_shards(manifest)
         self.shares = batch_shares(cfg, world)
         self.mask_files = trained_mask_files(cfg) if cfg.mask.kind == "files" else None
         self.samples = 0
         self.positions = range(0)  # global positions of the batch handed out last
         self._iter: Iterator | None = None
-        self._ahead: tuple[PackedBatch, list[torch.Tensor], range] | CectlError | None = None
+        self._input = ThreadPoolExecutor(1, thread_name_prefix="cectl-input")
+        self._ahead: Future | None = None
 
     def state_dict(self) -> dict[str, int]:
         return {"samples": self.samples}
@@ -248,6 +251,8 @@ class TrainLoader:
                 raise BadInput(f"this checkpoint's data position holds for {state.get('world', 1)}"
                                f" workers, not {self.world}: resume it with that many workers")
             state = {"samples": int(state["batches"]) * sum(self.shares)}
+        if self._ahead is not None:  # the old iterator's batch: let it finish, then drop it
+            concurrent.futures.wait([self._ahead])
         self.samples, self._iter, self._ahead = int(state["samples"]), None, None
 
     def _start(self) -> Iterator:
@@ -256,7 +261,7 @@ class TrainLoader:
                                self.rank, cfg, self.gpu_jpegs, self.mask_files)
         # Its own generator: every random draw of the pipeline is seeded from the data
         # position, and the global RNG (dropout, a checkpoint's RNG state) stays untouched.
-        # Pinned pages let the copies to a GPU run without blocking this thread.
+        # Pinned pages let the copies to a GPU run without blocking the input thread.
         return iter(DataLoader(dataset, batch_size=None, num_workers=cfg.data.workers,
                                prefetch_factor=PREFETCH if cfg.data.workers else None,
                                pin_memory=self.device.type == "cuda",
@@ -268,29 +273,21 @@ class TrainLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None:
             self._iter = self._start()
-            self._ahead = self._receive(self.samples)
-        ahead = self._ahead
-        if isinstance(ahead, CectlError):
-            raise ahead
-        batch, decoded, positions = ahead
-        if isinstance(self.jpeg_decoder, NvJpeg) and decoded:
-            self.jpeg_decoder.wait()
-        images, holes = unpack_batch(batch, self.device, decoded)
+            self._ahead = self._input.submit(self._prepare, self.samples)
+        images, holes, keys, positions = self._ahead.result()
+        self.unpacker.hand_over()
         self.positions = positions
         self.samples += sum(self.shares)
         debug_log({"rank": self.rank, "world": self.world, "position": positions.start,
-                   "keys": batch.keys})
-        self._ahead = self._receive(self.samples)
+                   "keys": keys})
+        self._ahead = self._input.submit(self._prepare, self.samples)
         return images, holes
 
-    def _receive(self, samples: int) -> tuple[PackedBatch, list[torch.Tensor], range] | CectlError:
-        """The next batch from the loader processes, its JPEGs' decode started."""
+    def _prepare(self, samples: int) -> tuple[torch.Tensor, torch.Tensor, list[str], range]:
+        """In the input thread: the next batch from the loader processes, unpacked."""
         item = next(self._iter)
         if isinstance(item, CectlError):
-            return item
+            raise item
         first = samples + sum(self.shares[:self.rank])
-        try:
-            decoded = decode_jpegs(item, self.jpeg_decoder)
-        except CectlError as e:
-            return e
-        return item, decoded, range(first, first + len(item.keys))
+        images, holes = self.unpacker.unpack(item)
+        return images, holes, item.keys, range(first, first + len(item.keys))

@@ -174,15 +174,14 @@ def test_a_training_step_reads_no_tensor_value_on_the_host(facade_shards):
 
 @CUDA
 def test_nvjpeg_on_its_stream_decodes_the_loaders_pixels(facade_shards):
-    from cectl.batches import NvJpeg
+    from cectl.batches import Unpacker
 
     device = torch.device("cuda")
     batch = pack_batch(mixed_samples(), range(5), 0, 40, 32, "center", 2, gpu_jpegs=True)
-    decoder = NvJpeg(device)
-    decoded = decode_jpegs(batch, decoder)
-    decoder.wait()
-    images, _ = unpack_batch(batch, device, decoded)
-    cpu, _ = unpack_batch(batch, torch.device("cpu"), decode_jpegs(batch, cpu_jpegs))
+    unpacker = Unpacker(device, gpu_jpegs=True)
+    images, _ = unpacker.unpack(batch)
+    unpacker.hand_over()
+    cpu, _ = Unpacker(torch.device("cpu"), gpu_jpegs=True).unpack(batch)
     # nvJPEG's IDCT and chroma upsampling round a little differently from libjpeg-turbo.
     assert (images.cpu().int() - cpu.int()).abs().float().mean() < 2
 

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import tempfile
+import threading
 import time
 
 import pytest
@@ -100,6 +101,35 @@ def test_a_global_batch_is_the_same_images_whatever_the_world(facade_shards):
                  for rank in range(world)]
         assert [len(p) for p in parts] == shares
         assert torch.equal(torch.cat(parts), whole)
+
+
+def test_the_next_batch_is_decoded_off_the_training_thread_while_a_step_runs(facade_shards):
+    loader = TrainLoader(facade_shards, open_manifest(facade_shards),
+                         tiny_job(facade_shards, "data.workers=1"), 0, 1, gpu_jpegs=True)
+    threads, unpack = [], loader.unpacker.unpack
+
+    def watched(batch):
+        threads.append(threading.current_thread())
+        return unpack(batch)
+
+    loader.unpacker.unpack = watched
+    next(loader)
+    deadline = time.monotonic() + 60
+    while len(threads) < 2 and time.monotonic() < deadline:  # no second call needed
+        time.sleep(0.05)
+    assert len(threads) == 2
+    assert threading.current_thread() not in threads
+
+
+def test_a_restored_position_drops_the_batch_made_ready_ahead(facade_shards):
+    loader = TrainLoader(facade_shards, open_manifest(facade_shards),
+                         tiny_job(facade_shards, "data.workers=1"), 0, 1, gpu_jpegs=True)
+    first, _ = next(loader)
+    second, _ = next(loader)
+    loader.load_state_dict({"samples": 0})
+    again, _ = next(loader)
+    assert not torch.equal(first, second)
+    assert torch.equal(again, first)
 
 
 def test_a_global_batch_smaller_than_the_world_is_refused(facade_shards):
