@@ -11,11 +11,12 @@ as Paris StreetView or ImageNet shards are). Figures, printed as one JSON line:
 - `parse_amplification`: bytes of tar parsed (headers, indexes, images) per image byte
   delivered over one epoch, with 1, 2 and 4 loader processes (played one after another,
   each with its own reader, sharing this machine's shard index as real ones do).
-- `input_thread_us_per_image`: CPU time of the loader's input thread (the one that gets
-  batches ready while the training thread steps) per image at batch 256 in the GPU-decode
-  layout, 2 loader processes: receiving the batch and its holes and everything up to the
-  decode. Not the decode (a stand-in here, its time taken out), nor what follows it on
-  the GPU: cutting the crops, unpacking the holes (`cectl.batches.unpack_batch`).
+- `train_thread_us_per_image`, `input_thread_us_per_image`: CPU time per image at batch
+  256 in the GPU-decode layout, 2 loader processes, of the training thread (taking each
+  batch) and of the loader's input thread (which gets batches ready while the training
+  thread steps: receiving the batch and its holes and everything up to the decode). Not
+  the decode (a stand-in here, its time taken out), nor what follows it on the GPU:
+  cutting the crops, unpacking the holes (`cectl.batches.unpack_batch`).
 - `holes_per_s`: holes one process draws per second, per mask kind, in batches of 64, at
   128 px (free-form: the default areas; files: a set of 200 masks of 512 x 512, free-form
   strokes saved as PNGs, as the NVIDIA irregular masks are).
@@ -126,20 +127,23 @@ def images_per_s(shards: str, processes: int, gpu_layout: bool, batches: int) ->
     return 64 * batches / (time.perf_counter() - start) / processes
 
 
-def input_thread_us(shards: str, batches: int) -> float:
-    """CPU time of the loader's input thread per image at batch 256: receiving the batch
-    and everything up to the decode, not the decode (a stand-in, its time taken out) nor
-    the unpacking (GPU kernels)."""
+def thread_us(shards: str, batches: int) -> dict[str, float]:
+    """CPU time per image at batch 256 of the training thread (taking each batch) and of
+    the loader's input thread (receiving it and everything up to the decode), neither
+    counting the decode (a stand-in, its time taken out) nor the unpacking (GPU kernels)."""
     decoder = Timed(stand_in)
     feed = loader(shards, 256, 2, gpu_layout=True,
                   unpack=lambda batch: (decode_jpegs(batch, decoder), None))
     concurrent.futures.wait([feed._ahead])  # the batch prepared untimed
     decoder.seconds = 0.0
     prepare = feed._prepare = Timed(feed._prepare)
+    take = Timed(feed.__next__)
     for _ in range(batches + 1):
-        next(feed)
+        take()
     concurrent.futures.wait([feed._ahead])
-    return (prepare.seconds - decoder.seconds) / (256 * (batches + 1)) * 1e6
+    images = 256 * (batches + 1)
+    return {"train_thread_us_per_image": take.seconds / images * 1e6,
+            "input_thread_us_per_image": (prepare.seconds - decoder.seconds) / images * 1e6}
 
 
 def parse_amplification(shards: str, processes: int) -> float:
@@ -222,7 +226,8 @@ def main() -> None:
         for processes in (1, 2, 4):
             record(f"parse_amplification/x{processes}", parse_amplification(shards, processes),
                    higher=False)
-        record("input_thread_us_per_image", input_thread_us(shards, 12), higher=False)
+        for key, value in thread_us(shards, 12).items():
+            record(key, value, higher=False)
         files, read_per_s = read_mask_set(masks)
         record("mask_set_read_per_s", read_per_s)
         for kind in KINDS:

@@ -12,6 +12,8 @@ rewritten after each so a late failure loses nothing:
    and bf16 channels_last as a CUDA graph (cectl's default on one GPU: `cectl.graph`).
    images/s, peak GPU memory, MFU against this GPU's measured bf16 matmul rate; then
    `graph_check`: the weights after 10 steps launched kernel by kernel and as a graph.
+   `profile`: the operators that take the most device time in that step at batch 256
+   (bf16, channels_last, kernel by kernel), from torch.profiler.
 2. `decode`: torchvision's batched nvJPEG decode of 256 JPEGs while queued kernels still
    write blocks the caching allocator has freed: iterations whose output differs from a
    clean one, for the plain call, cectl's (`cectl.batches.Unpacker`: its own stream, a
@@ -113,10 +115,7 @@ def cectl_step(cfg, device: torch.device, networks: tuple, graphed: bool):
 def step_rate(cfg, device: torch.device, steps: int, variant: str) -> dict:
     """images/s and peak memory of `steps` steps of one contender on synthetic data."""
     networks = models(cfg, device, variant)
-    n, size = cfg.data.batch_size, cfg.data.image_size
-    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
-    holes = draw_holes(cfg.mask.kind, n, size, cfg.mask.overlap,
-                       derive_seed(0, "bench")).to(device)
+    images, holes = synthetic_batch(cfg, device)
     layout = torch.contiguous_format if variant in ("baseline", "nchw") else torch.channels_last
     step = (functools.partial(baseline_step, *networks, cfg=cfg) if variant == "baseline"
             else cectl_step(cfg, device, networks, graphed=variant == "graph"))
@@ -135,8 +134,8 @@ def step_rate(cfg, device: torch.device, steps: int, variant: str) -> dict:
     sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"images_per_s": steps * n / seconds, "ms_per_step": 1000 * seconds / steps,
-            "peak_gib": peak}
+    return {"images_per_s": steps * cfg.data.batch_size / seconds,
+            "ms_per_step": 1000 * seconds / steps, "peak_gib": peak}
 
 
 def graph_check(cfg, device: torch.device, steps: int) -> dict:
@@ -167,13 +166,45 @@ def flops_per_step(cfg, device: torch.device) -> float:
 
     g, d, opt_g, opt_d = models(cfg, device, "nchw")
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    n, size = cfg.data.batch_size, cfg.data.image_size
-    images = to_model_range(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8,
-                                          device=device))
-    holes = draw_holes(cfg.mask.kind, n, size, cfg.mask.overlap, 0).to(device)
+    images, holes = synthetic_batch(cfg, device)
     with FlopCounterMode(display=False) as counter:
-        train_step(g, d, opt_g, opt_d, images, holes, cfg, scaler)
+        train_step(g, d, opt_g, opt_d, to_model_range(images), holes, cfg, scaler)
     return counter.get_total_flops()
+
+
+def synthetic_batch(cfg, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images, holes) of the job's batch and size, on the device."""
+    n, size = cfg.data.batch_size, cfg.data.image_size
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
+    holes = draw_holes(cfg.mask.kind, n, size, cfg.mask.overlap, derive_seed(0, "bench"))
+    return images, holes.to(device)
+
+
+def step_profile(cfg, device: torch.device, steps: int, top: int = 15) -> list[dict]:
+    """The operators that take the most device time (CPU time on a CPU) in cectl's step
+    launched kernel by kernel (a graph's replay hides its kernels from the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = cectl_step(cfg, device, models(cfg, device, "channels_last"), graphed=False)
+    images, holes = synthetic_batch(cfg, device)
+
+    def one() -> None:
+        step(to_model_range(images.contiguous(memory_format=torch.channels_last)), holes)
+
+    for _ in range(3):
+        one()
+    sync(device)
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        for _ in range(steps):
+            one()
+        sync(device)
+    rows = [(e.self_device_time_total if cuda else e.self_cpu_time_total, e)
+            for e in prof.key_averages()]
+    total = sum(t for t, _ in rows)
+    return [{"op": e.key, "ms_per_step": t / steps / 1000, "share": t / total,
+             "calls_per_step": e.count / steps}
+            for t, e in sorted(rows, key=lambda r: r[0], reverse=True)[:top]]
 
 
 def matmul_tflops(device: torch.device, n: int) -> float:
@@ -366,7 +397,7 @@ def step_line(name: str, result: dict) -> None:
           f" ms  peak {peak:>10s}  MFU {100 * result['mfu']:.1f}%", flush=True)
 
 
-PARTS = ("step", "decode", "syncs", "loader", "whole_run", "compile")
+PARTS = ("step", "profile", "decode", "syncs", "loader", "whole_run", "compile")
 
 
 def main() -> None:
@@ -423,6 +454,16 @@ def main() -> None:
             report.part("graph_check", graph_check(job(batches[0], "bf16", args.quick),
                                                    device, 10))
             print(f"eager vs CUDA graph, 10 steps: {report.data['graph_check']}", flush=True)
+
+    if "profile" in parts:
+        with report.guard("profile"):
+            report.part("profile", step_profile(job(batches[-1], "bf16", args.quick), device,
+                                                steps))
+            print(f"where cectl's bf16 channels_last step spends its time, batch "
+                  f"{batches[-1]}:", flush=True)
+            for row in report.data["profile"]:
+                print(f"  {row['ms_per_step']:8.3f} ms {100 * row['share']:5.1f}% "
+                      f"x{row['calls_per_step']:<5.0f} {row['op'][:80]}", flush=True)
 
     if not parts & {"decode", "syncs", "loader", "whole_run"}:
         shards = ""
