@@ -29,6 +29,9 @@ rewritten after each so a late failure loses nothing:
    a call in place (`Inline`, as before that thread), CPU decode, with center holes, and
    GPU decode with random-region holes: images/s over the log windows of the second half
    of 600 steps, and the share of the step alone.
+   `split` (not by default): trials for the whole run, center and random-region holes: a
+   share of the JPEGs (20, 35, 50%) decoded by the loader processes instead of nvJPEG,
+   and the input thread's stream at high priority.
 6. `compile`: bf16 + channels_last + torch.compile, batch 64 and 256 (last: compiling is
    slow).
 
@@ -58,7 +61,7 @@ from feed import make_shards  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from train_step import baseline_step, reference_layers  # noqa: E402
 
-from cectl import data  # noqa: E402
+from cectl import batches, data  # noqa: E402
 from cectl.batches import Unpacker, fields, nvjpeg, pack_batch  # noqa: E402
 from cectl.config import load_config, validate_job  # noqa: E402
 from cectl.data import TrainLoader, gpu_decoding  # noqa: E402
@@ -145,12 +148,12 @@ def graph_check(cfg, device: torch.device, steps: int) -> dict:
     for graphed in (False, True):
         networks = models(cfg, device, "graph")
         step = cectl_step(cfg, device, networks, graphed)
-        batches = torch.Generator(device).manual_seed(1)
+        draws = torch.Generator(device).manual_seed(1)
         n, size = cfg.data.batch_size, cfg.data.image_size
         holes = draw_holes(cfg.mask.kind, n, size, cfg.mask.overlap, 0).to(device)
         for _ in range(steps):
             images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8,
-                                   device=device, generator=batches)
+                                   device=device, generator=draws)
             last = step(to_model_range(images.contiguous(memory_format=torch.channels_last)),
                         holes)
         weights.append(torch.cat([p.detach().flatten().float() for p in networks[0].parameters()]))
@@ -318,7 +321,7 @@ def shard_samples(shards: str, count: int) -> list[dict]:
     return out
 
 
-def loader_rate(shards: str, processes: int, batches: int, device: torch.device,
+def loader_rate(shards: str, processes: int, count: int, device: torch.device,
                 gpu_decode: bool) -> float:
     cfg = job(64, "auto", False, uri=shards, workers=processes)
     loader = TrainLoader(shards, open_manifest(shards), cfg, 0, 1, device, gpu_jpegs=gpu_decode)
@@ -326,14 +329,16 @@ def loader_rate(shards: str, processes: int, batches: int, device: torch.device,
         next(loader)
     sync(device)
     start = time.perf_counter()
-    for _ in range(batches):
+    for _ in range(count):
         next(loader)
     sync(device)
-    return 64 * batches / (time.perf_counter() - start)
+    return 64 * count / (time.perf_counter() - start)
 
 
 def whole_run(shards: str, device: torch.device, batch: int, steps: int, quick: bool,
-              decode: str, mask: str, graph: bool, input_thread: bool = True) -> float:
+              decode: str, mask: str, graph: bool, changes: tuple = ()) -> float:
+    """images/s of `cectl train --local`, with `changes` ((object, attribute, value): cectl
+    as it was, or a trial) in place meanwhile."""
     cfg = job(batch, "auto", quick, uri=shards, workers=8 if not quick else 1, decode=decode,
               mask=mask)
     cfg.train.steps, cfg.train.cuda_graph = steps, graph
@@ -344,13 +349,11 @@ def whole_run(shards: str, device: torch.device, batch: int, steps: int, quick: 
         if step > steps // 2 and "images_per_s" in metrics:
             rates.append(metrics["images_per_s"])
 
-    executor = data.ThreadPoolExecutor
-    if not input_thread:
-        data.ThreadPoolExecutor = Inline
-    try:
+    with contextlib.ExitStack() as undo:
+        for owner, attribute, value in changes:  # loader processes fork: they inherit it
+            undo.callback(setattr, owner, attribute, getattr(owner, attribute))
+            setattr(owner, attribute, value)
         train(cfg, store, "bench", Session(device=device, on_log=keep))
-    finally:
-        data.ThreadPoolExecutor = executor
     return len(rates) / sum(1 / r for r in rates)  # windows of as many images each
 
 
@@ -368,6 +371,26 @@ class Inline:
         except BaseException as e:  # noqa: BLE001 - handed over as the thread would
             future.set_exception(e)
         return future
+
+
+def cpu_share(share: float):
+    """A trial: the loader processes decode `share` of the JPEGs nvJPEG would take."""
+    gpu_decodable = batches._gpu_decodable
+
+    def decodable(sample: dict, crop) -> bool:
+        return (gpu_decodable(sample, crop)
+                and derive_seed("bench", sample["__key__"]) % 1000 >= 1000 * share)
+
+    return (batches, "_gpu_decodable", decodable)
+
+
+class HighPriorityUnpacker(Unpacker):
+    """A trial: the input thread's stream ahead of the step's in the GPU's queue."""
+
+    def __init__(self, device: torch.device, gpu_jpegs: bool):
+        super().__init__(device, gpu_jpegs)
+        if self.cuda:
+            self.stream = torch.cuda.Stream(device, priority=-1)
 
 
 class Report:
@@ -397,7 +420,8 @@ def step_line(name: str, result: dict) -> None:
           f" ms  peak {peak:>10s}  MFU {100 * result['mfu']:.1f}%", flush=True)
 
 
-PARTS = ("step", "profile", "decode", "syncs", "loader", "whole_run", "compile")
+PARTS = ("step", "profile", "decode", "syncs", "loader", "whole_run", "split", "compile")
+DEFAULT_PARTS = tuple(part for part in PARTS if part != "split")
 
 
 def main() -> None:
@@ -405,8 +429,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, any device")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--parts", default=",".join(PARTS),
-                        help=f"which parts, comma-separated (default: all of {','.join(PARTS)})")
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                        help=f"which parts, comma-separated, of {','.join(PARTS)} (default: "
+                             f"{','.join(DEFAULT_PARTS)})")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     if parts - set(PARTS):
@@ -421,9 +446,9 @@ def main() -> None:
     report.part("matmul_tflops", matmul_tflops(device, 1024 if args.quick else 8192))
     print(f"measured bf16 matmul rate: {report.data['matmul_tflops']:.1f} TFLOP/s", flush=True)
 
-    batches = (8,) if args.quick else (64, 256)
-    flops = {b: flops_per_step(job(b, "fp32", args.quick), device) for b in batches}
-    report.part("gflop_per_image", {b: flops[b] / b / 1e9 for b in batches})
+    batch_sizes = (8,) if args.quick else (64, 256)
+    flops = {b: flops_per_step(job(b, "fp32", args.quick), device) for b in batch_sizes}
+    report.part("gflop_per_image", {b: flops[b] / b / 1e9 for b in batch_sizes})
     steps_report: dict = {}
 
     def measure(batch: int, variant: str, precision: str, label: str) -> None:
@@ -437,12 +462,12 @@ def main() -> None:
 
     if "step" in parts:
         print("step alone (synthetic batches on the device):", flush=True)
-        for batch in batches:
+        for batch in batch_sizes:
             measure(batch, "baseline", "fp32", "baseline eager fp32")
     layout = prepare_device(device)  # cectl's set-up from here on
     print(f"cectl's device set-up: cudnn.benchmark={torch.backends.cudnn.benchmark}, "
           f"TF32 matmuls={torch.backends.cuda.matmul.fp32_precision}, {layout}", flush=True)
-    for batch in batches if "step" in parts else ():
+    for batch in batch_sizes if "step" in parts else ():
         for variant, precision, label in (
                 ("nchw", "fp32", "cectl fp32"), ("channels_last", "fp32", "cectl fp32 cl"),
                 ("nchw", "bf16", "cectl bf16"), ("channels_last", "bf16", "cectl bf16 cl"),
@@ -451,21 +476,21 @@ def main() -> None:
                 measure(batch, variant, precision, label)
     if cuda and "step" in parts:
         with report.guard("graph_check"):
-            report.part("graph_check", graph_check(job(batches[0], "bf16", args.quick),
+            report.part("graph_check", graph_check(job(batch_sizes[0], "bf16", args.quick),
                                                    device, 10))
             print(f"eager vs CUDA graph, 10 steps: {report.data['graph_check']}", flush=True)
 
     if "profile" in parts:
         with report.guard("profile"):
-            report.part("profile", step_profile(job(batches[-1], "bf16", args.quick), device,
+            report.part("profile", step_profile(job(batch_sizes[-1], "bf16", args.quick), device,
                                                 steps))
             print(f"where cectl's bf16 channels_last step spends its time, batch "
-                  f"{batches[-1]}:", flush=True)
+                  f"{batch_sizes[-1]}:", flush=True)
             for row in report.data["profile"]:
                 print(f"  {row['ms_per_step']:8.3f} ms {100 * row['share']:5.1f}% "
                       f"x{row['calls_per_step']:<5.0f} {row['op'][:80]}", flush=True)
 
-    if not parts & {"decode", "syncs", "loader", "whole_run"}:
+    if not parts & {"decode", "syncs", "loader", "whole_run", "split"}:
         shards = ""
     else:
         root = Path(tempfile.mkdtemp(prefix="cectl-bench-gpu-"))
@@ -481,7 +506,7 @@ def main() -> None:
 
     if cuda and "syncs" in parts:
         with report.guard("syncs"):
-            report.part("syncs", loop_syncs(shards, device, batches[-1], args.quick, 5))
+            report.part("syncs", loop_syncs(shards, device, batch_sizes[-1], args.quick, 5))
             print(f"host syncs in 5 loop iterations: {report.data['syncs']}", flush=True)
 
     loader: dict = {}
@@ -497,21 +522,30 @@ def main() -> None:
                 print(f"loader, {mode} decode, {processes:2d} processes: {rate:9.0f} images/s",
                       flush=True)
 
-    batch = batches[-1]
+    batch = batch_sizes[-1]
     default = "bf16 cl graph" if cuda else "fp32 cl"  # the step cectl runs here
     alone = steps_report.get(f"batch {batch} cectl {default}", {}).get("images_per_s")
     runs = {}
-    kinds = [("auto", "center", True, True)]
-    kinds += [("auto", "center", True, False), ("auto", "center", False, True)] * cuda
-    kinds += [("cpu", "center", True, True)] * gpu_decoding("auto", device)
-    for decode, mask, graph, thread in kinds + [("auto", "random-region", True, True)]:
-        if "whole_run" not in parts:
-            break
-        name = (f"decode {decode}, {mask} holes{'' if graph else ', no CUDA graph'}"
-                f"{'' if thread else ', input on the training thread'}")
+    kinds = [("", "auto", "center", True, ())]
+    kinds += [(", input on the training thread", "auto", "center", True,
+               ((data, "ThreadPoolExecutor", Inline),)),
+              (", no CUDA graph", "auto", "center", False, ())] * cuda
+    kinds += [("", "cpu", "center", True, ())] * gpu_decoding("auto", device)
+    kinds += [("", "auto", "random-region", True, ())]
+    if "whole_run" not in parts:
+        kinds = []
+    if gpu_decoding("auto", device) and "split" in parts:
+        kinds += [(f", trial: {share:.0%} of the JPEGs decoded by the loader processes",
+                  "auto", mask, True, (cpu_share(share),))
+                 for mask in ("center", "random-region") for share in (0.2, 0.35, 0.5)]
+        kinds += [(", trial: the input stream at high priority", "auto", mask, True,
+                   ((data, "Unpacker", HighPriorityUnpacker),))
+                  for mask in ("center", "random-region")]
+    for trial, decode, mask, graph, changes in kinds:
+        name = f"decode {decode}, {mask} holes{trial}"
         with report.guard(f"whole_run {name}"):
             rate = whole_run(shards, device, batch, 20 if args.quick else 600, args.quick,
-                             decode, mask, graph, thread)
+                             decode, mask, graph, changes)
             runs[name] = {"images_per_s": rate}
             share = ""
             if alone:
@@ -523,7 +557,7 @@ def main() -> None:
 
     if "compile" in parts:
         print("bf16 + channels_last + torch.compile:", flush=True)
-    for batch in batches if "compile" in parts else ():
+    for batch in batch_sizes if "compile" in parts else ():
         with report.guard(f"compile {batch}"):
             measure(batch, "compile", "bf16", "cectl bf16 cl compile")
     report.part("seconds", time.perf_counter() - t0)
