@@ -17,8 +17,8 @@ rewritten after each so a late failure loses nothing:
 2. `decode`: torchvision's batched nvJPEG decode of 256 JPEGs while queued kernels still
    write blocks the caching allocator has freed: iterations whose output differs from a
    clean one, for the plain call, cectl's (`cectl.batches.Unpacker`: its own stream, a
-   barrier on it, the crops cut) and the plain call after a host barrier; and each one's
-   images/s.
+   barrier on it before each decode, the crops cut; the traps on its stream) and the
+   plain call after a host barrier; and each one's images/s.
 3. `syncs`: the training loop's body (next batch from the loader with GPU decoding and
    random-region holes, float conversion, the graphed step) for steady-state steps under
    `torch.cuda.set_sync_debug_mode("warn")`: every host sync it makes (target: none).
@@ -30,8 +30,7 @@ rewritten after each so a late failure loses nothing:
    GPU decode with random-region holes: images/s over the log windows of the second half
    of 600 steps, and the share of the step alone.
    `split` (not by default): trials for the whole run, center and random-region holes: a
-   share of the JPEGs (20, 35, 50%) decoded by the loader processes instead of nvJPEG,
-   and the input thread's stream at high priority.
+   share of the JPEGs (20, 35, 50%) decoded by the loader processes instead of nvJPEG.
 6. `compile`: bf16 + channels_last + torch.compile, batch 64 and 256 (last: compiling is
    slow).
 
@@ -286,15 +285,21 @@ def decode_check(device: torch.device, samples: list[dict], iterations: int) -> 
         source = torch.full((max(sizes),), 7, dtype=torch.uint8, device=device)
         slow = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
         bad = 0
+        # The stream the decode allocates from: cectl's own, where the previous batch's
+        # kernels are the ones queued (its barrier waits for them), or the caller's.
+        stream = unpacker.stream if name == "cectl" else torch.cuda.current_stream(device)
         for _ in range(iterations):
             # Kernels queued behind slow work write blocks sized like the decoder's
             # outputs; the blocks are freed before those writes run.
-            for _ in range(4):
-                slow @ slow
-            blocks = [torch.empty(n, dtype=torch.uint8, device=device) for n in sizes]
-            for block in blocks:
-                block.copy_(source[: block.numel()])
-            del blocks
+            with torch.cuda.stream(stream):
+                for _ in range(4):
+                    slow @ slow
+                blocks = [torch.empty(n, dtype=torch.uint8, device=device) for n in sizes]
+                for block in blocks:
+                    block.copy_(source[: block.numel()])
+                del blocks
+                if name == "cectl":
+                    unpacker.done.record(stream)  # as the previous batch's last kernels
             out = call()
             sync(device)
             bad += any(not torch.equal(a, b) for a, b in zip(out, clean, strict=True))
@@ -382,15 +387,6 @@ def cpu_share(share: float):
                 and derive_seed("bench", sample["__key__"]) % 1000 >= 1000 * share)
 
     return (batches, "_gpu_decodable", decodable)
-
-
-class HighPriorityUnpacker(Unpacker):
-    """A trial: the input thread's stream ahead of the step's in the GPU's queue."""
-
-    def __init__(self, device: torch.device, gpu_jpegs: bool):
-        super().__init__(device, gpu_jpegs)
-        if self.cuda:
-            self.stream = torch.cuda.Stream(device, priority=-1)
 
 
 class Report:
@@ -538,9 +534,6 @@ def main() -> None:
         kinds += [(f", trial: {share:.0%} of the JPEGs decoded by the loader processes",
                   "auto", mask, True, (cpu_share(share),))
                  for mask in ("center", "random-region") for share in (0.2, 0.35, 0.5)]
-        kinds += [(", trial: the input stream at high priority", "auto", mask, True,
-                   ((data, "Unpacker", HighPriorityUnpacker),))
-                  for mask in ("center", "random-region")]
     for trial, decode, mask, graph, changes in kinds:
         name = f"decode {decode}, {mask} holes{trial}"
         with report.guard(f"whole_run {name}"):

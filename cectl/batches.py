@@ -214,8 +214,10 @@ class Unpacker:
     and returns `unpack_batch`'s images and holes; `hand_over` (in the training thread,
     when it takes them) makes the training stream wait for that work.
 
-    On a CUDA device all of it runs on a stream of its own. The training stream is never
-    touched from the input thread: it may be capturing a CUDA graph (`cectl.graph`). And
+    On a CUDA device all of it runs on a stream of its own, of high priority: from a pool
+    apart from the low-priority one a graph's capture stream comes from (`cectl.graph`),
+    whose capture the input thread must never touch, and ahead of the step's kernels in
+    the GPU's queue. And
     torchvision's batched decode allocates its outputs on the current stream but writes
     them from a private stream that waits for nothing (pytorch/vision PR 9606), so it
     could be handed a block that queued kernels still read: on this stream only the
@@ -231,7 +233,8 @@ class Unpacker:
         self.decode: JpegDecoder = nvjpeg(device) if self.cuda and gpu_jpegs else cpu_jpegs
         if self.cuda:
             self.main = torch.cuda.current_stream(device)  # the training thread's
-            self.stream, self.done = torch.cuda.Stream(device), torch.cuda.Event()
+            self.stream = torch.cuda.Stream(device, priority=-1)
+            self.done = torch.cuda.Event()
 
     def unpack(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.cuda:

@@ -33,6 +33,7 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import importlib.util
 import itertools
 import json
@@ -235,7 +236,13 @@ class TrainLoader:
         self.samples = 0
         self.positions = range(0)  # global positions of the batch handed out last
         self._iter: Iterator | None = None
-        self._input = ThreadPoolExecutor(1, thread_name_prefix="cectl-input")
+        on_device = None
+        if self.device.type == "cuda":  # a new thread is on GPU 0: it would make a context there
+            index = self.device.index
+            on_device = functools.partial(torch.cuda.set_device,
+                                          torch.cuda.current_device() if index is None else index)
+        self._input = ThreadPoolExecutor(1, thread_name_prefix="cectl-input",
+                                         initializer=on_device)
         self._ahead: Future | None = None
 
     def state_dict(self) -> dict[str, int]:

@@ -22,7 +22,6 @@ square).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -40,7 +39,7 @@ from PIL import Image
 
 from cectl.errors import BadInput
 from cectl.images import Skip, open_image, resize_shorter, to_8bit_grey
-from cectl.shard_cache import machine_folder, make_private
+from cectl.shard_cache import machine_folder, machine_lock, make_private
 from cectl.shard_format import MANIFEST, read_manifest, read_samples, shard_names
 from cectl.sources import INPUT_EXTENSIONS, sample_key
 from cectl.storage import Store, open_store
@@ -141,8 +140,7 @@ def open_mask_files(source: str, size: int) -> MaskFiles:
     folder = machine_folder()
     make_private(folder)
     path = folder / f"masks-{name}.npy"
-    with open(path.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with machine_lock(path.with_suffix(".lock")):
         meta_path = path.with_suffix(".json")
         if not meta_path.exists():
             _write(path, _fitted_masks(store, manifest, listing, size), most, store.uri, size)
@@ -238,9 +236,8 @@ def _drop_old(folder: Path) -> None:
     """Beyond KEEP sets, remove the oldest whose lock no process holds."""
     sets = sorted(folder.glob("masks-*.json"), key=lambda p: p.stat().st_mtime)
     for old in sets[:-KEEP]:
-        with contextlib.suppress(OSError), open(old.with_suffix(".lock"), "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # in use: keep it
-            old.unlink()
+        with contextlib.suppress(OSError), machine_lock(old.with_suffix(".lock"), wait=False):
+            old.unlink()  # a held lock: in use, kept
             old.with_suffix(".npy").unlink(missing_ok=True)
 
 

@@ -139,6 +139,42 @@ def test_a_global_batch_smaller_than_the_world_is_refused(facade_shards):
     assert_refused(caught.value, 2, "data.batch_size=2", "data.batch_policy=global", "3 workers")
 
 
+def test_a_process_forked_while_a_thread_holds_a_shard_lock_does_not_keep_it(tmp_path):
+    import multiprocessing
+
+    from cectl.shard_cache import machine_lock
+
+    path, held, forked = tmp_path / "shard.lock", threading.Event(), threading.Event()
+
+    def holder() -> None:  # as the loader's input thread opening a shard
+        with machine_lock(path):
+            held.set()
+            forked.wait(30)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(30)
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+    child.start()  # as a loader process started meanwhile
+    forked.set()
+    thread.join()
+    def free() -> bool:  # the child closes its copy as soon as it runs
+        try:
+            with machine_lock(path, wait=False):
+                return True
+        except BlockingIOError:
+            return False
+
+    try:
+        deadline = time.monotonic() + 10
+        while not free() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert free()
+    finally:
+        child.kill()
+        child.join()
+
+
 def test_the_shard_cache_keeps_the_newest_shards_and_those_in_use(bucket, tmp_path,
                                                                   monkeypatch):
     from cectl.shard_cache import ShardCache
