@@ -262,7 +262,8 @@ def decode_check(device: torch.device, samples: list[dict], iterations: int) -> 
     crops) and the plain call after a host barrier."""
     batch = pack_batch(samples, range(len(samples)), 0, 350, 128, "center", 4, gpu_jpegs=True)
     decode = nvjpeg(device)
-    jpegs = list(fields(batch).jpegs.split([int(e - s) for s, e, *_ in fields(batch).crops]))
+    packed = fields(batch)
+    jpegs = list(packed.jpegs.split([int(e - s) for s, e, *_ in packed.crops]))
     unpacker = Unpacker(device, gpu_jpegs=True)
 
     def plain() -> list[torch.Tensor]:
@@ -277,13 +278,13 @@ def decode_check(device: torch.device, samples: list[dict], iterations: int) -> 
         torch.cuda.current_stream(device).synchronize()
         return plain()
 
+    sizes = [t.numel() for t in decode(jpegs)]
+    source = torch.full((max(sizes),), 7, dtype=torch.uint8, device=device)
+    slow = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
     report = {}
     for name, call in (("plain", plain), ("cectl", cectl), ("barrier", barrier)):
         clean = [t.clone() for t in call()]
         sync(device)
-        sizes = [t.numel() for t in decode(jpegs)]
-        source = torch.full((max(sizes),), 7, dtype=torch.uint8, device=device)
-        slow = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
         bad = 0
         # The stream the decode allocates from: cectl's own, where the previous batch's
         # kernels are the ones queued (its barrier waits for them), or the caller's.

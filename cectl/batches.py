@@ -217,14 +217,13 @@ class Unpacker:
     On a CUDA device all of it runs on a stream of its own, of high priority: from a pool
     apart from the low-priority one a graph's capture stream comes from (`cectl.graph`),
     whose capture the input thread must never touch, and ahead of the step's kernels in
-    the GPU's queue. And
-    torchvision's batched decode allocates its outputs on the current stream but writes
-    them from a private stream that waits for nothing (pytorch/vision PR 9606), so it
-    could be handed a block that queued kernels still read: on this stream only the
-    previous batch's own kernels read its blocks, and `unpack` waits for them on the host
-    first (the input thread's time, not the training thread's). What is handed out is
-    recorded on the training stream, so its blocks stay allocated until that stream is
-    done with them. bench/gpu.py checks the decode for corruption.
+    the GPU's queue. torchvision's batched decode allocates its outputs on the current
+    stream but writes them from a private stream that waits for nothing (pytorch/vision
+    PR 9606), so it could be handed a block that queued kernels still read: on this
+    stream only the previous batch's own kernels read its blocks, and `unpack` waits for
+    them on the host first (the input thread's time, not the training thread's). What is
+    handed out is recorded on the training stream, so its blocks stay allocated until that
+    stream is done with them. bench/gpu.py checks the decode for corruption.
     """
 
     def __init__(self, device: torch.device, gpu_jpegs: bool):

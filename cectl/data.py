@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import concurrent.futures
 import contextlib
 import functools
 import importlib.util
@@ -40,7 +39,7 @@ import json
 import os
 import random
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -259,7 +258,7 @@ class TrainLoader:
                                f" workers, not {self.world}: resume it with that many workers")
             state = {"samples": int(state["batches"]) * sum(self.shares)}
         if self._ahead is not None:  # the old iterator's batch: let it finish, then drop it
-            concurrent.futures.wait([self._ahead])
+            wait([self._ahead])
         self.samples, self._iter, self._ahead = int(state["samples"]), None, None
 
     def _start(self) -> Iterator:
