@@ -34,6 +34,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/shard.py
 	$(BIN)/python bench/train_step.py --steps 5 --curve 200
 	$(BIN)/python bench/loader.py --rounds 4
+	$(BIN)/python bench/feed.py --rounds 2
+	$(BIN)/python bench/mask_runs.py --rounds 3
 	$(BIN)/python bench/distributed.py --steps 3
 	$(BIN)/python bench/features.py --steps 60 --layers conv1 conv3 conv5 pool5
 	$(BIN)/python bench/checkpoint.py --rounds 8
