@@ -202,6 +202,14 @@ def holes_per_s(kind: str, batches: int, files: MaskFiles) -> float:
     return 64 * batches / (time.perf_counter() - start)
 
 
+def emit(report: dict, path: Path | None) -> None:
+    """The report as one JSON line, printed and, given a `path`, written there."""
+    line = json.dumps(report)
+    if path:
+        path.write_text(line + "\n")
+    print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1600)
@@ -242,10 +250,7 @@ def main() -> None:
             node = node.setdefault(part, {})
         node[leaf] = round(value, 3 if "amplification" in key else 1)
     root.cleanup()
-    line = json.dumps(report)
-    if args.json:
-        args.json.write_text(line + "\n")
-    print(line)
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # cectl, without PYTHONPATH
 
 import torch  # noqa: E402
-from feed import make_shards  # noqa: E402
+from feed import emit, make_shards  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cectl.config import load_config, validate_job  # noqa: E402
@@ -100,10 +100,7 @@ def main() -> None:
                   rates["random_region"], rates["center_holes_whole_image_network"]),
               "region_over_center_network": median_ratio(rates["random_region"],
                                                          rates["center"])}
-    line = json.dumps(report)
-    if args.json:
-        args.json.write_text(line + "\n")
-    print(line)
+    emit(report, args.json)
 
 
 if __name__ == "__main__":
