@@ -38,7 +38,7 @@ from PIL import Image  # noqa: E402
 
 from cectl.config import load_config, validate_job  # noqa: E402
 from cectl.masks import draw_holes  # noqa: E402
-from cectl.schema import JobConfig  # noqa: E402
+from cectl.schema import JobConfig, MaskConfig  # noqa: E402
 from cectl.storage import open_store  # noqa: E402
 from cectl.train import Session, train  # noqa: E402
 
@@ -54,7 +54,7 @@ def center_mask_set(root: Path) -> str:
     """A mask set of one mask: the center hole, as `mask.kind=center` draws it."""
     folder = root / "center-mask"
     folder.mkdir()
-    hole = draw_holes("center", 1, SIZE, 0, 0)[0, 0]
+    hole = draw_holes("center", 1, SIZE, MaskConfig.overlap, 0)[0, 0]
     Image.fromarray(hole.numpy().astype("uint8") * 255).save(folder / "center.png")
     return str(folder)
 
