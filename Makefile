@@ -1,6 +1,6 @@
-# `make demo` and `make test` set themselves up: a .venv with torch (CPU build, pinned
-# first so nothing pulls the CUDA wheels) and cectl installed in editable mode, with the
-# test and ui (cectl serve) extras.
+# `make demo` and `make test` set themselves up: a .venv with torch (pinned first, so that
+# nothing else pulls a torch with its CUDA wheels) and cectl installed in editable mode,
+# with the test and ui (cectl serve) extras.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -34,7 +34,6 @@ bench: $(STAMP)
 	$(BIN)/python bench/shard.py
 	$(BIN)/python bench/train_step.py --steps 5 --curve 200
 	$(BIN)/python bench/loader.py --rounds 4
-	$(BIN)/python bench/feed.py --rounds 2
 	$(BIN)/python bench/mask_runs.py --rounds 3
 	$(BIN)/python bench/distributed.py --steps 3
 	$(BIN)/python bench/features.py --steps 60 --layers conv1 conv3 conv5 pool5

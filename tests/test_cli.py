@@ -85,7 +85,9 @@ def test_ctrl_c_stops_a_training_that_resumes_from_its_last_checkpoint(cli, faca
     job.send_signal(signal.SIGINT)
     out, err = job.communicate(timeout=60)
     assert job.returncode == 130, err
-    assert err.strip().splitlines()[-1].startswith("interrupted:") and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: `cectl train --resume --name RUN`"), err
+    assert "Traceback" not in err
     assert out == "" and not (run / "claim.json").exists()  # the run is free to resume
     # The last complete checkpoint (one cut short by the signal has no state.json).
     saved = max(int(p.parent.name.removeprefix("step-"))

@@ -53,7 +53,10 @@ def run(argv: list[str]) -> int:
         _print_error(f"unexpected {type(e).__name__}: {e} (set CECTL_DEBUG=1 for the traceback)")
         return 1
     if code == 130:  # Typer turns Ctrl-C in a command into exit code 130
-        err.print("interrupted: run the same command again to resume")
+        # The same `cectl train` again would start a new run (or be refused its name).
+        err.print("interrupted: `cectl train --resume --name RUN` continues the run (RUN: the "
+                  "name it printed when it started)" if argv[:1] == ["train"]
+                  else "interrupted: run the same command again to resume")
     return code if isinstance(code, int) else 0
 
 
