@@ -122,8 +122,7 @@ class GlobalOrder:
         i = bisect.bisect_right(starts, offset) - 1
         shard = order[i]
         if self._shard is None or (self._shard[0], self._shard[1].name) != (epoch, shard["name"]):
-            if self._shard is not None:
-                self._shard[1].close()
+            self.close()
             file = self._open(shard)
             if len(file.entries) != shard["samples"]:
                 file.close()
@@ -140,6 +139,12 @@ class GlobalOrder:
                 sample[entry.ext] = file.image(entry)
             self.bytes_delivered += entry.size
         return sample
+
+    def close(self) -> None:
+        """Close the shard open now (a later `sample` opens it again)."""
+        if self._shard is not None:
+            self._shard[1].close()
+            self._shard = None
 
     def _open(self, shard: dict) -> ShardFile:
         with _named_os_errors(self.store, shard):
@@ -179,10 +184,13 @@ class TrainBatches(IterableDataset):
         # memory frees its pages (~4 us per image), better here than in the training thread.
         sent = collections.deque(maxlen=PREFETCH + 2)
         try:
-            order = GlobalOrder(open_store(self.data_uri), self.shards, self.seed)
-            for batch in self.batches(order, process, processes):
-                sent.append(batch)
-                yield batch
+            # Closed also when the iterator is dropped (a loader without processes, restored
+            # to another position): its shard's file with it.
+            with contextlib.closing(GlobalOrder(open_store(self.data_uri), self.shards,
+                                                self.seed)) as order:
+                for batch in self.batches(order, process, processes):
+                    sent.append(batch)
+                    yield batch
         except CectlError as e:
             yield e
         except Exception as e:

@@ -21,7 +21,6 @@ square).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -39,7 +38,8 @@ from PIL import Image
 
 from cectl.errors import BadInput
 from cectl.images import Skip, open_image, resize_shorter, to_8bit_grey
-from cectl.shard_cache import machine_folder, machine_lock, make_private
+from cectl.locks import beyond_newest, machine_lock
+from cectl.shard_cache import machine_folder, make_private
 from cectl.shard_format import MANIFEST, read_manifest, read_samples, shard_names
 from cectl.sources import INPUT_EXTENSIONS, sample_key
 from cectl.storage import Store, open_store
@@ -234,11 +234,9 @@ def _write(path: Path, masks: Iterator[tuple[str, np.ndarray | Skip]], most: int
 
 def _drop_old(folder: Path) -> None:
     """Beyond KEEP sets, remove the oldest whose lock no process holds."""
-    sets = sorted(folder.glob("masks-*.json"), key=lambda p: p.stat().st_mtime)
-    for old in sets[:-KEEP]:
-        with contextlib.suppress(OSError), machine_lock(old.with_suffix(".lock"), wait=False):
-            old.unlink()  # a held lock: in use, kept
-            old.with_suffix(".npy").unlink(missing_ok=True)
+    for old in beyond_newest(folder, "masks-*.json", KEEP, lambda path: path.with_suffix(".lock")):
+        old.unlink(missing_ok=True)
+        old.with_suffix(".npy").unlink(missing_ok=True)
 
 
 def masks_by_key(store: Store) -> dict[str, str]:

@@ -18,58 +18,19 @@ process holds their lock.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import stat
 import tempfile
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 from cectl.errors import BadInput, Failure
+from cectl.locks import beyond_newest, machine_lock
 from cectl.shard_format import ImageEntry, index_tar, readable_shard
 from cectl.storage import Store
 
 INDEX = "index-1.json"  # the index file's suffix, with its format's version
-
-# The lock files this process has open, and a guard that no fork happens while one is
-# being opened or closed. An flock belongs to the open file, which a forked process
-# shares: a loader process forked while another thread held a lock would hold it for
-# its whole life, and wait forever on the next open of the same shard. So a forked
-# process closes its copies.
-_lock_files: set[int] = set()
-_lock_guard = threading.Lock()
-
-
-def _close_lock_files_in_child() -> None:
-    for fd in _lock_files:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _lock_files.clear()
-    _lock_guard.release()
-
-
-os.register_at_fork(before=_lock_guard.acquire, after_in_parent=_lock_guard.release,
-                    after_in_child=_close_lock_files_in_child)
-
-
-@contextlib.contextmanager
-def machine_lock(path: Path, wait: bool = True) -> Iterator[None]:
-    """`path` locked against this machine's other processes and threads; without `wait`,
-    BlockingIOError if it is held."""
-    with _lock_guard:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        _lock_files.add(fd)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        yield
-    finally:
-        with _lock_guard:
-            _lock_files.discard(fd)
-            os.close(fd)
-
 
 def machine_folder() -> Path:
     """This machine's copies for this user (shards, their indexes, mask sets), in the
@@ -182,15 +143,12 @@ class ShardCache:
         return entries
 
     def _drop_old(self) -> None:
+        def lock_of(path: Path) -> Path:  # the stem's, the name up to its first dot
+            return path.with_name(f"{path.name.split('.')[0]}.lock")
+
         for pattern in ("*.tar", f"*.{INDEX}"):
-            held = []
-            for path in self.folder.glob(pattern):
-                with contextlib.suppress(FileNotFoundError):  # another process dropped it
-                    held.append((path.stat().st_mtime, path))
-            for _, old in sorted(held)[: -self.KEEP]:
-                lock = self.folder / f"{old.name.split('.')[0]}.lock"
-                with contextlib.suppress(OSError), machine_lock(lock, wait=False):
-                    old.unlink()  # a held lock: in use, kept
+            for old in beyond_newest(self.folder, pattern, self.KEEP, lock_of):
+                old.unlink(missing_ok=True)
 
 
 class _CountingReader:

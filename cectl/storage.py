@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cectl.errors import BadInput
+from cectl.locks import close_lock, open_lock
 
 USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -276,20 +277,20 @@ class LocalStore(Store):
         needs none, the link is atomic). flock works across hosts on NFS too."""
         lock = path.with_name(f".{path.name}{LOCK_SUFFIX}")
         while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = open_lock(lock, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 with contextlib.suppress(FileNotFoundError):
                     if os.fstat(fd).st_ino == os.stat(lock).st_ino:
                         break  # still the file under that name: deleted ones lock nothing
             except BaseException:
-                os.close(fd)
+                close_lock(fd)
                 raise
-            os.close(fd)
+            close_lock(fd)
         try:
             yield lock
         finally:
-            os.close(fd)
+            close_lock(fd)
 
     def clear_partial_writes(self, prefix: str = "") -> None:
         for key in self.list(prefix):

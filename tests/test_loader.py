@@ -132,6 +132,26 @@ def test_a_restored_position_drops_the_batch_made_ready_ahead(facade_shards):
     assert torch.equal(again, first)
 
 
+def test_a_loader_without_processes_restored_again_and_again_keeps_no_shard_open(
+        facade_shards):
+    import gc
+    import os
+
+    def open_shards() -> int:
+        return sum(os.path.realpath(f"/proc/self/fd/{fd}").endswith(".tar")
+                   for fd in os.listdir("/proc/self/fd"))
+
+    before = open_shards()
+    loader = TrainLoader(facade_shards, open_manifest(facade_shards),
+                         tiny_job(facade_shards, "data.workers=0"), 0, 1)
+    for _ in range(4):
+        next(loader)
+        next(loader)
+        loader.load_state_dict({"samples": 0})
+    gc.collect()
+    assert open_shards() == before
+
+
 def test_a_global_batch_smaller_than_the_world_is_refused(facade_shards):
     cfg = tiny_job(facade_shards, "data.batch_policy=global", "data.batch_size=2")
     with pytest.raises(BadInput) as caught:
@@ -139,15 +159,24 @@ def test_a_global_batch_smaller_than_the_world_is_refused(facade_shards):
     assert_refused(caught.value, 2, "data.batch_size=2", "data.batch_policy=global", "3 workers")
 
 
-def test_a_process_forked_while_a_thread_holds_a_shard_lock_does_not_keep_it(tmp_path):
+@pytest.mark.parametrize("lock", ["shard", "claim"])
+def test_a_process_forked_while_a_thread_holds_a_lock_does_not_keep_it(tmp_path, lock):
+    """A shard's lock (held by the input thread of a loader without processes), and the
+    local store's lock around a compare-and-swap (the claim's heartbeat thread), while the
+    training thread forks loader processes."""
     import multiprocessing
 
-    from cectl.shard_cache import machine_lock
+    from cectl.locks import machine_lock
+    from cectl.storage import LOCK_SUFFIX
 
-    path, held, forked = tmp_path / "shard.lock", threading.Event(), threading.Event()
+    store = open_store(str(tmp_path / "store"))
+    store.write_bytes("claim.json", b"{}")
+    path = tmp_path / "shard.lock" if lock == "shard" else store.path("claim.json")
+    locked = machine_lock if lock == "shard" else store._locked
+    held, forked = threading.Event(), threading.Event()
 
-    def holder() -> None:  # as the loader's input thread opening a shard
-        with machine_lock(path):
+    def holder() -> None:
+        with locked(path):
             held.set()
             forked.wait(30)
 
@@ -155,15 +184,18 @@ def test_a_process_forked_while_a_thread_holds_a_shard_lock_does_not_keep_it(tmp
     thread.start()
     held.wait(30)
     child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
-    child.start()  # as a loader process started meanwhile
+    child.start()  # a loader process started meanwhile
     forked.set()
     thread.join()
+    lock_file = path if lock == "shard" else path.with_name(f".claim.json{LOCK_SUFFIX}")
+
     def free() -> bool:  # the child closes its copy as soon as it runs
-        try:
-            with machine_lock(path, wait=False):
+        with open(lock_file) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return True
-        except BlockingIOError:
-            return False
+            except BlockingIOError:
+                return False
 
     try:
         deadline = time.monotonic() + 10
@@ -214,3 +246,21 @@ def test_the_shard_cache_keeps_the_newest_shards_and_those_in_use(bucket, tmp_pa
     fetch(1)  # dropped, so fetched again; shard 0, no longer held, goes
     assert sorted(p.stem for p in cache.folder.glob("*.tar")) == sorted(
         shards[i]["sha256"] for i in (1, 4))
+
+
+def test_old_cache_files_are_dropped_unless_in_use_or_already_gone(tmp_path):
+    import os
+
+    from cectl.locks import beyond_newest, machine_lock
+
+    for age, name in enumerate(["e", "d", "c", "b", "a"]):  # "a" the oldest
+        (tmp_path / f"{name}.tar").write_bytes(b"")
+        os.utime(tmp_path / f"{name}.tar", (1000 - age, 1000 - age))
+    (tmp_path / "gone.tar").symlink_to(tmp_path / "nowhere")  # removed by another process
+
+    def lock_of(path):
+        return path.with_suffix(".lock")
+
+    with machine_lock(lock_of(tmp_path / "b.tar")):  # in use
+        dropped = [path.name for path in beyond_newest(tmp_path, "*.tar", 2, lock_of)]
+    assert dropped == ["a.tar", "c.tar"]
