@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -46,7 +47,9 @@ AREA = (MaskConfig.min_area, MaskConfig.max_area)  # free-form holes' default ar
 # The fill of the reference code (ImageNet means 117, 104, 123 of 255), in [-1, 1].
 MEAN_FILL = torch.tensor([117.0, 104.0, 123.0]).div(127.5).sub(1).view(1, 3, 1, 1)
 BLOCK_DRAWS = 37  # a random-block hole takes at most: its target, then 12 x (side, y, x)
-_TWISTER = np.random.RandomState()  # reseeded at each use: one per process saves its setup
+# A generator per thread, reseeded at each use (its setup once): the loader's input thread
+# draws training holes while the training thread draws validation holes.
+_twisters = threading.local()
 
 
 class Window(NamedTuple):
@@ -160,8 +163,11 @@ def _center(n: int, size: int, overlap: int) -> torch.Tensor:
 
 def _mt_outputs(seed: int, count: int) -> list[int]:
     """The first `count` outputs of the generator `torch.Generator().manual_seed(seed)`."""
-    _TWISTER.seed(seed & 0xFFFFFFFF)
-    return _TWISTER.randint(0, 2**32, count, dtype=np.uint32).tolist()
+    twister = getattr(_twisters, "state", None)
+    if twister is None:
+        twister = _twisters.state = np.random.RandomState()
+    twister.seed(seed & 0xFFFFFFFF)
+    return twister.randint(0, 2**32, count, dtype=np.uint32).tolist()
 
 
 def _block(draws: Iterator[int], size: int) -> np.ndarray:

@@ -111,6 +111,34 @@ def test_masks_are_reproducible_from_the_seed(kind):
                                draw_holes(kind, 4, 64, 2, seed=12))
 
 
+@pytest.mark.parametrize("kind", ["random-block", "random-region", "free-form"])
+def test_holes_drawn_in_two_threads_at_once_are_those_drawn_alone(kind):
+    """The loader's input thread draws training holes while the training thread draws
+    validation holes (a loader without processes)."""
+    import sys
+    import threading
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often: a shared generator shows
+    try:
+        alone = [holes_for_positions(kind, range(16 * b, 16 * b + 16), 32, 2, b)
+                 for b in range(40)]
+        together = [None] * 40
+
+        def draw(batches: range) -> None:
+            for b in batches:
+                together[b] = holes_for_positions(kind, range(16 * b, 16 * b + 16), 32, 2, b)
+
+        threads = [threading.Thread(target=draw, args=(range(i, 40, 2),)) for i in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert all(torch.equal(a, b) for a, b in zip(alone, together, strict=True))
+
+
 def test_dropped_pixels_take_the_dataset_mean():
     images = torch.zeros(1, 3, 32, 32)
     holes = draw_holes("center", 1, 32, 2, 0)
