@@ -107,9 +107,10 @@ def pack_batch(samples: list[dict], positions: range, seed: int, load_size: int,
 
 def _gpu_decodable(sample: dict, crop: Crop) -> bool:
     """A JPEG nvJPEG's batched path decodes (baseline or extended sequential Huffman: its
-    hardware path; a progressive one would take its per-image CPU path) and that needs no
+    hardware path; a progressive one would take its per-image CPU path) and that the crop
+    plan takes at its full size (nvJPEG does not decode at 1/2, 1/4 or 1/8 scale), with no
     resize after decoding."""
-    if "jpg" not in sample or crop.decoded != (crop.height, crop.width):
+    if "jpg" not in sample or crop.reduce != 1 or crop.decoded != (crop.height, crop.width):
         return False
     data, i = sample["jpg"], 2
     while i + 4 <= len(data) and data[i] == 0xFF:
@@ -152,10 +153,14 @@ def decode_jpegs(batch: PackedBatch, decode: JpegDecoder) -> list[torch.Tensor]:
     try:
         images = decode(jpegs)
     except (RuntimeError, ValueError) as e:
+        if _device_fault(e):
+            raise
         for jpeg, name in zip(jpegs, _jpeg_names(batch), strict=True):
             try:
                 decode([jpeg])
             except (RuntimeError, ValueError) as one:
+                if _device_fault(one):
+                    raise
                 raise BadInput(f"{name} is not a readable JPEG ({_first_line(one)}): run "
                                "`cectl verify`") from None
         raise Failure(f"decoding a batch of JPEGs failed ({_first_line(e)}), though each "
@@ -167,6 +172,13 @@ def decode_jpegs(batch: PackedBatch, decode: JpegDecoder) -> list[torch.Tensor]:
                 raise BadInput(f"{name} decodes to {tuple(image.shape)}, not the {size} its "
                                "header says: run `cectl verify`")
     return images
+
+
+def _device_fault(error: Exception) -> bool:
+    """The GPU's own error (out of memory, a failed kernel: torchvision words them
+    "CUDA ..."), not a JPEG's."""
+    return (isinstance(error, torch.OutOfMemoryError | torch.AcceleratorError)
+            or "CUDA" in str(error))
 
 
 def _jpeg_names(batch: PackedBatch) -> list[str]:

@@ -27,11 +27,12 @@ from cectl.storage import open_store
 
 class Crop(NamedTuple):
     """Where a training crop comes from: the picture decoded at `decoded` (height, width;
-    a JPEG at 1/2, 1/4 or 1/8 scale when that still covers loadSize), scaled to `height` x
-    `width` (shorter side loadSize), cut at (`x`, `y`), then mirrored left to right if
-    `flip` (p = 0.5, as donkey_folder.lua)."""
+    a JPEG at 1/`reduce` of its size, 2, 4 or 8 when that still covers loadSize), scaled
+    to `height` x `width` (shorter side loadSize), cut at (`x`, `y`), then mirrored left
+    to right if `flip` (p = 0.5, as donkey_folder.lua)."""
 
     decoded: tuple[int, int]
+    reduce: int
     height: int
     width: int
     x: int
@@ -48,6 +49,7 @@ def plan_crop(sample: dict, load_size: int, image_size: int, rng: random.Random)
         width, height = _png_size(sample)
     else:
         raise BadInput(f"{_where(sample)} has no .jpg or .png")
+    reduce = 1
     if "jpg" in sample and min(width, height) > load_size:
         # Pillow's `draft` rule: the smallest 1/2, 1/4 or 1/8 scale that still covers it.
         scale = load_size / min(width, height)
@@ -60,7 +62,7 @@ def plan_crop(sample: dict, load_size: int, image_size: int, rng: random.Random)
         height, width = max(side, round(height * scale)), max(side, round(width * scale))
     x = rng.randint(0, width - image_size)
     y = rng.randint(0, height - image_size)
-    return Crop(decoded, height, width, x, y, flip=rng.random() < 0.5)
+    return Crop(decoded, reduce, height, width, x, y, flip=rng.random() < 0.5)
 
 
 def _where(sample: dict) -> str:

@@ -60,6 +60,19 @@ def test_gpu_decoding_gets_baseline_jpegs_that_need_no_resize():
         True, False, False, False, True]
 
 
+def test_a_jpeg_planned_at_a_reduced_scale_is_decoded_in_the_loader():
+    """Its 1/2 scale is the load size, so no resize follows; nvJPEG would decode it whole."""
+    sample = {"__key__": "big", "__url__": "train/shard-000000.tar",
+              "jpg": encoded((80, 100), quality=90)}
+    plan = plan_crop(sample, 40, 32, random.Random(0))
+    assert (plan.reduce, plan.decoded) == (2, (plan.height, plan.width))
+    assert not _gpu_decodable(sample, plan)
+    batch = pack_batch([sample], range(3, 4), 0, 40, 32, "center", 2, gpu_jpegs=True)
+    assert batch.encoded == 0
+    images, _ = unpack_batch(batch, torch.device("cpu"), decode_jpegs(batch, cpu_jpegs))
+    assert torch.equal(images, expected_crops([sample], range(3, 4)))
+
+
 @pytest.mark.parametrize("kind", ["random-block", "free-form"])
 def test_a_mixed_batch_unpacks_to_the_loaders_own_crops_in_order(kind):
     samples, positions = mixed_samples(), range(100, 105)
@@ -96,6 +109,20 @@ def test_a_jpeg_the_decoder_fails_on_is_named():
         decode_jpegs(batch, stub)
     assert_refused(caught.value, 2, "sample s4", "train/shard-000000.tar",
                    "NVJPEG_STATUS_BAD_JPEG", "cectl verify")
+
+
+@pytest.mark.parametrize("fault", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB"),
+    RuntimeError("Error while decoding JPEG images: Failed to synchronize CUDA stream: 700")])
+def test_a_gpu_fault_while_decoding_is_not_blamed_on_a_jpeg(fault):
+    batch = pack_batch(mixed_samples(), range(5), 0, 40, 32, "center", 2, gpu_jpegs=True)
+
+    def stub(jpegs: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise fault
+
+    with pytest.raises(type(fault)) as caught:
+        decode_jpegs(batch, stub)
+    assert caught.value is fault
 
 
 def test_a_jpeg_decoded_to_another_size_than_its_header_is_named():
