@@ -124,6 +124,8 @@ class ShardCache:
     def _fetch(self, shard: dict, local: Path) -> None:
         """Copy the shard to `local`, through a temporary name, if its sha256 matches."""
         part = local.with_suffix(".part")
+        for stale in part.parent.glob(f".{part.name}.partial-*"):  # a killed fetch's: the
+            stale.unlink(missing_ok=True)  # shard's lock is held here, no fetch of it runs
         try:
             self.store.get_file(shard["name"], part)
             with open(part, "rb") as f:

@@ -246,6 +246,11 @@ def test_the_shard_cache_keeps_the_newest_shards_and_those_in_use(bucket, tmp_pa
     fetch(1)  # dropped, so fetched again; shard 0, no longer held, goes
     assert sorted(p.stem for p in cache.folder.glob("*.tar")) == sorted(
         shards[i]["sha256"] for i in (1, 4))
+    # What a loader process killed while fetching shard 2 left goes when it is fetched again.
+    stale = cache.folder / f".{shards[2]['sha256']}.part.partial-123-abcd1234"
+    stale.write_bytes(b"x" * 50)
+    fetch(2)
+    assert not stale.exists()
 
 
 def test_old_cache_files_are_dropped_unless_in_use_or_already_gone(tmp_path):
