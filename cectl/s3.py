@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from cectl.errors import BadInput
 from cectl.s3_client import S3Config, client_for, code, explain, request, status, transient
 from cectl.storage import Store, checked_key, mask_userinfo
 
+BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's rule for new buckets
 MULTIPART_THRESHOLD = 64 * 2**20
 PART_SIZE = 32 * 2**20
 PARALLEL_PARTS = 8
@@ -37,9 +39,13 @@ class S3Store(Store):
         parsed = urlparse(uri)
         if not parsed.netloc:
             raise BadInput(f"S3 URI {uri!r} has no bucket: use s3://bucket/prefix")
-        if "@" in parsed.netloc:
+        # A bucket name holds no '@' nor ':'; a secret with a '/' ends the address early.
+        if "@" in parsed.netloc or ":" in parsed.netloc:
             raise BadInput(f"S3 URI {mask_userinfo(uri)!r} holds credentials: use "
                            "s3://bucket/prefix and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+        if not BUCKET.fullmatch(parsed.netloc):
+            raise BadInput(f"S3 URI {mask_userinfo(uri)!r}: {parsed.netloc!r} is not a bucket "
+                           "name (3-63 lowercase letters, digits, '.' and '-')")
         self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self._config: S3Config | None = None
@@ -48,11 +54,17 @@ class S3Store(Store):
         key = checked_key(key)
         return f"{self.prefix}/{key}".strip("/") if self.prefix else key
 
-    def _below(self, prefix: str) -> str:
-        """The full-key prefix of the keys below `prefix`; for '', the store's folder with
-        its slash, so that the run `a` never lists the run `ab`."""
+    def _below(self, prefix: str) -> tuple[str, Callable[[str], bool]]:
+        """The full-key prefix to ask S3 for the keys below `prefix`, and the test its
+        answers must pass: as on local disk, `prefix` names a key or a folder, so that the
+        run `a` never lists the run `ab`, nor `checkpoints/step-1000/` the step 10000."""
         full = self._key(prefix)
-        return f"{full}/" if full and not prefix else full
+        if not full:
+            return "", lambda key: True
+        folder = f"{full}/"
+        if not prefix.strip("/"):  # the store's own folder
+            return folder, lambda key: True
+        return full, lambda key: key == full or key.startswith(folder)
 
     @property
     def config(self) -> S3Config:
@@ -214,11 +226,12 @@ class S3Store(Store):
         _conditions_checked.add((self.config.endpoint, self.bucket))
 
     def clear_partial_writes(self, prefix: str = "") -> None:
+        below, inside = self._below(prefix)
         with self._errors():
             pages = self._request(lambda: list(self.client.get_paginator(
-                "list_multipart_uploads").paginate(Bucket=self.bucket,
-                                                   Prefix=self._below(prefix))))
-            for upload in (u for page in pages for u in page.get("Uploads", [])):
+                "list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=below)))
+            for upload in (u for page in pages for u in page.get("Uploads", [])
+                           if inside(u["Key"])):
                 self._request(lambda u=upload: self.client.abort_multipart_upload(
                     Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"]))
 
@@ -227,11 +240,12 @@ class S3Store(Store):
 
     def versions(self, prefix: str = "") -> dict[str, str]:
         root = f"{self.prefix}/" if self.prefix else ""
+        below, inside = self._below(prefix)
         with self._errors():
             pages = self._request(lambda: list(self.client.get_paginator(
-                "list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._below(prefix))))
+                "list_objects_v2").paginate(Bucket=self.bucket, Prefix=below)))
         return {obj["Key"][len(root):]: obj["ETag"] for page in pages
-                for obj in page.get("Contents", [])}
+                for obj in page.get("Contents", []) if inside(obj["Key"])}
 
     def delete(self, key: str) -> None:
         with self._errors():

@@ -29,7 +29,9 @@ from typing import BinaryIO
 from cectl.errors import BadInput
 from cectl.locks import close_lock, open_lock
 
-USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
+# Up to the last '@' of the address: a pasted secret may hold '/' or '@' (masking a path
+# with an '@' too is the safe side).
+USERINFO = re.compile(r"(?<=://)[^\s'\"]*@")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 

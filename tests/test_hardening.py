@@ -104,10 +104,15 @@ def test_endpoint_credentials_are_masked(cli, s3_env):
 
 # 11. User text in errors is printed literally (rich markup escaped).
 
-def test_credentials_in_an_s3_uri_are_refused_and_masked(cli, s3_env):
-    result = cli("verify", "s3://user:PASSWORD42@bkt/p")
+@pytest.mark.parametrize("secret", ["PASSWORD42", "wJal/PASSWORD42/bPxR", "p@ss/PASSWORD42"])
+def test_credentials_in_an_s3_uri_are_refused_and_masked(cli, s3_env, secret):
+    result = cli("verify", f"s3://user:{secret}@bkt/p")
     assert_refused(result, 2, "s3://***@bkt/p", "AWS_ACCESS_KEY_ID")
-    assert "PASSWORD42" not in result.stdout + result.stderr
+    assert "PASSWORD42" not in result.stdout + result.stderr and "user" not in result.stderr
+
+
+def test_an_s3_uri_whose_bucket_is_no_bucket_name_is_refused_in_one_sentence(cli, s3_env):
+    assert_refused(cli("verify", "s3://My_Bucket/p"), 2, "'My_Bucket' is not a bucket name")
 
 
 def test_run_name_with_markup_is_printed_literally(cli, facade_shards, tmp_path):

@@ -113,4 +113,14 @@ def test_a_multipart_upload_the_server_refuses_is_aborted(bucket, tmp_path, monk
 def test_a_run_folder_lists_only_its_own_keys_not_longer_names(store):
     store.write_bytes("runs/a/config.yaml", b"a")
     store.write_bytes("runs/ab/config.yaml", b"ab")
-    assert store.child("runs/a").list() == ["config.yaml"]
+    store.write_bytes("runs-old/b/config.yaml", b"b")
+    store.write_bytes("runs/a/checkpoints/step-1000/state.json", b"1")
+    store.write_bytes("runs/a/checkpoints/step-10000/state.json", b"2")
+    assert store.child("runs/a").list() == [
+        "checkpoints/step-1000/state.json", "checkpoints/step-10000/state.json", "config.yaml"]
+    assert store.list("runs/") == store.list("runs") == [
+        "runs/a/checkpoints/step-1000/state.json", "runs/a/checkpoints/step-10000/state.json",
+        "runs/a/config.yaml", "runs/ab/config.yaml"]
+    assert store.list("runs/a/checkpoints/step-1000/") == [
+        "runs/a/checkpoints/step-1000/state.json"]
+    assert store.list("runs/a/config.yaml") == ["runs/a/config.yaml"]
