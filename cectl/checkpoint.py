@@ -119,8 +119,9 @@ class Checkpointer:
         return step % self.every == 0 or step == self.final
 
     def track(self, step: int, val_l2_pct: float) -> None:
-        """Remember the step with the lowest validation error (`best`, never pruned)."""
-        if val_l2_pct < self.best_val:
+        """Remember the checkpointed step with the lowest validation error (`best`, never
+        pruned): a validation between checkpoints judges weights no checkpoint keeps."""
+        if self.should_save(step) and val_l2_pct < self.best_val:
             self.best_step, self.best_val = step, val_l2_pct
 
     def save(self, step: int, metrics: dict[str, float]) -> None:

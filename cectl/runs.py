@@ -63,7 +63,10 @@ class Run:
         """Delete all but the last KEEP_LAST checkpoints, and `keep` (the best step)."""
         for step in self.steps()[:-KEEP_LAST]:
             if step != keep:
-                for key in self.store.list(f"{step_dir(step)}/"):
+                # state.json first: cut short, the rest is an incomplete checkpoint, ignored.
+                keys = sorted(self.store.list(f"{step_dir(step)}/"),
+                              key=lambda key: not key.endswith("/state.json"))
+                for key in keys:
                     self.store.delete(key)
 
     def summary(self) -> dict:
@@ -111,6 +114,9 @@ class Run:
         elif which == "best":
             state = read_state(self.store.child(step_dir(steps[-1])))
             step = state.get("best_step") or steps[-1]
+            if step not in steps:  # a run from before best steps were checkpointed ones
+                raise BadInput(f"run {self.name!r}: its best step {step} has no checkpoint; "
+                               f"it has steps {', '.join(map(str, steps))} and latest")
         elif which.isdigit() and int(which) in steps:
             step = int(which)
         else:

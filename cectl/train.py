@@ -199,23 +199,35 @@ def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | 
     metrics: dict[str, float] = {}
     # Nothing below waits for the device but logging, validation and checkpoints: the
     # batch and its holes come from pinned memory, the losses stay on the device.
-    for step in range(start + 1, cfg.train.steps + 1):
-        run.check_claim(read=False)  # stop as soon as the heartbeat finds the run taken over
-        images, holes = next(loader)
-        images = to_model_range(images.contiguous(memory_format=layout))
-        losses = step_fn(images, holes)
-        if logger.should_log(step):
-            metrics = logger.log_losses(step, losses)
-        if validator.should_validate(step):
-            val = validator.run_at(step, generator)
-            logger.log(step, val)
-            metrics.update(val)
-            checkpointer.track(step, val["val_l2_pct"])
-        if checkpointer.should_save(step):
-            checkpointer.save(step, metrics)
-            logger.flush()
-            if session.on_checkpoint:
-                session.on_checkpoint(step, metrics)
+    try:
+        for step in range(start + 1, cfg.train.steps + 1):
+            run.check_claim(read=False)  # stop as soon as the heartbeat finds the run taken over
+            images, holes = next(loader)
+            images = to_model_range(images.contiguous(memory_format=layout))
+            losses = step_fn(images, holes)
+            if logger.should_log(step):
+                metrics = logger.log_losses(step, losses)
+            if validator.should_validate(step):
+                val = validator.run_at(step, generator)
+                logger.log(step, val)
+                metrics.update(val)
+                checkpointer.track(step, val["val_l2_pct"])
+            if checkpointer.should_save(step):
+                checkpointer.save(step, metrics)
+                logger.flush()
+                if session.on_checkpoint:
+                    session.on_checkpoint(step, metrics)
+    except BaseException as stop:
+        # The save in flight finishes while the run is still held (the claim goes after
+        # this), so that a --resume starts from it; a failure of its own goes with the
+        # reason the run stopped.
+        try:
+            checkpointer.close()
+        except Exception as failed:  # noqa: BLE001 - told beside the reason
+            stop.add_note(f"the checkpoint being written failed too: {failed}")
+        with contextlib.suppress(Exception):
+            logger.close()
+        raise
     checkpointer.close()
     logger.close()
     if os.environ.get(SAMPLE_LOG):

@@ -126,6 +126,31 @@ def test_resume_gives_the_same_weights_as_a_straight_run(facade_shards, tmp_path
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_run_stopped_while_a_checkpoint_is_written_keeps_that_checkpoint(
+        facade_shards, tmp_path, monkeypatch):
+    import cectl.checkpoint
+
+    def slow_save(tensors, path):  # a large model, a slow upload
+        time.sleep(1.0)
+        save_file(tensors, path)
+
+    def interrupted(self):  # Ctrl-C as step 4 starts
+        if self.samples == 3 * 8:
+            raise KeyboardInterrupt
+        return real_next(self)
+
+    monkeypatch.setattr(cectl.checkpoint, "save_file", slow_save)
+    store = open_store(str(tmp_path))
+    cfg = tiny_job(facade_shards, "train.steps=6", "train.checkpoint_every=3")
+    real_next = TrainLoader.__next__
+    monkeypatch.setattr(TrainLoader, "__next__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, store, "stopped")
+    assert Run(store, "stopped").steps() == [3]
+    monkeypatch.setattr(TrainLoader, "__next__", real_next)
+    assert train(cfg, store, "stopped", resume=True)["step"] == 6
+
+
 def test_resume_drops_the_metrics_logged_after_its_checkpoint(facade_shards, tmp_path):
     # A run that logged steps 4 and 5 and died before their checkpoint was complete
     # (here: step 5's checkpoint removed) resumes from step 3 and logs 4 and 5 again.
@@ -168,6 +193,43 @@ def test_pruning_keeps_the_last_checkpoints_and_the_best_and_no_empty_folders(tm
     assert run.checkpoint("best").uri.endswith("step-000002")
     folders = sorted(p.name for p in (tmp_path / "runs" / "r" / "checkpoints").iterdir())
     assert folders == ["step-000002", "step-000004", "step-000005", "step-000006"]
+
+
+def test_the_best_checkpoint_is_one_that_was_kept(facade_shards, tmp_path, monkeypatch):
+    import cectl.monitor
+
+    validate = cectl.monitor.Validator.run_at
+
+    def scored(self, step, generator):  # lowest at step 3, between checkpoints
+        return validate(self, step, generator) | {"val_l2_pct": {1: 5, 2: 4, 3: 1, 4: 3}[step]}
+
+    monkeypatch.setattr(cectl.monitor.Validator, "run_at", scored)
+    store = open_store(str(tmp_path))
+    train(tiny_job(facade_shards, "train.steps=4", "train.checkpoint_every=2",
+                   "train.eval_every=1"), store, "r")
+    run = Run(store, "r")
+    assert run.steps() == [2, 4]
+    assert run.checkpoint("best").uri.endswith("step-000004")
+
+
+def test_a_prune_cut_short_leaves_no_checkpoint_without_its_weights(tmp_path, monkeypatch):
+    import cectl.runs
+
+    run = Run(open_store(str(tmp_path)), "r")
+    for step in range(1, 4):
+        state = {"step": step, "best_step": None, "config": {}, "data_position": {"samples": 0}}
+        write_checkpoint(run, step, {"x": torch.zeros(1)}, state)
+    delete = run.store.delete
+
+    def one_delete_then_fail(key):
+        delete(key)
+        raise OSError("the store went away")
+
+    monkeypatch.setattr(run.store, "delete", one_delete_then_fail)
+    monkeypatch.setattr(cectl.runs, "KEEP_LAST", 2)
+    with pytest.raises(OSError):
+        run.prune(keep=None)
+    assert run.steps() == [2, 3]  # step 1 lost its state.json first: incomplete, ignored
 
 
 def test_a_version_1_checkpoint_restores_the_same_optimizer_state(facade_shards, tmp_path):
