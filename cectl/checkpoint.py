@@ -98,8 +98,12 @@ class Checkpointer:
     """
 
     def __init__(self, run: Run, cfg: DictConfig, modules: Modules, optimizers: Optimizers,
-                 loader: DataPosition, rank: int = 0, world: int = 1):
+                 loader: DataPosition, rank: int = 0, world: int = 1,
+                 scaler: torch.amp.GradScaler | None = None):
         self.run, self.cfg, self.rank, self.world = run, cfg, rank, world
+        # fp16's loss scale: a resume that started it afresh would skip updates until it
+        # had settled again.
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.modules, self.optimizers, self.loader = modules, optimizers, loader
         first = next(m for m in modules.values() if m is not None)
         self.device = next(first.parameters()).device
@@ -134,6 +138,8 @@ class Checkpointer:
         state = {"step": step, "world": self.world, "data_position": self.loader.state_dict(),
                  "config": OmegaConf.to_container(self.cfg), "metrics": dict(metrics),
                  "best_step": self.best_step, "best_val": self.best_val}
+        if self.scaler is not None:
+            state["loss_scale"] = self.scaler.state_dict()
         buffers = _buffer_copies(self.modules) | cuda_rng
         live = _live_weights(self.modules, self.optimizers)
         device = next(iter(live.values())).device
@@ -232,6 +238,8 @@ class Checkpointer:
         if self.device.type == "cuda" and f"rng.cuda.{self.rank}" in tensors:
             torch.cuda.set_rng_state(tensors[f"rng.cuda.{self.rank}"], self.device)
         self.best_step, self.best_val = state.get("best_step"), state.get("best_val", self.best_val)
+        if self.scaler is not None and "loss_scale" in state:
+            self.scaler.load_state_dict(state["loss_scale"])
         self.restored_world = state.get("world", 1)
         return state["step"]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import time
 from collections.abc import Iterator
@@ -147,11 +148,25 @@ def read_state(ckpt: Store) -> dict:
                                                       state.get("best_val", 0.0)))):
         raise BadInput(f"{where} is damaged: it needs step numbers, a worker count, a config "
                        "mapping and numeric metrics")
+    if not _is_loss_scale(state.get("loss_scale", LOSS_SCALE)):
+        raise BadInput(f"{where} is damaged: its loss_scale must map "
+                       f"{', '.join(LOSS_SCALE)} to numbers")
     if not _is_data_position(state.get("data_position")):
         raise BadInput(f"{where} is damaged: its data_position must be {{\"samples\": N}}, "
                        "N a whole number below 2^63")
     state["config"] = load_config(JobConfig, stored=state["config"], source=where)
     return state
+
+
+# fp16's GradScaler state (torch.amp.GradScaler.state_dict), with the defaults' shape.
+LOSS_SCALE = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+              "growth_interval": 2000, "_growth_tracker": 0}
+
+
+def _is_loss_scale(scale: object) -> bool:
+    return (isinstance(scale, dict) and scale.keys() == LOSS_SCALE.keys()
+            and all(type(v) in (int, float) and math.isfinite(v) and v >= 0
+                    for v in scale.values()))
 
 
 def _is_data_position(position: object) -> bool:

@@ -177,12 +177,12 @@ def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | 
              if discriminator is not None else None)
     loader = TrainLoader(cfg.data.uri, manifest, cfg, rank, session.world, device,
                          gpu_jpegs=gpu_decoding(cfg.data.decode, device))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     checkpointer = Checkpointer(run, cfg, {"G": generator, "D": discriminator},
-                                {"G": opt_g, "D": opt_d}, loader, rank, session.world)
+                                {"G": opt_g, "D": opt_d}, loader, rank, session.world, scaler)
     start = checkpointer.restore() if resume else 0
     g_train = session.wrap(generator)
     d_train = session.wrap(discriminator) if discriminator is not None else None
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     step_fn = functools.partial(train_step, g_train, d_train, opt_g, opt_d, cfg=cfg,
                                 scaler=scaler)
     if graphable(cfg, session):

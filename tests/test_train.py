@@ -151,6 +151,21 @@ def test_a_run_stopped_while_a_checkpoint_is_written_keeps_that_checkpoint(
     assert train(cfg, store, "stopped", resume=True)["step"] == 6
 
 
+def test_an_fp16_resume_keeps_the_loss_scale(facade_shards, tmp_path):
+    common = ["train.precision=fp16", "train.checkpoint_every=3"]
+    store = open_store(str(tmp_path))
+    train(tiny_job(facade_shards, "train.steps=6", *common), store, "straight")
+    train(tiny_job(facade_shards, "train.steps=3", *common), store, "split")
+    train(tiny_job(facade_shards, "train.steps=6", *common), store, "split", resume=True)
+
+    straight, state = load_checkpoint(str(tmp_path / "runs/straight/checkpoints/step-000006"))
+    resumed, resumed_state = load_checkpoint(str(tmp_path / "runs/split/checkpoints/step-000006"))
+    assert state["loss_scale"] == resumed_state["loss_scale"]
+    assert state["loss_scale"]["scale"] < 65536  # it moved: a fresh scale would differ
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
 def test_resume_drops_the_metrics_logged_after_its_checkpoint(facade_shards, tmp_path):
     # A run that logged steps 4 and 5 and died before their checkpoint was complete
     # (here: step 5's checkpoint removed) resumes from step 3 and logs 4 and 5 again.

@@ -197,7 +197,10 @@ def test_a_bad_data_position_is_refused(position, tiny_checkpoint, tmp_path):
     assert_refused(caught.value, 2, "data_position")
 
 
-@pytest.mark.parametrize("edit", [{"best_val": "low"}, {"world": 0}, {"world": 1.5}])
+@pytest.mark.parametrize("edit", [
+    {"best_val": "low"}, {"world": 0}, {"world": 1.5}, {"loss_scale": {"scale": "big"}},
+    {"loss_scale": {"scale": float("inf"), "growth_factor": 2.0, "backoff_factor": 0.5,
+                    "growth_interval": 2000, "_growth_tracker": 0}}])
 def test_a_bad_best_value_or_worker_count_is_refused(edit, tiny_checkpoint, tmp_path):
     _, ckpt = copy_run(tiny_checkpoint, tmp_path)
     edit_state(ckpt, lambda s: s.update(edit))
