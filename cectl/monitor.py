@@ -7,8 +7,10 @@ the run's claim, so a process that lost its run writes nothing more.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -106,8 +108,8 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         if start and run.store.exists("metrics.jsonl"):  # drop what came after the checkpoint
-            self.lines = [line for line in run.store.read_bytes("metrics.jsonl").decode()
-                          .splitlines() if line and json.loads(line)["step"] <= start]
+            self.lines = [line for line in run.store.read_bytes("metrics.jsonl")
+                          .decode(errors="replace").splitlines() if _step(line) <= start]
         # TensorBoard writes to a folder: the store's own on disk, else a local one
         # uploaded with each checkpoint.
         self.tb_local = run.store.local_path("tensorboard")
@@ -157,3 +159,13 @@ class MetricsLogger:
         self.flush()
         if self.active:
             self.writer.close()
+
+
+def _step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line that is not one of cectl's (damaged, cut
+    short by a crash) is dropped on resume, as if after the checkpoint."""
+    with contextlib.suppress(ValueError, RecursionError):
+        record = json.loads(line)
+        if isinstance(record, dict) and type(record.get("step")) is int:
+            return record["step"]
+    return math.inf
