@@ -48,8 +48,24 @@ def tar_samples(stream: IO[bytes], name: str) -> Iterator[dict]:
     """The samples of one shard, raw bytes by extension, by webdataset's key rule."""
     import webdataset as wds
 
-    files = ({**member, "__url__": name} for member in wds.tariterators.tar_file_iterator(stream))
-    return wds.tariterators.group_by_keys(files)
+    def members() -> Iterator[dict]:
+        # A plain tar, as cectl writes it and training reads it (webdataset's own reader
+        # would inflate a compressed one, each member whole in memory, before any check).
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for info in tar:
+                if _kept(info):
+                    yield {"fname": info.name, "data": tar.extractfile(info).read(),
+                           "__url__": name}
+                tar.members = []  # a stream: nothing to go back to
+
+    return wds.tariterators.group_by_keys(members())
+
+
+def _kept(info: tarfile.TarInfo) -> bool:
+    """A member webdataset's tar_file_iterator keeps: a file, not a __meta__ one."""
+    path = info.name
+    meta = "/" not in path and path.startswith("__") and path.endswith("__")
+    return info.isreg() and not meta and not re.match(r"__[^/]*__($|/)", path)
 
 
 def read_samples(store: Store, name: str) -> list[dict]:
@@ -77,11 +93,8 @@ def index_tar(file: IO[bytes], store: Store, name: str) -> list[ImageEntry]:
     def members() -> Iterator[dict]:
         with tarfile.open(fileobj=file, mode="r:") as tar:
             for info in tar:
-                path = info.name
-                meta = "/" not in path and path.startswith("__") and path.endswith("__")
-                if info.isreg() and not meta and not re.match(r"__[^/]*__($|/)", path):
-                    # what webdataset's tar_file_iterator keeps
-                    yield {"fname": path, "data": (info.offset_data, info.size),
+                if _kept(info):
+                    yield {"fname": info.name, "data": (info.offset_data, info.size),
                            "__url__": name}
 
     with readable_shard(store, name):

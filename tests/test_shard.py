@@ -242,6 +242,27 @@ def test_verify_names_a_corrupted_shard_and_exits_1(cli, small_shards):
     assert list(bad_shards(result)) == ["train/shard-000001.tar"]
 
 
+def test_verify_refuses_a_compressed_shard_that_training_would_refuse(cli, small_shards):
+    """Its manifest entry rewritten to match: only the tar format is wrong."""
+    import gzip
+    import hashlib
+
+    name = "train/shard-000001.tar"
+    blob = gzip.compress((small_shards / name).read_bytes())
+    (small_shards / name).write_bytes(blob)
+    manifest = json.loads((small_shards / "manifest.json").read_text())
+    for entry in manifest["splits"]["train"]["shards"]:
+        if entry["name"] == name:
+            grown = len(blob) - entry["bytes"]
+            entry.update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    manifest["splits"]["train"]["bytes"] += grown
+    manifest["totals"]["bytes"] += grown
+    (small_shards / "manifest.json").write_text(json.dumps(manifest))
+    result = cli("verify", small_shards)
+    assert_refused(result, 1, str(small_shards))
+    assert "unreadable tar" in bad_shards(result)[name]
+
+
 def test_verify_names_a_missing_shard_and_exits_1(cli, small_shards):
     (small_shards / "train/shard-000002.tar").unlink()
     result = cli("verify", small_shards)
