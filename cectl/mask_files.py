@@ -241,8 +241,14 @@ def _drop_old(folder: Path) -> None:
 
 def masks_by_key(store: Store) -> dict[str, str]:
     """The mask images of a folder by the sample key their path gives (`sources.sample_key`:
-    the path without its extension), as images are named in shards."""
-    return {sample_key(key): key for key in store.list() if _is_image(key)}
+    the path without its extension), as images are named in shards; two masks of one key
+    (`a.png` and `a.jpg`, `x.1.png` and `x_1.png`) are refused, as either could be meant."""
+    found: dict[str, str] = {}
+    for key in store.list():
+        if _is_image(key) and (other := found.setdefault(sample_key(key), key)) != key:
+            raise BadInput(f"{store.url(other)} and {store.url(key)} both name the mask of "
+                           f"the image {sample_key(key)!r}: keep one")
+    return found
 
 
 def image_masks(folder: str, keys: list[str], size: int) -> torch.Tensor:

@@ -164,3 +164,16 @@ def test_masks_named_after_images_are_cut_as_the_images_are(tmp_path):
     with pytest.raises(BadInput) as caught:
         image_masks(str(folder), ["val/img-1"], 32)
     assert_refused(caught.value, 2, str(folder / "val/img-1.png"), "no hole")
+
+
+def test_two_masks_named_for_one_image_are_refused(tmp_path):
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    square = np.zeros((32, 32), bool)
+    square[:4, :4] = True
+    (folder / "2023.05.01.png").write_bytes(png(square))
+    (folder / "2023_05_01.png").write_bytes(png(~square))  # the same sample key
+    with pytest.raises(BadInput) as caught:
+        image_masks(str(folder), ["2023_05_01"], 32)
+    assert_refused(caught.value, 2, str(folder / "2023.05.01.png"),
+                   str(folder / "2023_05_01.png"), "'2023_05_01'")
