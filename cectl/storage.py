@@ -306,8 +306,14 @@ class LocalStore(Store):
         base = self.path(prefix)
         if base.is_file():
             return [prefix]
-        keys = []
-        for dirpath, _, filenames in os.walk(base):
+        keys, walked = [], set()
+        # Into linked folders too (an ImageNet train/ linked from another disk), each real
+        # folder once: a link to a folder above would go round for ever.
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+            if (real := os.path.realpath(dirpath)) in walked:
+                dirnames.clear()
+                continue
+            walked.add(real)
             rel = Path(dirpath).relative_to(self.root).as_posix()
             keys += [name if rel == "." else f"{rel}/{name}" for name in filenames
                      if not name.endswith(LOCK_SUFFIX)]

@@ -124,3 +124,14 @@ def test_a_run_folder_lists_only_its_own_keys_not_longer_names(store):
     assert store.list("runs/a/checkpoints/step-1000/") == [
         "runs/a/checkpoints/step-1000/state.json"]
     assert store.list("runs/a/config.yaml") == ["runs/a/config.yaml"]
+
+
+def test_the_local_store_lists_linked_folders_once_each(tmp_path):
+    elsewhere = tmp_path / "other-disk" / "n01440764"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "a.JPEG").write_bytes(b"a")
+    root = tmp_path / "imagenet"
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "n01440764").symlink_to(elsewhere)
+    (root / "train" / "loop").symlink_to(root / "train")  # a link to a folder above
+    assert open_store(str(root)).list() == ["train/n01440764/a.JPEG"]
