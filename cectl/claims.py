@@ -160,9 +160,11 @@ class Claim:
 
     def release(self) -> None:
         """Stop the heartbeat and delete the claim if it is still this one. A claim that
-        cannot be deleted (the store out of reach) goes stale. A beat still in flight
-        cannot bring it back: it is conditional on the version deleted."""
+        cannot be deleted (the store out of reach) goes stale. A beat in flight is waited
+        for: landing between the read and the delete, it would leave the claim behind."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(STALE_S)
         if self.version is None or self.lost is not None:
             return
         with contextlib.suppress(CectlError, OSError):
