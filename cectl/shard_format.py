@@ -131,7 +131,7 @@ def read_manifest(store: Store) -> dict:
         raise BadInput(f"{where} not found: run `cectl shard` into this location first")
     try:
         manifest = json.loads(store.read_bytes(MANIFEST))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # also nesting too deep to read
         raise BadInput(f"{where} is not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BadInput(f"{where} is not a cectl shard manifest")

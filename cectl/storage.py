@@ -136,6 +136,7 @@ class Store:
 
     def get_file(self, key: str, local_path: str | Path) -> None:
         """Copy `key` to a local file, atomically."""
+        checked_key(key)  # before any folder is made for it
         local_path = Path(local_path)
         local_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _partial_name(local_path)

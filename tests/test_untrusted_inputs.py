@@ -414,3 +414,13 @@ def test_a_sweep_name_that_is_not_one_safe_segment_is_refused(name, facade_shard
                                                               cli):
     assert_refused(cli(*sweep_args(tmp_path, facade_shards, "--name", name)), 2, "name")
     assert not (tmp_path / "store").exists() and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"format": 1e999999}', "\xff\xfe"])
+def test_a_manifest_that_is_no_json_cectl_reads_is_one_sentence(text, tmp_path):
+    from cectl.shard_format import open_manifest
+
+    (tmp_path / "manifest.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(BadInput) as caught:
+        open_manifest(str(tmp_path))
+    assert_refused(caught.value, 2, str(tmp_path / "manifest.json"))
