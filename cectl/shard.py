@@ -29,7 +29,7 @@ from cectl.images import Skip, prepare_sample
 from cectl.render import item_progress, status, warning
 from cectl.shard_format import FORMAT, MANIFEST, SPLITS, tar_writer
 from cectl.sources import Item, list_items
-from cectl.storage import Store, is_partial, open_store
+from cectl.storage import Store, is_partial, open_store, safe_key
 
 RECORDS = ".cectl-records"  # one JSON per finished shard: what a re-run may keep
 SHARD_NAME = re.compile(rf"({'|'.join(SPLITS)})/shard-\d{{6}}\.tar")
@@ -68,6 +68,8 @@ def plan(items: list[Item], params: dict[str, Any]) -> list[ShardTask]:
 
 
 def _read_input(src: Store, key: str) -> bytes:
+    if not safe_key(key):  # an S3 name such as 'imgs//a.png' or 'imgs/../a.png'
+        raise Skip("unreadable", "its name leaves the source folder")
     try:
         return src.read_bytes(key)
     except FileNotFoundError:
@@ -76,6 +78,10 @@ def _read_input(src: Store, key: str) -> bytes:
         raise Skip("unreadable", "vanished while sharding") from None
     except OSError as e:
         raise Skip("unreadable", e.strerror or str(e)) from None
+    except BadInput:  # S3's missing object; any other refusal (credentials) is the store's
+        if src.exists(key):
+            raise
+        raise Skip("unreadable", "vanished while sharding") from None
 
 
 _progress_queue = None  # set in each worker process

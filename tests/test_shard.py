@@ -301,6 +301,18 @@ def test_usage_errors_exit_with_one_clear_sentence(args, names, cli, tmp_path):
     assert_refused(result, 2, *[n.replace("{tmp}", str(tmp_path)) for n in names])
 
 
+def test_an_s3_source_object_whose_name_leaves_its_folder_is_skipped(cli, s3_env, bucket,
+                                                                      tmp_path):
+    client = boto3.client("s3", endpoint_url=s3_env)
+    for key in ("imgs/a.png", "imgs/b.png", "imgs//c.png"):  # the last lists as '/c.png'
+        client.put_object(Bucket=bucket, Key=key, Body=image_bytes((200, 200)))
+    result = cli("shard", f"s3://{bucket}/imgs", tmp_path / "out", "--workers", "1",
+                 "--val-fraction", "0")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (manifest["totals"]["samples"], manifest["skipped"]) == (2, {"unreadable": 1})
+
+
 def test_missing_bucket_exits_2(cli, paris, s3_env):
     assert_refused(cli("shard", paris, "s3://no-such-bucket/x"), 2, "'no-such-bucket'", s3_env)
 
