@@ -59,7 +59,10 @@ def held_out(key: str, val_fraction: float) -> bool:
 
 def sample_key(path: str) -> str:
     stem = path.rsplit(".", 1)[0] if "." in path.rsplit("/", 1)[-1] else path
-    return UNSAFE.sub("_", stem)
+    key = UNSAFE.sub("_", stem)
+    # Below a folder named `__NAME__`, a tar member is webdataset's metadata, which its
+    # readers drop.
+    return f"-{key[1:]}" if re.match(r"__[^/]*__/", key) else key
 
 
 def list_items(

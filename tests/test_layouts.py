@@ -65,6 +65,21 @@ def test_detection_and_keys():
     assert items[0].key == "x/a_b" and items[1].key.startswith("x/a_b_")  # clash resolved
 
 
+def test_an_image_below_a_folder_named_like_webdataset_metadata_is_read_back():
+    import io
+
+    from cectl.shard_format import tar_samples, tar_writer
+
+    _, items = list_items(["__bg__/a.jpg", "cats/b.jpg"], "folder", 0.0, "src")
+    buf = io.BytesIO()
+    with tar_writer(buf) as tar:
+        for item in items:
+            tar.write({"__key__": item.key, "jpg": b"x"})
+    buf.seek(0)
+    assert [s["__key__"] for s in tar_samples(buf, "s")] == [i.key for i in items]
+    assert len(items) == 2
+
+
 def test_val_fraction_holds_out_about_that_share_deterministically():
     keys = [f"img{i}" for i in range(4000)]
     chosen = [k for k in keys if held_out(k, 0.1)]
