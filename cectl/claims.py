@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 CLAIM = "claim.json"  # who is training the run now
 HEARTBEAT_S = 10.0  # the holder rewrites its claim this often
 STALE_S = 60.0  # a claim not rewritten for this long is a dead process's
+_held: set[str] = set()  # the tokens of the claims this process holds
 
 
 def take_claim(run: Run, resume: bool) -> Claim:
@@ -98,6 +99,8 @@ def _alive(holder: dict) -> bool:
         return False
     if holder.get("host") != socket.gethostname():
         return True
+    if holder.get("pid") == os.getpid():  # a container restarted in place reuses pids
+        return holder.get("token") in _held
     try:
         os.kill(int(holder.get("pid", 0)), 0)
     except ProcessLookupError:
@@ -122,6 +125,7 @@ class Claim:
         self._stop = threading.Event()
         self._thread = None
         if version is not None:
+            _held.add(record["token"])
             self._thread = threading.Thread(target=self._beat, daemon=True, name="claim")
             self._thread.start()
 
@@ -165,6 +169,7 @@ class Claim:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(STALE_S)
+            _held.discard(self.record["token"])
         if self.version is None or self.lost is not None:
             return
         with contextlib.suppress(CectlError, OSError):

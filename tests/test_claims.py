@@ -114,6 +114,21 @@ def test_a_claim_with_a_future_or_odd_heartbeat_can_be_taken_over(heartbeat, tmp
     run.claim(resume=True).release()
 
 
+def test_a_dead_claim_with_this_process_pid_is_taken_over_and_a_held_one_is_not(tmp_path):
+    """A container restarted in place runs its training under the same pid again."""
+    import socket
+
+    run = Run(open_store(str(tmp_path)), "restarted")
+    run.store.write_bytes("config.yaml", b"{}")
+    plant_claim(run, host=socket.gethostname(), pid=os.getpid(), token="before-the-restart")
+    held = run.claim(resume=True)
+    try:
+        with pytest.raises(BadInput):
+            Run(open_store(str(tmp_path)), "restarted").claim(resume=True)
+    finally:
+        held.release()
+
+
 def test_deeply_nested_claim_and_state_json_are_damaged_files_not_crashes(tmp_path):
     deep = b"[" * 100_000 + b"]" * 100_000
     run = Run(open_store(str(tmp_path)), "deep")
