@@ -269,6 +269,13 @@ class TrainLoader:
             wait([self._ahead])
         self.samples, self._iter, self._ahead = int(state["samples"]), None, None
 
+    def close(self) -> None:
+        """Stop the input thread and the loader processes; the batch in flight is dropped."""
+        if self._ahead is not None:
+            wait([self._ahead])
+        self._input.shutdown()
+        self._iter = self._ahead = None  # the loader processes end with their iterator
+
     def _start(self) -> Iterator:
         cfg = self.cfg
         dataset = TrainBatches(self.data_uri, self.shards, self.samples, self.shares,

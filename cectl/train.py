@@ -225,11 +225,13 @@ def _train(cfg: DictConfig, run: Run, session: Session, resume: bool) -> dict | 
             checkpointer.close()
         except Exception as failed:  # noqa: BLE001 - told beside the reason
             stop.add_note(f"the checkpoint being written failed too: {failed}")
-        with contextlib.suppress(Exception):
-            logger.close()
+        for part in logger, loader:
+            with contextlib.suppress(Exception):
+                part.close()
         raise
     checkpointer.close()
     logger.close()
+    loader.close()
     if os.environ.get(SAMPLE_LOG):
         networks = [m for m in (generator, discriminator) if m is not None]
         debug_log({"rank": rank, "world": session.world, "step": cfg.train.steps,

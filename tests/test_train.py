@@ -70,6 +70,32 @@ def test_a_short_run_lowers_the_reconstruction_loss(facade_shards, tmp_path):
             if p.name.startswith("events.out.tfevents.")]
 
 
+@pytest.mark.parametrize("ending", ["done", "error"])
+def test_a_run_leaves_no_loader_process_or_input_thread_behind(ending, facade_shards,
+                                                              tmp_path, monkeypatch):
+    import multiprocessing
+    import threading
+
+    cfg = tiny_job(facade_shards, "train.steps=3", "data.workers=2")
+    real_next = TrainLoader.__next__
+
+    def failing(self):  # at step 2: the loader processes and the input thread are busy
+        if self.samples:
+            raise ZeroDivisionError
+        return real_next(self)
+
+    if ending == "error":
+        monkeypatch.setattr(TrainLoader, "__next__", failing)
+    kept = None  # as a restart policy keeps the failure (its frames hold the loader)
+    try:
+        train(cfg, open_store(str(tmp_path)), "r")
+    except ZeroDivisionError as e:
+        kept = e
+    assert not [t for t in threading.enumerate() if t.name.startswith("cectl-input")]
+    assert not multiprocessing.active_children()
+    assert (kept is not None) == (ending == "error")
+
+
 def test_every_validation_writes_its_sample_grid_to_tensorboard(facade_shards, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
