@@ -39,6 +39,17 @@ def take_claim(run: Run, resume: bool) -> Claim:
     writes of earlier holders left behind."""
     run.root.check_conditional_writes()
     record = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+    # Known as held before it is written: another thread here that reads it meanwhile
+    # must find it alive.
+    _held.add(record["token"])
+    try:
+        return _take(run, resume, record)
+    except BaseException:
+        _held.discard(record["token"])
+        raise
+
+
+def _take(run: Run, resume: bool, record: dict) -> Claim:
     for _ in range(3):
         current = read_claim(run.store)
         version = None
@@ -125,7 +136,6 @@ class Claim:
         self._stop = threading.Event()
         self._thread = None
         if version is not None:
-            _held.add(record["token"])
             self._thread = threading.Thread(target=self._beat, daemon=True, name="claim")
             self._thread.start()
 
