@@ -61,11 +61,16 @@ def tar_samples(stream: IO[bytes], name: str) -> Iterator[dict]:
     return wds.tariterators.group_by_keys(members())
 
 
+def webdataset_metadata(name: str) -> bool:
+    """Whether webdataset's readers skip a tar member of this name as metadata: `__NAME__`,
+    or any name below a `__NAME__/` folder."""
+    meta = "/" not in name and name.startswith("__") and name.endswith("__")
+    return meta or re.match(r"__[^/]*__($|/)", name) is not None
+
+
 def _kept(info: tarfile.TarInfo) -> bool:
-    """A member webdataset's tar_file_iterator keeps: a file, not a __meta__ one."""
-    path = info.name
-    meta = "/" not in path and path.startswith("__") and path.endswith("__")
-    return info.isreg() and not meta and not re.match(r"__[^/]*__($|/)", path)
+    """A member webdataset's tar_file_iterator keeps: a file, not metadata."""
+    return info.isreg() and not webdataset_metadata(info.name)
 
 
 def read_samples(store: Store, name: str) -> list[dict]:

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from cectl.errors import BadInput
+from cectl.shard_format import webdataset_metadata
 
 INPUT_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 WNID = re.compile(r"n\d{8}")
@@ -60,9 +61,9 @@ def held_out(key: str, val_fraction: float) -> bool:
 def sample_key(path: str) -> str:
     stem = path.rsplit(".", 1)[0] if "." in path.rsplit("/", 1)[-1] else path
     key = UNSAFE.sub("_", stem)
-    # Below a folder named `__NAME__`, a tar member is webdataset's metadata, which its
-    # readers drop.
-    return f"-{key[1:]}" if re.match(r"__[^/]*__/", key) else key
+    # The sample's members (KEY.jpg, KEY.json) must not read as metadata, which
+    # webdataset's readers drop: as below a folder named `__NAME__`.
+    return f"-{key[1:]}" if webdataset_metadata(f"{key}.json") else key
 
 
 def list_items(
