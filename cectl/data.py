@@ -265,16 +265,20 @@ class TrainLoader:
                 raise BadInput(f"this checkpoint's data position holds for {state.get('world', 1)}"
                                f" workers, not {self.world}: resume it with that many workers")
             state = {"samples": int(state["batches"]) * sum(self.shares)}
-        if self._ahead is not None:  # the old iterator's batch: let it finish, then drop it
-            wait([self._ahead])
-        self.samples, self._iter, self._ahead = int(state["samples"]), None, None
+        self._drop_iterator()
+        self.samples = int(state["samples"])
 
     def close(self) -> None:
         """Stop the input thread and the loader processes; the batch in flight is dropped."""
+        self._drop_iterator()
+        self._input.shutdown()
+
+    def _drop_iterator(self) -> None:
+        """Let the batch in flight finish, then drop it and the iterator (the loader
+        processes end with it)."""
         if self._ahead is not None:
             wait([self._ahead])
-        self._input.shutdown()
-        self._iter = self._ahead = None  # the loader processes end with their iterator
+        self._iter = self._ahead = None
 
     def _start(self) -> Iterator:
         cfg = self.cfg

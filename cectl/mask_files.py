@@ -244,10 +244,11 @@ def masks_by_key(store: Store) -> dict[str, str]:
     the path without its extension), as images are named in shards; two masks of one key
     (`a.png` and `a.jpg`, `x.1.png` and `x_1.png`) are refused, as either could be meant."""
     found: dict[str, str] = {}
-    for key in store.list():
-        if _is_image(key) and (other := found.setdefault(sample_key(key), key)) != key:
+    for key in filter(_is_image, store.list()):
+        image = sample_key(key)
+        if (other := found.setdefault(image, key)) != key:
             raise BadInput(f"{store.url(other)} and {store.url(key)} both name the mask of "
-                           f"the image {sample_key(key)!r}: keep one")
+                           f"the image {image!r}: keep one")
     return found
 
 

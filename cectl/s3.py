@@ -59,12 +59,9 @@ class S3Store(Store):
         answers must pass: as on local disk, `prefix` names a key or a folder, so that the
         run `a` never lists the run `ab`, nor `checkpoints/step-1000/` the step 10000."""
         full = self._key(prefix)
-        if not full:
-            return "", lambda key: True
-        folder = f"{full}/"
         if not prefix.strip("/"):  # the store's own folder
-            return folder, lambda key: True
-        return full, lambda key: key == full or key.startswith(folder)
+            return (f"{full}/" if full else ""), lambda key: True
+        return full, lambda key: key == full or key.startswith(f"{full}/")
 
     @property
     def config(self) -> S3Config:
