@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # cectl, without P
 
 import torch  # noqa: E402
 from feed import make_shards  # noqa: E402
+from mask_runs import run_rate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from train_step import baseline_step, reference_layers  # noqa: E402
 
@@ -71,7 +72,7 @@ from cectl.pixels import to_model_range  # noqa: E402
 from cectl.schema import JobConfig  # noqa: E402
 from cectl.shard_format import open_manifest, read_manifest, read_samples  # noqa: E402
 from cectl.storage import open_store  # noqa: E402
-from cectl.train import Session, make_optimizer, prepare_device, train, train_step  # noqa: E402
+from cectl.train import make_optimizer, prepare_device, train_step  # noqa: E402
 
 
 def job(batch: int, precision: str, quick: bool, **data) -> DictConfig:
@@ -348,19 +349,11 @@ def whole_run(shards: str, device: torch.device, batch: int, steps: int, quick: 
     cfg = job(batch, "auto", quick, uri=shards, workers=8 if not quick else 1, decode=decode,
               mask=mask)
     cfg.train.steps, cfg.train.cuda_graph = steps, graph
-    store = open_store(tempfile.mkdtemp(prefix="cectl-bench-gpu-"))
-    rates = []  # images/s of each log window in the run's second half
-
-    def keep(step: int, metrics: dict) -> None:
-        if step > steps // 2 and "images_per_s" in metrics:
-            rates.append(metrics["images_per_s"])
-
     with contextlib.ExitStack() as undo:
         for owner, attribute, value in changes:  # loader processes fork: they inherit it
             undo.callback(setattr, owner, attribute, getattr(owner, attribute))
             setattr(owner, attribute, value)
-        train(cfg, store, "bench", Session(device=device, on_log=keep))
-    return len(rates) / sum(1 / r for r in rates)  # windows of as many images each
+        return run_rate(cfg, device)
 
 
 class Inline:

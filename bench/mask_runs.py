@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # cectl, without P
 
 import torch  # noqa: E402
 from feed import emit, make_shards  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cectl.config import load_config, validate_job  # noqa: E402
@@ -60,20 +61,24 @@ def center_mask_set(root: Path) -> str:
 
 
 def run(shards: str, masks: str, overrides: list[str], steps: int) -> float:
-    """images/s over the log windows of the run's second half."""
     cfg = validate_job(load_config(JobConfig, "inpaint-center", [
         "model.width=2", "model.bottleneck=32", "data.batch_size=64", "data.workers=2",
         "data.decode=cpu", "train.precision=fp32", f"train.steps={steps}",
         "train.log_every=10", "train.eval_every=100000", "train.checkpoint_every=100000",
         *overrides], {"data": {"uri": shards}, "mask": {"source": masks}}))
+    return run_rate(cfg, torch.device("cpu"))
+
+
+def run_rate(cfg: DictConfig, device: torch.device) -> float:
+    """images/s of `cectl train --local` over the log windows of the run's second half."""
     rates = []
 
     def keep(step: int, metrics: dict) -> None:
-        if step > steps // 2 and "images_per_s" in metrics:
+        if step > cfg.train.steps // 2 and "images_per_s" in metrics:
             rates.append(metrics["images_per_s"])
 
     with tempfile.TemporaryDirectory(prefix="cectl-bench-runs-store-") as store:
-        train(cfg, open_store(store), "bench", Session(device=torch.device("cpu"), on_log=keep))
+        train(cfg, open_store(store), "bench", Session(device=device, on_log=keep))
     return len(rates) / sum(1 / r for r in rates)  # windows of as many images each
 
 
